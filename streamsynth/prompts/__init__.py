@@ -1,0 +1,4 @@
+from .classnames import imagenet_classes, load_name_map, readable_names
+from .templates import BUILTIN_TEMPLATES, PromptTemplate, prompt_template
+
+__all__ = ["BUILTIN_TEMPLATES", "PromptTemplate", "imagenet_classes", "load_name_map", "prompt_template", "readable_names"]

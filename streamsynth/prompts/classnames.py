@@ -1,0 +1,52 @@
+"""Readable class names: the method prompts with "tench", never with "n01440764"."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+
+@lru_cache(maxsize=1)
+def imagenet_classes() -> list[tuple[str, str]]:
+    """ImageNet-1K as (WordNet id, readable name) in the standard label order (sorted WordNet ids).
+
+    WordNet ids come from timm's ImageNet metadata, readable names from torchvision's weights metadata; both
+    are index-aligned with the sorted-synset order that `torchvision.datasets.ImageFolder` produces.
+    """
+    from timm.data import ImageNetInfo
+    from torchvision.models import ResNet50_Weights
+
+    info = ImageNetInfo()
+    names = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    return [(info.index_to_label_name(i), names[i]) for i in range(info.num_classes())]
+
+
+def load_name_map(path: str | os.PathLike) -> dict[str, str]:
+    """A user's class-id → readable-name map, from JSON (`{"id": "name"}`) or CSV (`id,name` rows)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class-name map {path} does not exist: give a JSON object or an id,name CSV")
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object mapping class id to readable name")
+        return {str(k): str(v) for k, v in data.items()}
+    mapping = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        for line_no, row in enumerate(csv.reader(f), start=1):
+            if not row or row[0].startswith("#"):
+                continue
+            if len(row) < 2:
+                raise ValueError(f"{path}:{line_no}: expected 'class_id,readable name', got {row!r}")
+            mapping[row[0].strip()] = row[1].strip()
+    return mapping
+
+
+def readable_names(class_ids: list[str], name_map: dict[str, str] | None = None) -> list[str]:
+    """Names for `class_ids`: the user's map first, then ImageNet-1K, then the id with '_' read as a space."""
+    imagenet = dict(imagenet_classes())
+    name_map = name_map or {}
+    return [name_map.get(cid) or imagenet.get(cid) or cid.replace("_", " ") for cid in class_ids]

@@ -1,0 +1,84 @@
+"""What a sample id means: which caption, which prompt, which noise seed. A pure function of (run seed, sample id).
+
+Sample ids count up from 0 forever. Pass p = id // N (N captions in the store) visits every caption exactly once,
+in an order shuffled by a keyed bijection of [0, N), so the stream makes one image per real caption per pass, as the
+reference recipe does, and no table of N entries is ever built or stored.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from dataclasses import dataclass
+from itertools import accumulate
+
+from ..captions.store import CaptionStore
+from ..prompts.templates import PromptTemplate
+from ..synth.sampler import derive_seed
+
+
+def _round_hash(key: int, round_: int, value: int, bits: int) -> int:
+    digest = hashlib.blake2b(f"{key}:{round_}:{value}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << bits) - 1)
+
+
+def keyed_permutation(index: int, n: int, key: int, rounds: int = 4) -> int:
+    """The image of `index` under a pseudo-random bijection of [0, n) chosen by `key`.
+
+    A balanced Feistel network permutes [0, 4^k) ⊇ [0, n); cycle-walking (re-applying it until the value lands
+    below n) restricts it to a bijection of [0, n). Each call costs O(rounds) hashes and no memory.
+    """
+    if not 0 <= index < n:
+        raise IndexError(f"index {index} outside [0, {n})")
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = (1 << half) - 1
+    x = index
+    while True:
+        left, right = x >> half, x & mask
+        for r in range(rounds):
+            left, right = right, left ^ _round_hash(key, r, right, half)
+        x = (left << half) | right
+        if x < n:
+            return x
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Everything that defines one synthetic sample; the image is a pure function of (prompt, seed)."""
+
+    sample_id: int
+    label: int
+    caption_index: int
+    caption: str
+    prompt: str
+    seed: int
+
+
+class CaptionSampler:
+    """Maps sample ids to `SampleSpec`s over a caption store; picklable, cheap to call in any process."""
+
+    def __init__(self, store: CaptionStore, template: PromptTemplate, run_seed: int = 0):
+        self.store = store
+        self.template = template
+        self.run_seed = run_seed
+        counts = [c.num_captions for c in store.classes]
+        if sum(counts) == 0:
+            raise ValueError(f"caption store {store.path} holds no captions")
+        self._starts = [0, *accumulate(counts)]  # class c owns flat indices [starts[c], starts[c+1])
+        self.num_captions = self._starts[-1]
+
+    def locate(self, sample_id: int) -> tuple[int, int]:
+        """(class index, caption index) of a sample id."""
+        if sample_id < 0:
+            raise ValueError(f"sample ids are non-negative, got {sample_id}")
+        pass_index, position = divmod(sample_id, self.num_captions)
+        flat = keyed_permutation(position, self.num_captions, derive_seed(self.run_seed, "pass", pass_index))
+        label = bisect.bisect_right(self._starts, flat) - 1
+        return label, flat - self._starts[label]
+
+    def __call__(self, sample_id: int) -> SampleSpec:
+        label, caption_index = self.locate(sample_id)
+        caption = self.store.caption(label, caption_index).text if self.template.uses_caption else ""
+        prompt = self.template(self.store.classes[label].name, caption)
+        seed = derive_seed(self.run_seed, "noise", sample_id)
+        return SampleSpec(sample_id, label, caption_index, caption, prompt, seed)

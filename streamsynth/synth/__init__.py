@@ -1,0 +1,19 @@
+"""Stable Diffusion: loading with diffusers, the sampling loop and post-processing."""
+
+from .loading import ModelLoadError, load_pipeline
+from .postprocess import resize_to_uint8
+from .sampler import SynthesisConfig, Synthesizer, derive_seed
+from .tiny import RANDOM_WEIGHTS_NOTICE, ensure_tiny_pipeline, is_tiny_model, save_tiny_pipeline
+
+__all__ = [
+    "RANDOM_WEIGHTS_NOTICE",
+    "ModelLoadError",
+    "SynthesisConfig",
+    "Synthesizer",
+    "derive_seed",
+    "ensure_tiny_pipeline",
+    "is_tiny_model",
+    "load_pipeline",
+    "resize_to_uint8",
+    "save_tiny_pipeline",
+]

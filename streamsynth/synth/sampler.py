@@ -1,0 +1,171 @@
+"""The sampling loop: prompts and seeds in, images out, with classifier-free guidance.
+
+It reads as the algorithm: encode text, draw each sample's initial noise from its own seed, denoise, decode, check.
+Every sample's noise comes from its own generator and every layer treats batch rows independently, so an image
+depends on its (prompt, seed) alone, never on the rest of the batch. That is what lets the stream assign work to
+any worker and batch it any way while staying reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed that is a pure function of `parts`, the same in every process and on every machine."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass
+class SynthesisConfig:
+    """The knobs of one sampling run; defaults follow the reference recipe."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 1.5
+    height: int | None = None  # None: the model's native size (512 for SD1.5)
+    width: int | None = None
+    safety_check: bool = False
+    max_redraws: int = 8
+
+    def __post_init__(self) -> None:
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be non-negative, got {self.guidance_scale}")
+
+
+class Synthesizer:
+    """Generates images for (prompt, seed) pairs with the components of a diffusers Stable Diffusion pipeline."""
+
+    def __init__(self, pipe, config: SynthesisConfig | None = None):
+        self.pipe = pipe
+        self.config = config or SynthesisConfig()
+        if self.config.safety_check and pipe.safety_checker is None:
+            raise ValueError("safety_check=True needs a pipeline loaded with its safety checker")
+        self.device = pipe.unet.device
+        self.dtype = pipe.unet.dtype
+        scale = pipe.vae_scale_factor
+        self.height = self.config.height or pipe.unet.config.sample_size * scale
+        self.width = self.config.width or pipe.unet.config.sample_size * scale
+        if self.height % scale or self.width % scale:
+            raise ValueError(f"height and width must be multiples of {scale}, got {self.height}x{self.width}")
+        self._step_takes_generator = "generator" in inspect.signature(pipe.scheduler.step).parameters
+        self._empty_prompt_embedding: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        scheduler: str | None = None,
+        config: SynthesisConfig | None = None,
+    ) -> "Synthesizer":
+        from .loading import load_pipeline
+
+        config = config or SynthesisConfig()
+        pipe = load_pipeline(model, device, dtype, scheduler=scheduler, safety_checker=config.safety_check)
+        return cls(pipe, config)
+
+    @property
+    def do_guidance(self) -> bool:
+        # The same rule as diffusers: a scale of 1 or less means one conditional pass, no guidance.
+        return self.config.guidance_scale > 1.0
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        tokenizer = self.pipe.tokenizer
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        return self.pipe.text_encoder(ids)[0].to(self.dtype)
+
+    def empty_prompt_embedding(self) -> torch.Tensor:
+        """The unconditional branch's text embedding, computed once."""
+        if self._empty_prompt_embedding is None:
+            self._empty_prompt_embedding = self.encode_text([""])
+        return self._empty_prompt_embedding
+
+    def initial_latents(self, seeds: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Each sample's starting noise from its own CPU generator, so it matches diffusers on any device."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        scale = self.pipe.vae_scale_factor
+        shape = (len(seeds), self.pipe.unet.config.in_channels, self.height // scale, self.width // scale)
+        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
+        return latents * self.pipe.scheduler.init_noise_sigma, generators
+
+    @torch.no_grad()
+    def denoise(self, latents: torch.Tensor, text: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """Runs the scheduler's timesteps, which `set_timesteps` must have prepared."""
+        unet, scheduler, scale = self.pipe.unet, self.pipe.scheduler, self.config.guidance_scale
+        if self.do_guidance:
+            text = torch.cat([self.empty_prompt_embedding().expand_as(text), text])
+        step_kwargs = {"generator": generators} if self._step_takes_generator else {}
+        for t in scheduler.timesteps:
+            model_input = torch.cat([latents] * 2) if self.do_guidance else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise = unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
+            if self.do_guidance:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + scale * (cond - uncond)
+            latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to images in [-1, 1], as the VAE produces them."""
+        vae = self.pipe.vae
+        return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+
+    @torch.no_grad()
+    def flagged(self, images: torch.Tensor) -> list[bool]:
+        """Which images the pipeline's safety checker flags."""
+        _, flags = self.pipe.run_safety_checker(images, self.device, self.dtype)
+        return [bool(f) for f in flags]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Images in [0, 1], shape (batch, 3, height, width), on the pipeline's device and in its dtype.
+
+        With the safety check on, a flagged image is redrawn from `derive_seed(seed, attempt)` until it passes or
+        `max_redraws` is spent (then it is replaced by black and logged); the redraw is a pure function of the
+        sample too.
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        images = self._draw(prompts, seeds)
+        if self.config.safety_check:
+            images = self._redraw_flagged(images, prompts, seeds)
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    def _draw(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        # Timesteps first: some schedulers' init_noise_sigma depends on them.
+        self.pipe.scheduler.set_timesteps(self.config.num_inference_steps, device=self.device)
+        latents, generators = self.initial_latents(seeds)
+        latents = self.denoise(latents, self.encode_text(prompts), generators)
+        return self.decode(latents)
+
+    def _redraw_flagged(self, images: torch.Tensor, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        pending = [i for i, flag in enumerate(self.flagged(images)) if flag]
+        for attempt in range(1, self.config.max_redraws + 1):
+            if not pending:
+                return images
+            redrawn = self._draw([prompts[i] for i in pending], [derive_seed(seeds[i], attempt) for i in pending])
+            flags = self.flagged(redrawn)
+            for row, i in enumerate(pending):
+                images[i] = redrawn[row]
+            pending = [i for i, flag in zip(pending, flags) if flag]
+        for i in pending:
+            log.warning("seed %d: still flagged after %d redraws; replaced by a black image", seeds[i], self.config.max_redraws)
+            images[i] = -1.0
+        return images
