@@ -64,11 +64,39 @@ def _dump(obj) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode()
 
 
+_readonly_envs: dict[Path, tuple[int, lmdb.Environment]] = {}
+
+
+def _open_readonly(path: Path) -> lmdb.Environment:
+    """One read-only environment per store and process.
+
+    py-lmdb refuses to open a path twice in one process, and LMDB handles must not be used across a fork, so the
+    handle is shared within a process and re-opened in a forked child.
+    """
+    key = path.resolve()
+    pid, env = _readonly_envs.get(key, (None, None))
+    if env is not None and pid != os.getpid():
+        env.close()  # inherited through fork: unusable here
+        env = None
+    if env is None:
+        # lock=False: a complete store is immutable, so readers need no lock file (and it may sit on a
+        # read-only filesystem).
+        env = lmdb.open(str(key), readonly=True, lock=False, readahead=False, max_readers=2048, subdir=key.is_dir())
+        _readonly_envs[key] = (os.getpid(), env)
+    return env
+
+
+def _close_readonly(path: Path) -> None:
+    _, env = _readonly_envs.pop(path.resolve(), (None, None))
+    if env is not None:
+        env.close()
+
+
 class CaptionStore:
     """Read-only view of a caption store; cheap to open in every DataLoader worker.
 
-    The LMDB environment is opened lazily and re-opened after a fork, so one instance can be pickled into
-    worker processes (LMDB handles must not cross a fork).
+    Instances hold no handle: every read goes through one shared read-only environment per path and process
+    (see `_open_readonly`), so a store can be pickled into, or forked with, DataLoader workers.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -78,8 +106,16 @@ class CaptionStore:
                 f"caption store {self.path} does not exist: build one with `streamsynth captions import` "
                 "or `streamsynth caption`, or leave --captions out to use the embedded illustrative set"
             )
-        self._env: lmdb.Environment | None = None
-        self._pid = -1
+        try:
+            self._load_header()
+        except lmdb.Error as err:
+            _close_readonly(self.path)
+            raise CaptionStoreError(f"{self.path} is not a readable LMDB caption store: {err}") from None
+        except Exception:
+            _close_readonly(self.path)  # so that a writer may open it, e.g. to resume
+            raise
+
+    def _load_header(self) -> None:
         with self._txn() as txn:
             raw = txn.get(b"meta")
             if raw is None:
@@ -100,25 +136,7 @@ class CaptionStore:
             ]
 
     def _txn(self) -> lmdb.Transaction:
-        if self._env is not None and self._pid != os.getpid():
-            # Forked from the process that opened it: LMDB handles must not be used across a fork, and
-            # py-lmdb refuses a second open of the same path while the inherited handle exists.
-            self._env.close()
-            self._env = None
-        if self._env is None:
-            # lock=False: the store is immutable once complete, so readers need no lock file and can open it
-            # from a read-only filesystem.
-            self._env = lmdb.open(
-                str(self.path), readonly=True, lock=False, readahead=False, max_readers=2048,
-                subdir=self.path.is_dir(),
-            )
-            self._pid = os.getpid()
-        return self._env.begin(buffers=False)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_env"] = None
-        return state
+        return _open_readonly(self.path).begin(buffers=False)
 
     @property
     def num_classes(self) -> int:
@@ -177,6 +195,7 @@ class CaptionStoreWriter:
                 "(streamsynth never overwrites captions)"
             )
         self.path.mkdir(parents=True, exist_ok=True)
+        _close_readonly(self.path)
         self._env = lmdb.open(str(self.path), map_size=_MAP_SIZE, subdir=True)
         self._commit_every = commit_every
         self._pending = 0
