@@ -2,10 +2,11 @@
 
     python train.py --online-synthesis                       # embedded default: tiny random generator, CPU-sized run
     python train.py --online-synthesis --sd-model stable-diffusion-v1-5/stable-diffusion-v1-5 \
-        --captions imagenet-captions.lmdb --val-dir /data/imagenet/val --arch resnet50 --steps 100000
+        --captions imagenet-captions.lmdb --val-dir /data/imagenet/val --arch resnet50 --steps 100000 \
+        --synth-devices auto --replay 4
     torchrun --nproc_per_node=4 train.py --online-synthesis ...   # DDP: each rank has its own synthesis workers
 
-One file, top to bottom: arguments, the stream, the model, the loop, the checkpoint, the evaluation.
+One file, top to bottom: arguments, the data, the model, the loop, checkpoints, the evaluation.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -26,7 +28,10 @@ from tqdm import tqdm
 
 from streamsynth import SynthesisConfig, SyntheticStream
 from streamsynth.defaults import embedded_captions, embedded_model
+from streamsynth.stream import cached_dataset
 from streamsynth.stream.dataset import IMAGENET_MEAN, IMAGENET_STD
+from streamsynth.stream.devices import synthesis_devices
+from streamsynth.synth import derive_seed
 
 log = logging.getLogger("train")
 
@@ -38,35 +43,51 @@ REAL_PRESET = {"arch": "resnet50", "steps": 100_000, "batch_size": 256, "image_s
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--online-synthesis", action="store_true", required=True,
-                   help="train on images synthesised on the fly (the only data source in this version)")
-    p.add_argument("--sd-model", help="Stable Diffusion hub id or diffusers folder (default: embedded tiny random model)")
-    p.add_argument("--captions", help="caption store (LMDB) (default: embedded illustrative Imagenette captions)")
-    p.add_argument("--prompt", default="cip", help="cip, basic, or a template with {name} and {caption}")
-    p.add_argument("--val-dir", help="real ImageFolder to report top-1 on; class folders named by class id")
-    p.add_argument("--arch", help="torchvision classification model name")
-    p.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, help="images per step per rank")
-    p.add_argument("--image-size", type=int, help="classifier input side, in pixels")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate for batch 256 (scaled linearly)")
-    p.add_argument("--weight-decay", type=float, default=5e-5)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 2%% of --steps")
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="the classifier's device")
-    p.add_argument("--synth-devices", help="comma-separated devices for synthesis workers (default: the trainer's)")
-    p.add_argument("--workers", type=int, help="synthesis worker processes per rank")
-    p.add_argument("--synth-batch-size", type=int, default=8, help="images per UNet batch in a worker")
-    p.add_argument("--num-inference-steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=1.5)
-    p.add_argument("--scheduler", help="scheduler name (default: the model's own, PNDM for SD1.5)")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="synthesis dtype (default: fp16 on CUDA)")
-    p.add_argument("--safety-checker", action="store_true", help="redraw images the model's safety checker flags")
-    p.add_argument("--epoch-size", type=int, help="samples per virtual epoch (default: one per caption)")
-    p.add_argument("--seed", type=int, default=0, help="run seed: fixes every synthetic sample and the init")
-    p.add_argument("--out", default="runs/latest", help="folder for checkpoints and logs")
-    p.add_argument("--log-every", type=int, default=10)
+    data = p.add_argument_group("data")
+    data.add_argument("--online-synthesis", action="store_true",
+                      help="train on images synthesised on the fly (optionally mixed with --from-cache)")
+    data.add_argument("--sd-model", help="Stable Diffusion hub id or diffusers folder (default: embedded tiny random model)")
+    data.add_argument("--captions", help="caption store (LMDB) (default: embedded illustrative Imagenette captions)")
+    data.add_argument("--prompt", default="cip", help="cip, basic, or a template with {name} and {caption}")
+    data.add_argument("--replay", type=int, default=1, help="times each synthetic image is used (fresh augmentation)")
+    data.add_argument("--epoch-size", type=int, help="trainer samples per virtual epoch (default: one per caption)")
+    data.add_argument("--cache", help="also write every synthetic image to WebDataset shards in this folder")
+    data.add_argument("--from-cache", help="train from the WebDataset shards in this folder (resampled, endless)")
+    data.add_argument("--fresh-ratio", type=float, default=0.5,
+                      help="with --online-synthesis and --from-cache: share of batches that are fresh")
+    synth = p.add_argument_group("synthesis")
+    synth.add_argument("--synth-devices", help="'auto' (every GPU no rank trains on) or a comma-separated list "
+                                               "(default: the trainer's device)")
+    synth.add_argument("--workers", type=int, help="synthesis worker processes per rank")
+    synth.add_argument("--prefetch", type=int, default=2, help="batches each worker may hold ready")
+    synth.add_argument("--synth-batch-size", type=int, default=8, help="images per UNet batch in a worker")
+    synth.add_argument("--num-inference-steps", type=int, default=50)
+    synth.add_argument("--guidance-scale", type=float, default=1.5)
+    synth.add_argument("--scheduler", help="scheduler name (default: the model's own, PNDM for SD1.5)")
+    synth.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="synthesis dtype (default: fp16 on CUDA)")
+    synth.add_argument("--safety-checker", action="store_true", help="redraw images the model's safety checker flags")
+    train = p.add_argument_group("training")
+    train.add_argument("--arch", help="torchvision classification model name")
+    train.add_argument("--steps", type=int, help="optimizer steps")
+    train.add_argument("--batch-size", type=int, help="images per step per rank")
+    train.add_argument("--image-size", type=int, help="classifier input side, in pixels")
+    train.add_argument("--lr", type=float, default=0.1, help="peak learning rate for batch 256 (scaled linearly)")
+    train.add_argument("--weight-decay", type=float, default=5e-5)
+    train.add_argument("--warmup-steps", type=int, default=None, help="default: 2%% of --steps")
+    train.add_argument("--label-smoothing", type=float, default=0.1)
+    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="the classifier's device")
+    train.add_argument("--seed", type=int, default=0, help="run seed: fixes every synthetic sample and the init")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default="runs/latest", help="folder for checkpoints and logs")
+    out.add_argument("--val-dir", help="real ImageFolder to report top-1 on; class folders named by class id")
+    out.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    out.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
+    out.add_argument("--log-every", type=int, default=10)
+    out.add_argument("--log-sample-ids", action="store_true", help="write the sample ids of every fresh batch")
     args = p.parse_args(argv)
 
+    if not args.online_synthesis and not args.from_cache:
+        p.error("choose a data source: --online-synthesis, --from-cache DIR, or both")
     args.embedded_default = args.sd_model is None and args.captions is None
     preset = EMBEDDED_PRESET if args.embedded_default else REAL_PRESET
     for key, value in preset.items():
@@ -77,37 +98,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+def setup_distributed(device: str) -> tuple[int, int, int, int, torch.device]:
     """Under torchrun: one process per rank, NCCL on GPUs, gloo on the CPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-        return rank, world, torch.device(device)
-    return 0, 1, torch.device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, 0, 1, torch.device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), local_rank, local_world, torch.device(device)
 
 
-def build_stream(args: argparse.Namespace) -> SyntheticStream:
+def train_transform(image_size: int):
+    """Standard ImageNet training augmentation, applied afresh to every (re)use of a synthetic image."""
     from torchvision.transforms import v2
 
-    model = args.sd_model or str(embedded_model())
-    captions = args.captions or str(embedded_captions())
-    # Standard ImageNet training augmentation, applied fresh to every synthetic image.
-    transform = v2.Compose([
-        v2.RandomResizedCrop(args.image_size, scale=(0.35, 1.0), antialias=True),
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-    synth_devices = args.synth_devices.split(",") if args.synth_devices else [str(args.device)]
+
+
+def build_stream(args: argparse.Namespace, devices: list[str]) -> SyntheticStream:
     return SyntheticStream(
-        captions, model, prompt=args.prompt, seed=args.seed, epoch_size=args.epoch_size,
-        image_size=args.image_size, devices=synth_devices, dtype=args.dtype, scheduler=args.scheduler,
+        args.captions or str(embedded_captions()), args.sd_model or str(embedded_model()),
+        prompt=args.prompt, seed=args.seed, epoch_size=args.epoch_size, replay=args.replay,
+        image_size=args.image_size, devices=devices, dtype=args.dtype, scheduler=args.scheduler,
         synthesis=SynthesisConfig(args.num_inference_steps, args.guidance_scale, safety_check=args.safety_checker),
-        synth_batch_size=args.synth_batch_size, transform=transform,
+        synth_batch_size=args.synth_batch_size, transform=train_transform(args.image_size), cache=args.cache,
+        return_sample_ids=True,
     )
+
+
+def endless(loader) -> Iterator:
+    while True:
+        yield from loader
+
+
+def cached_batches(args: argparse.Namespace, rank: int) -> Iterator:
+    dataset = cached_dataset(args.from_cache, train_transform(args.image_size), seed=args.seed + rank)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=max(1, args.workers))
+    return endless(loader)
 
 
 def build_classifier(arch: str, num_classes: int) -> torch.nn.Module:
@@ -133,6 +167,16 @@ def save_checkpoint(path: Path, **state) -> None:
     os.replace(tmp, path)
 
 
+def check_val_dir(val_dir: str, class_ids: list[str]) -> None:
+    """Fail before training, not after, when the validation folder does not fit the caption store."""
+    folder = Path(val_dir)
+    if not folder.is_dir():
+        raise SystemExit(f"--val-dir {val_dir} does not exist")
+    unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in set(class_ids))
+    if unknown:
+        raise SystemExit(f"--val-dir {val_dir}: class folders {unknown[:5]} are not classes of the caption store")
+
+
 @torch.no_grad()
 def evaluate_top1(model: torch.nn.Module, val_dir: str, class_ids: list[str], image_size: int,
                   device: torch.device, batch_size: int) -> tuple[float, int]:
@@ -145,11 +189,7 @@ def evaluate_top1(model: torch.nn.Module, val_dir: str, class_ids: list[str], im
         v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
     folder = ImageFolder(val_dir, transform=transform)
-    label_of = {cid: i for i, cid in enumerate(class_ids)}
-    unknown = [c for c in folder.classes if c not in label_of]
-    if unknown:
-        raise SystemExit(f"--val-dir {val_dir}: class folders {unknown[:5]} are not classes of the caption store")
-    to_store_label = torch.tensor([label_of[c] for c in folder.classes])
+    to_store_label = torch.tensor([class_ids.index(c) for c in folder.classes])
     model.eval()
     correct = total = 0
     for images, targets in torch.utils.data.DataLoader(folder, batch_size=batch_size, num_workers=2):
@@ -163,76 +203,112 @@ def evaluate_top1(model: torch.nn.Module, val_dir: str, class_ids: list[str], im
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    rank, world, device = setup_distributed(args.device)
+    rank, world, local_rank, local_world, device = setup_distributed(args.device)
     is_main = rank == 0
     out = Path(args.out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed + rank)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
 
-    stream = build_stream(args)
-    loader = stream.loader(args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
+    # ----- data: fresh synthetic batches, cached ones, or a fixed mix of both --------------------------------------
+    devices = synthesis_devices(args.synth_devices, str(device), local_rank, local_world)
+    stream = build_stream(args, devices)
+    class_ids = [c.id for c in stream.store.classes]
+    if args.val_dir and is_main:
+        check_val_dir(args.val_dir, class_ids)
+    loader = stream.loader(args.batch_size, num_workers=args.workers, prefetch_factor=args.prefetch,
+                           pin_memory=device.type == "cuda")
+    fresh = endless(loader) if args.online_synthesis else None
+    cached = cached_batches(args, rank) if args.from_cache else None
+    fresh_ratio = args.fresh_ratio if fresh and cached else float(fresh is not None)
     if is_main:
-        print(f"stream: {stream.num_classes} classes, prompt {stream.sampler.template.template!r}, "
-              f"{args.num_inference_steps} steps, guidance {args.guidance_scale}, {world} rank(s) x {args.workers} "
-              f"worker(s) on {stream.devices}; classifier {args.arch} at {args.image_size}px on {device}", flush=True)
+        print(f"data: {stream.num_classes} classes, prompt {stream.sampler.template.template!r}, "
+              f"{args.num_inference_steps} steps, guidance {args.guidance_scale}, replay {args.replay}, "
+              f"{world} rank(s) x {args.workers} worker(s) on {devices}, fresh share {fresh_ratio:.0%}; "
+              f"classifier {args.arch} at {args.image_size}px on {device}", flush=True)
         (out / "run.json").write_text(json.dumps({"args": vars(args), "stream": stream.describe()}, indent=2))
 
+    # ----- model and optimizer --------------------------------------------------------------------------------------
     model = build_classifier(args.arch, stream.num_classes).to(device)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     peak_lr = args.lr * args.batch_size * world / 256
     optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
+    checkpoint_path = out / "checkpoint.pt"
+    step = 0
+    if args.resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        if len(state["loaders"]) != world:
+            raise SystemExit(f"{checkpoint_path} was written by {len(state['loaders'])} ranks, this run has {world}: "
+                             "resume with the same number of ranks")
+        loader.load_state_dict(state["loaders"][rank])
+        if is_main:
+            print(f"resumed from {checkpoint_path} at step {step}", flush=True)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    raw_model = model.module if world > 1 else model
 
+    def checkpoint() -> None:
+        loaders = [None] * world
+        if world > 1:
+            dist.all_gather_object(loaders, loader.state_dict())
+        else:
+            loaders = [loader.state_dict()]
+        if is_main:
+            save_checkpoint(checkpoint_path, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                            step=step, arch=args.arch, num_classes=stream.num_classes, class_ids=class_ids,
+                            loaders=loaders, args=vars(args), stream=stream.describe())
+
+    # ----- logs -----------------------------------------------------------------------------------------------------
     log_file = open(out / "log.csv", "a", newline="") if is_main else None
     log_writer = csv.writer(log_file) if log_file else None
     if log_writer and log_file.tell() == 0:
-        log_writer.writerow(["step", "loss", "lr", "images_per_s", "data_wait_share"])
+        log_writer.writerow(["step", "loss", "lr", "images_per_s", "data_wait_share", "queue_depth",
+                             "synth_images_per_s", "restarts"])
+    ids_file = open(out / f"sample_ids-rank{rank}.csv", "a") if args.log_sample_ids else None
 
-    step, epoch = 0, 0
-    progress = tqdm(total=args.steps, desc="train", disable=not is_main, dynamic_ncols=True)
+    # ----- the loop -------------------------------------------------------------------------------------------------
+    progress = tqdm(initial=step, total=args.steps, desc="train", disable=not is_main, dynamic_ncols=True)
     window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
     while step < args.steps:
-        stream.set_epoch(epoch)
-        batches = iter(loader)
-        while step < args.steps:
-            wait_start = time.perf_counter()
-            try:
-                images, targets = next(batches)
-            except StopIteration:
-                break
-            window_wait += time.perf_counter() - wait_start
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            lr = learning_rate(step, args, peak_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = F.cross_entropy(model(images), targets, label_smoothing=args.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            window_images += len(images) * world
-            progress.update(1)
-            if step % args.log_every == 0 or step == args.steps:
-                elapsed = time.perf_counter() - window_start
-                rate, wait_share = window_images / elapsed, window_wait / elapsed
-                progress.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.1f}", wait=f"{wait_share:.0%}")
-                if log_writer:
-                    log_writer.writerow([step, f"{loss.item():.4f}", f"{lr:.5f}", f"{rate:.2f}", f"{wait_share:.3f}"])
-                    log_file.flush()
-                window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
-        epoch += 1
+        wait_start = time.perf_counter()
+        from_fresh = derive_seed(args.seed, "mix", step) / 2**63 < fresh_ratio
+        batch = next(fresh) if from_fresh else next(cached)
+        window_wait += time.perf_counter() - wait_start
+        images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if ids_file and from_fresh:
+            ids_file.write(f"{step}," + " ".join(str(i) for i in batch[2].tolist()) + "\n")
+        lr = learning_rate(step, args, peak_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = F.cross_entropy(model(images), targets, label_smoothing=args.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        window_images += len(images) * world
+        progress.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            elapsed = time.perf_counter() - window_start
+            rate, wait_share = window_images / elapsed, window_wait / elapsed
+            metrics = loader.metrics()
+            synth_rate = sum(w["images_per_s"] for w in metrics["workers"])
+            progress.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.1f}", wait=f"{wait_share:.0%}",
+                                 queue=metrics["queue_depth"])
+            if log_writer:
+                log_writer.writerow([step, f"{loss.item():.4f}", f"{lr:.5f}", f"{rate:.2f}", f"{wait_share:.3f}",
+                                     metrics["queue_depth"], f"{synth_rate:.2f}", metrics["restarts"]])
+                log_file.flush()
+            window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
+        if ids_file:
+            ids_file.flush()
+        if step % args.checkpoint_every == 0 and step < args.steps:
+            checkpoint()
     progress.close()
-
-    raw_model = model.module if world > 1 else model
-    class_ids = [c.id for c in stream.store.classes]
+    checkpoint()
     if is_main:
-        checkpoint = out / "checkpoint.pt"
-        save_checkpoint(checkpoint, model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                        epoch=epoch, arch=args.arch, num_classes=stream.num_classes, class_ids=class_ids,
-                        args=vars(args), stream=stream.describe())
-        print(f"saved {checkpoint} after {step} steps", flush=True)
+        print(f"saved {checkpoint_path} after {step} steps", flush=True)
         if args.val_dir:
             top1, count = evaluate_top1(raw_model, args.val_dir, class_ids, args.image_size, device, args.batch_size)
             print(f"val top-1: {top1:.2%} on {count} images of {args.val_dir}", flush=True)

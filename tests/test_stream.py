@@ -58,27 +58,27 @@ def test_sample_ids_are_unique_and_gap_free_across_ranks_and_epochs(caption_stor
     ranks = [_stream(caption_store, tiny_model, epoch_size=40, batch_size=4, rank=r, world_size=2) for r in (0, 1)]
     assert len(ranks[0]) == 20 and ranks[0].batches_per_epoch == 5
     seen = [i for epoch in (0, 1, 2) for s in ranks for b in range(s.batches_per_epoch)
-            for i in s.batch_sample_ids(epoch, b)]
+            for i, _ in s.batch_items(epoch, b)]
     assert sorted(seen) == list(range(120))
 
 
 def _collect(loader, epoch: int = 0):
-    loader.dataset.set_epoch(epoch)
+    loader.set_epoch(epoch)
     images, labels = zip(*loader)
     return torch.cat(images), torch.cat(labels)
 
 
 def test_loader_batches_do_not_depend_on_the_worker_count(caption_store, tiny_model):
-    single = _stream(caption_store, tiny_model, epoch_size=20).loader(batch_size=4, num_workers=0)
-    double = _stream(caption_store, tiny_model, epoch_size=20).loader(batch_size=4, num_workers=2)
-    assert len(single) == len(double) == 5
+    single = _stream(caption_store, tiny_model, epoch_size=24).loader(batch_size=4, num_workers=0)
+    double = _stream(caption_store, tiny_model, epoch_size=24).loader(batch_size=4, num_workers=2)
+    assert len(single) == len(double) == 6
     images_0, labels_0 = _collect(single)
     images_2, labels_2 = _collect(double)
-    assert images_0.shape == (20, 3, 16, 16) and images_0.dtype == torch.float32
+    assert images_0.shape == (24, 3, 16, 16) and images_0.dtype == torch.float32
     assert torch.equal(labels_0, labels_2)
     # uint8 images, normalised: a rounding flip of one level is 1/255/std ≈ 0.017
     assert (images_0 - images_2).abs().max().item() < 0.05
-    expected = [single.dataset.spec(i).label for i in range(20)]
+    expected = [single.dataset.spec(i).label for i in range(24)]
     assert labels_0.tolist() == expected
 
 
@@ -94,6 +94,8 @@ def test_each_epoch_brings_fresh_samples(caption_store, tiny_model):
 def test_epoch_smaller_than_a_batch_is_refused(caption_store, tiny_model):
     with pytest.raises(ValueError, match="smaller than one batch"):
         _stream(caption_store, tiny_model, epoch_size=3).loader(batch_size=4)
+    with pytest.raises(ValueError, match="worker count"):
+        _stream(caption_store, tiny_model, epoch_size=8).loader(batch_size=4, num_workers=3)
 
 
 def test_describe_says_when_weights_are_random(caption_store, tiny_model):

@@ -1,0 +1,35 @@
+"""Counters that loader workers share with the trainer's process: images made, busy time, batches handed out."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+_FIELDS = ("images", "busy_s", "batches")
+
+
+class WorkerStats:
+    """A flat shared array, one row per loader worker; written by workers, read by `StreamLoader.metrics()`.
+
+    Made before the workers start and handed to them with the dataset, so it works with fork and spawn alike.
+    Each row has one writer, so no lock is needed.
+    """
+
+    def __init__(self, num_workers: int, context: str | None = None):
+        ctx = mp.get_context(context)
+        self.num_workers = num_workers
+        self._values = ctx.Array("d", num_workers * len(_FIELDS), lock=False)
+
+    def record(self, worker: int, images: int, busy_s: float) -> None:
+        row = worker * len(_FIELDS)
+        self._values[row] += images
+        self._values[row + 1] += busy_s
+
+    def record_batch(self, worker: int) -> None:
+        self._values[worker * len(_FIELDS) + 2] += 1
+
+    def rows(self) -> list[dict[str, float]]:
+        n = len(_FIELDS)
+        return [dict(zip(_FIELDS, self._values[w * n:(w + 1) * n])) for w in range(self.num_workers)]
+
+    def batches_made(self) -> int:
+        return int(sum(row["batches"] for row in self.rows()))
