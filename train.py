@@ -31,6 +31,7 @@ from streamsynth.defaults import embedded_captions, embedded_model
 from streamsynth.stream import cached_dataset
 from streamsynth.stream.dataset import IMAGENET_MEAN, IMAGENET_STD
 from streamsynth.stream.devices import synthesis_devices
+from streamsynth.stream.feedback import ClassFeedback
 from streamsynth.synth import derive_seed
 
 log = logging.getLogger("train")
@@ -55,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--from-cache", help="train from the WebDataset shards in this folder (resampled, endless)")
     data.add_argument("--fresh-ratio", type=float, default=0.5,
                       help="with --online-synthesis and --from-cache: share of batches that are fresh")
+    data.add_argument("--feedback-sampling", action="store_true",
+                      help="draw more samples of the classes with high training loss (weights change per epoch)")
+    data.add_argument("--feedback-floor", type=float, default=0.5,
+                      help="share of every epoch spread evenly over all classes under --feedback-sampling")
     synth = p.add_argument_group("synthesis")
     synth.add_argument("--synth-devices", help="'auto' (every GPU no rank trains on) or a comma-separated list "
                                                "(default: the trainer's device)")
@@ -215,8 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     class_ids = [c.id for c in stream.store.classes]
     if args.val_dir and is_main:
         check_val_dir(args.val_dir, class_ids)
+    feedback = ClassFeedback(stream.num_classes, floor=args.feedback_floor) if args.feedback_sampling else None
     loader = stream.loader(args.batch_size, num_workers=args.workers, prefetch_factor=args.prefetch,
-                           pin_memory=device.type == "cuda")
+                           pin_memory=device.type == "cuda", feedback=feedback)
     fresh = endless(loader) if args.online_synthesis else None
     cached = cached_batches(args, rank) if args.from_cache else None
     fresh_ratio = args.fresh_ratio if fresh and cached else float(fresh is not None)
@@ -282,7 +288,10 @@ def main(argv: list[str] | None = None) -> None:
         lr = learning_rate(step, args, peak_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = F.cross_entropy(model(images), targets, label_smoothing=args.label_smoothing)
+        losses = F.cross_entropy(model(images), targets, label_smoothing=args.label_smoothing, reduction="none")
+        loss = losses.mean()
+        if feedback and from_fresh:
+            feedback.update(losses, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

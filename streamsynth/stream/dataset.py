@@ -32,6 +32,7 @@ from ..prompts.templates import PromptTemplate, prompt_template
 from ..synth.postprocess import resize_to_uint8
 from ..synth.sampler import SynthesisConfig, Synthesizer, derive_seed
 from ..synth.tiny import RANDOM_WEIGHTS_NOTICE, is_tiny_model
+from .feedback import SharedClassWeights
 from .metrics import WorkerStats
 from .sampling import CaptionSampler, SampleSpec, keyed_permutation
 
@@ -142,6 +143,7 @@ class SyntheticStream(IterableDataset):
         self._position: Position | None = None  # this process's progress, for `state_dict` in a worker
         self._restored: Position | None = None  # set by `load_state_dict` (torchdata's StatefulDataLoader)
         self.stats: WorkerStats | None = None  # shared counters, attached by `StreamLoader`
+        self.shared_class_weights: SharedClassWeights | None = None  # reaches persistent workers; `StreamLoader`
         self.random_weights = is_tiny_model(self.model)
         if self.random_weights:
             log.warning("SyntheticStream: %s", RANDOM_WEIGHTS_NOTICE)
@@ -206,6 +208,16 @@ class SyntheticStream(IterableDataset):
 
     def spec(self, sample_id: int) -> SampleSpec:
         return self.sampler(sample_id)
+
+    @property
+    def class_weights(self) -> list[float] | None:
+        return self.sampler.class_weights
+
+    def set_class_weights(self, weights: list[float] | None) -> None:
+        """Sampling weights per class from the next iteration on (None: one image per caption per pass)."""
+        self.sampler.class_weights = weights
+        if self.shared_class_weights is not None:
+            self.shared_class_weights.write(weights)
 
     # ----- epochs and state ---------------------------------------------------------------------------------------
 
@@ -304,6 +316,8 @@ class SyntheticStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple]:
         start = self._start_position()
         self._restored = None
+        if self.shared_class_weights is not None and get_worker_info() is not None:
+            self.sampler.class_weights = self.shared_class_weights.read()
         epoch, logical = start.epoch, start.logical_worker
         outputs_per_group = self.replay
         groups_per_worker = self.groups_per_epoch // self.num_workers

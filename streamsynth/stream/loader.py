@@ -6,7 +6,7 @@ two integers. That makes three things simple:
 - faults: if a worker raises or dies, the DataLoader is rebuilt at the next undelivered batch, so nothing already
   delivered is repeated and nothing is skipped; a batch that keeps failing ends the run with its cause;
 - epochs: each pass ends by moving the stream to the next epoch, so a caller that never calls `set_epoch` still
-  gets fresh samples.
+  gets fresh samples; with `feedback`, each epoch starts with class weights from the losses the trainer reported.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Iterator
 from torch.utils.data import DataLoader
 
 from .dataset import SyntheticStream
+from .feedback import ClassFeedback, SharedClassWeights
 from .metrics import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class StreamLoader:
         max_restarts: int = 3,
         timeout: float = 0,
         multiprocessing_context: str | None = None,
+        feedback: ClassFeedback | None = None,
     ):
         stream.configure(batch_size, num_workers)
         if multiprocessing_context is None and num_workers > 0 and any(str(d).startswith("cuda") for d in stream.devices):
@@ -62,6 +64,9 @@ class StreamLoader:
         }
         self.stats = WorkerStats(max(1, num_workers), multiprocessing_context)
         stream.stats = self.stats
+        self.feedback = feedback
+        if feedback is not None:
+            stream.shared_class_weights = SharedClassWeights(stream.num_classes, multiprocessing_context)
         stream.metrics = self.metrics
         self._loader: DataLoader | None = None
         self._workers_next_epoch: int | None = None  # where persistent workers will start without a rebuild
@@ -85,11 +90,18 @@ class StreamLoader:
             self.batch = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.dataset.epoch, "batch": self.batch, "layout": self.dataset.layout()}
+        state = {"epoch": self.dataset.epoch, "batch": self.batch, "layout": self.dataset.layout(),
+                 "class_weights": self.dataset.class_weights}
+        if self.feedback is not None:
+            state["feedback"] = self.feedback.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.dataset._check_layout(state["layout"])
         self.dataset.set_epoch(state["epoch"])
+        self.dataset.set_class_weights(state["class_weights"])
+        if self.feedback is not None and "feedback" in state:
+            self.feedback.load_state_dict(state["feedback"])
         self.batch = state["batch"]
         self._discard()
 
@@ -109,6 +121,8 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator:
         epoch, failures = self.dataset.epoch, 0
+        if self.feedback is not None and self.batch == 0:
+            self.dataset.set_class_weights(self.feedback.next_weights())
         while self.batch < len(self):
             batches = self._iterator()
             try:
