@@ -32,7 +32,7 @@ def group_norm_reference(
 @triton.jit
 def _group_norm_kernel(
     X, Y, W, B,
-    stride_b, stride_c, stride_s,
+    stride_b, stride_c, stride_s, out_stride_b, out_stride_c, out_stride_s,
     num_channels, num_positions, channels_per_group, eps,
     HAS_AFFINE: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -45,6 +45,7 @@ def _group_norm_kernel(
     channels = group * channels_per_group + tl.arange(0, BLOCK_C)
     channel_mask = tl.arange(0, BLOCK_C) < channels_per_group
     base = batch.to(tl.int64) * stride_b
+    out_base = batch.to(tl.int64) * out_stride_b
 
     # Statistics tile by tile, merged with Chan's parallel formula: stable where sum-of-squares would cancel.
     mean = 0.0
@@ -80,7 +81,9 @@ def _group_norm_kernel(
         y = x * scale[None, :] + shift[None, :]
         if SILU:
             y = y / (1.0 + tl.exp(-y))
-        tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
+        out_offsets = (out_base + positions.to(tl.int64)[:, None] * out_stride_s
+                       + channels.to(tl.int64)[None, :] * out_stride_c)
+        tl.store(Y + out_offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def _position_stride(x: torch.Tensor) -> int | None:
@@ -116,8 +119,8 @@ def _check_inputs(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
     check_same_device(x=x, weight=weight, bias=bias)
     if _position_stride(x) is None:
         raise ValueError(
-            f"group_norm: the spatial dimensions of x (shape {tuple(x.shape)}, strides {x.stride()}) are not laid "
-            "out densely: call x.contiguous() or x.contiguous(memory_format=torch.channels_last)"
+            f"group_norm: the spatial positions of x (shape {tuple(x.shape)}, strides {x.stride()}) do not have one "
+            "common stride: call x.contiguous() or x.contiguous(memory_format=torch.channels_last)"
         )
 
 
@@ -133,7 +136,7 @@ def group_norm(
     _check_inputs(x, num_groups, weight, bias)
     if not runs_triton("group_norm", _group_norm_kernel, x):
         return group_norm_reference(x, num_groups, weight, bias, eps, silu)
-    y = torch.empty_like(x)  # preserve_format: same strides as a dense x
+    y = torch.empty_like(x)  # x's strides where x is dense, else contiguous
     channels_per_group = x.shape[1] // num_groups
     num_positions = x[0, 0].numel()
     block_c = triton.next_power_of_2(channels_per_group)
@@ -141,7 +144,7 @@ def group_norm(
     has_affine = weight is not None
     _group_norm_kernel[(x.shape[0] * num_groups,)](
         x, y, weight if has_affine else x, bias if has_affine else x,
-        x.stride(0), x.stride(1), _position_stride(x),
+        x.stride(0), x.stride(1), _position_stride(x), y.stride(0), y.stride(1), _position_stride(y),
         x.shape[1], num_positions, channels_per_group, eps,
         HAS_AFFINE=has_affine, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s,
     )
