@@ -57,7 +57,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--size", type=int, default=224, help="the classifier's image size")
     p.add_argument("--scheduler", help="a streamsynth scheduler name (default: the model's own, PNDM for SD1.5)")
     p.add_argument("--repeats", type=int, help="timed batches per path, median reported (default 3; 1 with --dry)")
-    p.add_argument("--warmup", type=int, help="untimed batches first (default 1; 0 with --dry)")
+    p.add_argument("--warmup", type=int, help="untimed batches first, per path and per ablation (default 1)")
     p.add_argument("--peak-tflops", type=float,
                    help="the device's peak rate for the share-of-peak figure (default for H100/H200: the datasheet's "
                    "dense fp16 rate, 989 SXM, 756 PCIe, 835 NVL; none on other devices)")
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _settings(args) -> dict:
-    defaults = dict(batch=(2, 32), steps=(3, 50), repeats=(1, 3), warmup=(0, 1))
+    defaults = dict(batch=(2, 32), steps=(3, 50), repeats=(1, 3), warmup=(1, 1))
     settings = {k: getattr(args, k) if getattr(args, k) is not None else pair[0 if args.dry else 1]
                 for k, pair in defaults.items()}
     for key in ("batch", "steps", "repeats"):
@@ -382,7 +382,8 @@ def plot(report: dict, path: Path) -> None:
     right.set_title("throughput (streamsynth with each kernel off alone)")
     right.tick_params(axis="x", labelrotation=30)
     fig.suptitle(f"{report['arch'] or report['model']} on {report['device']}, {report['dtype']}, batch {batch}, "
-                 f"{report['steps']} steps, guidance {report['guidance_scale']}", fontsize="medium")
+                 f"{report['steps']} steps, guidance {report['guidance_scale']}"
+                 + (" (dry run: a smoke test, not a measurement)" if report["dry"] else ""), fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
