@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -43,11 +44,16 @@ class SynthesisConfig:
 
 
 class Synthesizer:
-    """Generates images for (prompt, seed) pairs with the components of a diffusers Stable Diffusion pipeline."""
+    """Generates images for (prompt, seed) pairs with the components of a diffusers Stable Diffusion pipeline.
 
-    def __init__(self, pipe, config: SynthesisConfig | None = None):
+    `fused_step(noise, t, latents, guidance_scale or None) -> latents`, if given, replaces the guidance combine and
+    `scheduler.step` (see `streamsynth.synth.fast`); it must compute the same thing.
+    """
+
+    def __init__(self, pipe, config: SynthesisConfig | None = None, fused_step: Callable | None = None):
         self.pipe = pipe
         self.config = config or SynthesisConfig()
+        self.fused_step = fused_step
         if self.config.safety_check and pipe.safety_checker is None:
             raise ValueError("safety_check=True needs a pipeline loaded with its safety checker")
         self.device = pipe.unet.device
@@ -115,6 +121,9 @@ class Synthesizer:
             model_input = torch.cat([latents] * 2) if self.do_guidance else latents
             model_input = scheduler.scale_model_input(model_input, t)
             noise = unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
+            if self.fused_step is not None:
+                latents = self.fused_step(noise, t, latents, scale if self.do_guidance else None)
+                continue
             if self.do_guidance:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + scale * (cond - uncond)

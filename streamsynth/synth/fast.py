@@ -1,0 +1,112 @@
+"""The fast-path options in one place: what to switch on, and `apply(pipe, options)` to switch it on.
+
+    fast = apply(pipe, FastPathOptions(channels_last=True))
+    synth = Synthesizer(pipe, config, fused_step=fast.fused_step)
+    batch = fast.postprocess(synth.decode(latents), size=224)
+
+Precision (fp16/bf16) is chosen when the pipeline is loaded (`load_pipeline(..., dtype=...)`). Which options pay
+off is a GPU measurement (`streamsynth profile`); the defaults switch on only what changes no result beyond
+rounding and costs no compile time. `apply` changes the pipeline in place; only the kernel patch has an undo
+(`kernels.patch.unpatch`): load a fresh pipeline for a plain diffusers baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import BACKENDS, AttentionChoice, apply_attention
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FastPathOptions:
+    triton_kernels: bool = True  # fused GroupNorm(+SiLU) and GEGLU swapped into the UNet and the VAE
+    fused_step: bool = True  # guidance combine + scheduler update in one kernel (DDIM eta=0, PNDM/PLMS)
+    fused_postprocess: bool = True  # VAE output to classifier input in one kernel
+    attention: str = "auto"  # "auto" (xformers if its probe passes, else SDPA), "sdpa" or "xformers"
+    channels_last: bool = False  # NHWC activations in the UNet and VAE (slower in eager on H200 without the kernels)
+    fuse_qkv: bool = False  # one matmul for Q, K and V (diffusers' fuse_qkv_projections; runs on SDPA)
+    compile_unet: bool = False  # torch.compile the UNet (minutes of compilation at startup)
+    cuda_graphs: bool = False  # replay the fixed-shape UNet call as a CUDA graph (torch.compile "reduce-overhead")
+
+    def __post_init__(self) -> None:
+        if self.attention not in BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention!r}: use one of {list(BACKENDS)}")
+        if self.fuse_qkv and self.attention == "xformers":
+            raise ValueError("fuse_qkv runs attention through SDPA (diffusers' FusedAttnProcessor2_0): "
+                             "drop fuse_qkv or use attention='auto' or 'sdpa'")
+
+
+@dataclass
+class FastPath:
+    """What `apply` switched on, plus the pieces the sampling loop and the post-processing take from it."""
+
+    options: FastPathOptions
+    attention: AttentionChoice
+    fused_step: object | None = None  # a kernels.guided_step.FusedGuidedStep, for Synthesizer(fused_step=...)
+    applied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def postprocess(self, decoded: torch.Tensor, size: int | None, mean: torch.Tensor | None = None,
+                    std: torch.Tensor | None = None) -> torch.Tensor:
+        """VAE output in [-1, 1] to uint8 (or `(x - mean) / std` fp32) images of `size` x `size`."""
+        from kernels import postprocess
+
+        run = postprocess.postprocess if self.options.fused_postprocess else postprocess.postprocess_reference
+        return run(decoded, size, mean, std)
+
+
+def apply(pipe, options: FastPathOptions | None = None) -> FastPath:
+    """Switches `options` on for a loaded `StableDiffusionPipeline`, in place, and logs what it did."""
+    options = options or FastPathOptions()
+    device = pipe.unet.device
+    if options.fuse_qkv:
+        pipe.fuse_qkv_projections(unet=True, vae=True)
+        attention = AttentionChoice("sdpa", "fused QKV projections run on diffusers' FusedAttnProcessor2_0")
+        log.info("attention backend: sdpa (%s)", attention.reason)
+    else:
+        attention = apply_attention([pipe.unet, pipe.vae], device, options.attention)
+    fast = FastPath(options, attention)
+    fast.applied.append(f"attention={attention.backend}" + (" with fused QKV" if options.fuse_qkv else ""))
+
+    if options.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        fast.applied.append("channels_last")
+    if options.triton_kernels:
+        from kernels.patch import patch
+
+        counts = {name: patch(model) for name, model in (("unet", pipe.unet), ("vae", pipe.vae))}
+        fast.applied.append(f"triton kernels patched in: {counts}")
+    if options.fused_step:
+        from kernels.guided_step import FusedGuidedStep, unsupported_reason
+
+        reason = unsupported_reason(pipe.scheduler)
+        if reason:
+            fast.skipped.append(f"fused guided step: {reason}")
+        else:
+            fast.fused_step = FusedGuidedStep(pipe.scheduler)
+            fast.applied.append(f"fused guided step ({type(pipe.scheduler).__name__})")
+    _compile(pipe, options, fast)
+    for line in fast.applied:
+        log.info("fast path: %s", line)
+    for line in fast.skipped:
+        log.warning("fast path: skipped %s", line)
+    return fast
+
+
+def _compile(pipe, options: FastPathOptions, fast: FastPath) -> None:
+    cuda_graphs = options.cuda_graphs
+    if cuda_graphs and pipe.unet.device.type != "cuda":
+        fast.skipped.append(f"CUDA graphs: the UNet is on {pipe.unet.device}, not a CUDA device")
+        cuda_graphs = False
+    if not (options.compile_unet or cuda_graphs):
+        return
+    mode = "reduce-overhead" if cuda_graphs else None
+    # Not fullgraph: the Triton kernels' Python wrappers (validation, dispatch) may break the graph.
+    pipe.unet = torch.compile(pipe.unet, mode=mode)
+    fast.applied.append(f"torch.compile(unet, mode={mode!r})" + (" with CUDA graphs" if cuda_graphs else ""))

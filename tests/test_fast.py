@@ -1,0 +1,84 @@
+"""The attention backend choice and the fast-path options on the tiny pipeline."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from triton_interpret import import_kernels_interpreted, triton_interpreter  # noqa: F401 (autouse fixture)
+
+from streamsynth.synth import attention
+from streamsynth.synth.attention import choose_attention
+
+import_kernels_interpreted()
+
+
+@pytest.fixture
+def fake_xformers(monkeypatch):
+    """Installs a stand-in `xformers.ops` whose memory_efficient_attention is the given function."""
+    def install(function):
+        ops = types.SimpleNamespace(memory_efficient_attention=function)
+        monkeypatch.setitem(sys.modules, "xformers", types.SimpleNamespace(ops=ops))
+        monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+        monkeypatch.setattr(attention, "_probes", {})
+    return install
+
+
+def test_attention_falls_back_to_sdpa_when_the_xformers_probe_fails(fake_xformers):
+    def no_operator(q, k, v):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+    fake_xformers(no_operator)
+    choice = choose_attention("cpu")
+    assert choice.backend == "sdpa" and "No operator found" in choice.reason
+    with pytest.raises(ValueError, match="cannot be used"):
+        choose_attention("cpu", prefer="xformers")
+
+
+def test_attention_uses_xformers_when_its_probe_agrees_with_sdpa(fake_xformers):
+    def working(q, k, v):
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+    fake_xformers(working)
+    assert choose_attention("cpu").backend == "xformers"
+    fake_xformers(lambda q, k, v: torch.zeros_like(q))
+    assert "disagrees" in choose_attention("cpu").reason
+
+
+def test_attention_without_xformers_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "xformers", None)  # makes `import xformers` raise ImportError
+    monkeypatch.setattr(attention, "_probes", {})
+    choice = choose_attention("cpu")
+    assert choice.backend == "sdpa" and "not importable" in choice.reason
+
+
+def test_fast_path_images_match_the_plain_path(tiny_model):
+    from streamsynth.synth import SynthesisConfig, Synthesizer, load_pipeline, resize_to_uint8
+    from streamsynth.synth.fast import FastPathOptions, apply
+
+    config = SynthesisConfig(num_inference_steps=2, guidance_scale=1.5)
+    prompts, seeds = ["a photo of tench, a fish"], [3]
+    plain = Synthesizer(load_pipeline(tiny_model), config).generate(prompts, seeds)
+
+    pipe = load_pipeline(tiny_model)
+    fast = apply(pipe, FastPathOptions(channels_last=True, fuse_qkv=True))
+    assert fast.fused_step is not None and fast.attention.backend == "sdpa"
+    synth = Synthesizer(pipe, config, fused_step=fast.fused_step)
+    pipe.scheduler.set_timesteps(config.num_inference_steps)
+    latents, generators = synth.initial_latents(seeds)
+    decoded = synth.decode(synth.denoise(latents, synth.encode_text(prompts), generators))
+    images = fast.postprocess(decoded, 32)
+    assert images.dtype == torch.uint8 and images.shape == (1, 3, 32, 32)
+    assert (images.int() - resize_to_uint8(plain, 32).int()).abs().max() <= 1
+
+
+def test_fast_path_options_reject_conflicts():
+    from streamsynth.synth.fast import FastPathOptions
+
+    with pytest.raises(ValueError, match="fuse_qkv"):
+        FastPathOptions(fuse_qkv=True, attention="xformers")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        FastPathOptions(attention="flash")

@@ -1,0 +1,274 @@
+"""The Triton kernels against their references, run on the CPU under Triton's interpreter.
+
+Tolerances (also in kernels/README.md), against the reference computed in fp32 from the same inputs:
+fp32 atol = rtol = 1e-5; fp16 atol = rtol = 2e-3; bf16 atol = rtol = 1.6e-2 (one rounding of the output).
+The fused guidance + scheduler step must equal `scheduler.step` bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from triton_interpret import import_kernels_interpreted, triton_interpreter  # noqa: F401 (autouse fixture)
+
+import_kernels_interpreted()
+
+from kernels import disabled, set_enabled  # noqa: E402
+from kernels.dispatch import is_interpreted  # noqa: E402
+from kernels.geglu import FusedGEGLU, _geglu_kernel, geglu, geglu_reference  # noqa: E402
+from kernels.group_norm import FusedGroupNorm, _group_norm_kernel, group_norm, group_norm_reference  # noqa: E402
+from kernels.guided_step import FusedGuidedStep, guided_step_reference, unsupported_reason  # noqa: E402
+from kernels.patch import is_patched, patch, unpatch  # noqa: E402
+from kernels.postprocess import postprocess, postprocess_reference  # noqa: E402
+
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      steps_offset=1, set_alpha_to_one=False)
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert actual.dtype == dtype
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def test_kernels_run_under_the_interpreter():
+    assert is_interpreted(_group_norm_kernel) and is_interpreted(_geglu_kernel)
+
+
+# GroupNorm (+ SiLU)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_matches_reference(dtype, channels_last, silu):
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 40, 7, 7, generator=generator) * 3 + 5).to(dtype)  # an offset mean tests the statistics
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = (torch.randn(40, generator=generator).to(dtype) for _ in range(2))
+    y = group_norm(x, 8, weight, bias, eps=1e-6, silu=silu)
+    assert y.stride() == x.stride()
+    assert_matches(y, group_norm_reference(x.float(), 8, weight.float(), bias.float(), 1e-6, silu), dtype)
+
+
+def test_group_norm_matches_torch_modules_and_other_layouts():
+    x = torch.randn(3, 40, 7, 7)
+    norm = torch.nn.GroupNorm(8, 40, eps=1e-6)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    fused = FusedGroupNorm.from_module(norm, silu=True)
+    assert_matches(fused(x), F.silu(norm(x)), torch.float32)
+    # bf16, and the (batch, channels, tokens) view diffusers' attention passes (channels innermost in memory)
+    x16 = torch.randn(3, 40, 7, 7).to(torch.bfloat16)
+    assert_matches(group_norm(x16, 8), group_norm_reference(x16.float(), 8, None, None, 1e-5, False), torch.bfloat16)
+    tokens = torch.randn(2, 9, 40).transpose(1, 2)
+    assert_matches(group_norm(tokens, 8), F.group_norm(tokens, 8), torch.float32)
+    strided = torch.randn(2, 40, 5, 10)[..., ::2]  # not dense: the output is written contiguous
+    assert_matches(group_norm(strided, 8), F.group_norm(strided, 8), torch.float32)
+
+
+@pytest.mark.parametrize("make_input, message", [
+    (lambda: (torch.randn(2, 40, 5, 5), 7, None), "not divisible"),
+    (lambda: (torch.randn(2, 40), 8, None), "spatial dimension"),
+    (lambda: (torch.randint(0, 9, (2, 40, 5, 5)), 8, None), "dtype"),
+    (lambda: (torch.randn(2, 40, 5, 6).transpose(2, 3), 8, None), "contiguous"),
+    (lambda: (torch.randn(2, 40, 5, 5), 8, torch.ones(20)), "weight has shape"),
+    (lambda: (torch.randn(2, 40, 5, 5), 8, torch.ones(40, device="meta")), "one device"),
+])
+def test_group_norm_rejects_bad_input(make_input, message):
+    x, groups, weight = make_input()
+    with pytest.raises(ValueError, match=message):
+        group_norm(x, groups, weight, None if weight is None else torch.zeros_like(weight))
+
+
+# GEGLU
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_geglu_matches_reference(dtype, with_bias):
+    generator = torch.Generator().manual_seed(0)
+    projected = (torch.randn(3, 5, 2 * 40, generator=generator) * 2).to(dtype)  # width 40: not a power of two
+    bias = torch.randn(80, generator=generator).to(dtype) if with_bias else None
+    expected = geglu_reference(projected.float(), None if bias is None else bias.float())
+    assert_matches(geglu(projected, bias), expected, dtype)
+
+
+def test_fused_geglu_module_matches_diffusers():
+    from diffusers.models.activations import GEGLU
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(GEGLU(24, 40))
+    x = torch.randn(3, 7, 24)
+    expected = module(x)
+    assert patch(module) == {"geglu": 1} and isinstance(module[0], FusedGEGLU)
+    assert_matches(module(x), expected, torch.float32)
+
+
+@pytest.mark.parametrize("projected, bias, message", [
+    (torch.randn(3, 41), None, "even last dimension"),
+    (torch.randn(80, 3).t(), None, "contiguous"),
+    (torch.randn(3, 80), torch.randn(40), "bias has shape"),
+    (torch.randn(3, 80).to(torch.float64), None, "dtype"),
+])
+def test_geglu_rejects_bad_input(projected, bias, message):
+    with pytest.raises(ValueError, match=message):
+        geglu(projected, bias)
+
+
+# Guidance + scheduler step
+
+def make_scheduler(name: str):
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    if name == "pndm":
+        return PNDMScheduler(skip_prk_steps=True, **SD15_SCHEDULER)
+    return DDIMScheduler(clip_sample=False, **SD15_SCHEDULER)
+
+
+@pytest.mark.parametrize("name", ["pndm", "ddim"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("guidance_scale", [1.5, None])
+def test_fused_step_equals_scheduler_step(name, dtype, guidance_scale):
+    reference, fused_scheduler = make_scheduler(name), make_scheduler(name)
+    reference.set_timesteps(7), fused_scheduler.set_timesteps(7)
+    fused = FusedGuidedStep(fused_scheduler)
+    generator = torch.Generator().manual_seed(0)
+    expected = torch.randn(3, 4, 5, 5, generator=generator).to(dtype)
+    actual = expected.clone()
+    rows = 6 if guidance_scale else 3
+    for t in reference.timesteps:
+        noise = torch.randn(rows, 4, 5, 5, generator=generator).to(dtype)
+        expected = guided_step_reference(reference, noise, t, expected, guidance_scale)
+        actual = fused(noise, t, actual, guidance_scale)
+        assert torch.equal(actual, expected), f"step at t={int(t)} differs"
+    if name == "pndm":  # the multistep state stays as scheduler.step leaves it
+        assert fused_scheduler.counter == reference.counter
+        assert all(torch.equal(a, b) for a, b in zip(fused_scheduler.ets, reference.ets))
+        assert len(fused_scheduler.ets) == len(reference.ets) == 4
+
+
+def test_fused_step_rejects_what_it_cannot_compute():
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+
+    assert "EulerDiscreteScheduler" in unsupported_reason(EulerDiscreteScheduler())
+    with pytest.raises(ValueError, match="skip_prk_steps"):
+        FusedGuidedStep(PNDMScheduler(skip_prk_steps=False, **SD15_SCHEDULER))
+    scheduler = make_scheduler("ddim")
+    scheduler.set_timesteps(3)
+    with pytest.raises(ValueError, match="noise has shape"):
+        FusedGuidedStep(scheduler)(torch.randn(3, 4, 5, 5), scheduler.timesteps[0], torch.randn(3, 4, 5, 5), 1.5)
+
+
+# Post-processing
+
+@pytest.mark.parametrize("shape, size", [((3, 3, 37, 29), 13), ((2, 3, 7, 7), 16), ((1, 3, 9, 9), None)])
+@pytest.mark.parametrize("normalise", [False, True])
+def test_postprocess_matches_interpolate(shape, size, normalise):
+    decoded = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.8  # some values clip
+    mean, std = (torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])) if normalise else (None, None)
+    expected = postprocess_reference(decoded, size, mean, std)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        actual = postprocess(decoded.contiguous(memory_format=layout), size, mean, std)
+        assert actual.shape == expected.shape and actual.is_contiguous()
+        if normalise:
+            assert_matches(actual, expected, torch.float32)
+        else:  # a value a float rounding away from .5 may round the other way: at most 1 in 255, rarely
+            assert actual.dtype == torch.uint8
+            assert (actual.int() - expected.int()).abs().max() <= 1
+            assert (actual == expected).float().mean() > 0.99
+
+
+def test_postprocess_rejects_bad_input():
+    with pytest.raises(ValueError, match="batch, channels, H, W"):
+        postprocess(torch.randn(3, 8, 8), 4)
+    with pytest.raises(ValueError, match="both mean and std"):
+        postprocess(torch.randn(1, 3, 8, 8), 4, mean=torch.zeros(3))
+    with pytest.raises(ValueError, match="mean has shape"):
+        postprocess(torch.randn(1, 3, 8, 8), 4, mean=torch.zeros(4), std=torch.ones(4))
+
+
+# Switches and fallback
+
+def test_switched_off_kernel_runs_reference():
+    x = torch.randn(2, 40, 5, 5, dtype=torch.float16)
+    with disabled("group_norm"):
+        assert torch.equal(group_norm(x, 8, silu=True), group_norm_reference(x, 8, None, None, 1e-5, True))
+    with pytest.raises(ValueError, match="unknown kernel"):
+        set_enabled("layer_norm", False)
+
+
+def test_cpu_without_interpreter_falls_back_and_logs_once(tmp_path):
+    script = (
+        "import logging, torch\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "from kernels.group_norm import group_norm, group_norm_reference\n"
+        "x = torch.randn(2, 40, 5, 5)\n"
+        "for _ in range(2): assert torch.equal(group_norm(x, 8), group_norm_reference(x, 8, None, None, 1e-5, False))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("running the PyTorch reference on cpu") == 1
+
+
+# Patched models
+
+def load_unet_and_vae(model_folder):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    return (UNet2DConditionModel.from_pretrained(model_folder, subfolder="unet").eval(),
+            AutoencoderKL.from_pretrained(model_folder, subfolder="vae").eval())
+
+
+@torch.no_grad()
+def test_patched_unet_and_vae_match_unpatched(tiny_model):
+    unet, vae = load_unet_and_vae(tiny_model)
+    generator = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 77, 32, generator=generator)
+    keys = set(unet.state_dict())
+    expected_noise = unet(latents, 500, encoder_hidden_states=text).sample
+    expected_images = vae.decode(latents[:1]).sample  # one image: the interpreted VAE is the slow part
+
+    counts = patch(unet)
+    assert counts == patch(unet), "patching twice must change nothing"
+    assert counts["group_norm_silu"] > 0 and counts["geglu"] > 0 and counts["time_embedding_silu"] > 0
+    assert set(unet.state_dict()) == keys
+    torch.testing.assert_close(unet(latents, 500, encoder_hidden_states=text).sample, expected_noise, atol=1e-5, rtol=1e-5)
+    with disabled("group_norm", "geglu"):  # switched off, the patched model runs the very modules it replaced
+        assert torch.equal(unet(latents, 500, encoder_hidden_states=text).sample, expected_noise)
+    unpatch(unet)
+    assert not is_patched(unet)
+    assert torch.equal(unet(latents, 500, encoder_hidden_states=text).sample, expected_noise)
+
+    assert patch(vae)["group_norm_silu"] > 0
+    torch.testing.assert_close(vae.decode(latents[:1]).sample, expected_images, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_patched_unet_matches_in_channels_last(tiny_model):
+    unet, _ = load_unet_and_vae(tiny_model)
+    latents, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    expected = unet(latents, 10, encoder_hidden_states=text).sample
+    unet.to(memory_format=torch.channels_last)
+    patch(unet)
+    actual = unet(latents.contiguous(memory_format=torch.channels_last), 10, encoder_hidden_states=text).sample
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim"])
+def test_fused_step_in_a_full_sampling_run_matches_the_loop(tiny_model, scheduler):
+    from streamsynth.synth import SynthesisConfig, Synthesizer, load_pipeline
+
+    config = SynthesisConfig(num_inference_steps=5, guidance_scale=1.5)
+    plain = Synthesizer(load_pipeline(tiny_model, scheduler=scheduler), config)
+    pipe = load_pipeline(tiny_model, scheduler=scheduler)
+    fused = Synthesizer(pipe, config, fused_step=FusedGuidedStep(pipe.scheduler))
+    prompts, seeds = ["a photo of tench, a fish", "a photo of church"], [1, 2]
+    assert torch.equal(fused.generate(prompts, seeds), plain.generate(prompts, seeds))
