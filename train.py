@@ -33,6 +33,7 @@ from streamsynth.stream.dataset import IMAGENET_MEAN, IMAGENET_STD
 from streamsynth.stream.devices import synthesis_devices
 from streamsynth.stream.feedback import ClassFeedback
 from streamsynth.synth import derive_seed
+from streamsynth.synth.fast import FastPathOptions
 
 log = logging.getLogger("train")
 
@@ -71,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     synth.add_argument("--scheduler", help="scheduler name (default: the model's own, PNDM for SD1.5)")
     synth.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="synthesis dtype (default: fp16 on CUDA)")
     synth.add_argument("--safety-checker", action="store_true", help="redraw images the model's safety checker flags")
+    synth.add_argument("--fast", action="store_true",
+                       help="fast path: Triton GroupNorm+SiLU/GEGLU, fused guidance+scheduler step, fused resize, "
+                            "probed attention backend (see kernels/README.md)")
     train = p.add_argument_group("training")
     train.add_argument("--arch", help="torchvision classification model name")
     train.add_argument("--steps", type=int, help="optimizer steps")
@@ -133,7 +137,8 @@ def build_stream(args: argparse.Namespace, devices: list[str]) -> SyntheticStrea
         prompt=args.prompt, seed=args.seed, epoch_size=args.epoch_size, replay=args.replay,
         image_size=args.image_size, devices=devices, dtype=args.dtype, scheduler=args.scheduler,
         synthesis=SynthesisConfig(args.num_inference_steps, args.guidance_scale, safety_check=args.safety_checker),
-        synth_batch_size=args.synth_batch_size, transform=train_transform(args.image_size), cache=args.cache,
+        synth_batch_size=args.synth_batch_size, fast=FastPathOptions() if args.fast else None,
+        transform=train_transform(args.image_size), cache=args.cache,
         return_sample_ids=True,
     )
 

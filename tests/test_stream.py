@@ -101,3 +101,14 @@ def test_epoch_smaller_than_a_batch_is_refused(caption_store, tiny_model):
 def test_describe_says_when_weights_are_random(caption_store, tiny_model):
     info = _stream(caption_store, tiny_model).describe()
     assert info["random_weights"] is True and info["num_classes"] == 10 and info["epoch_size"] == 60
+
+
+def test_fast_path_stream_matches_the_plain_one(caption_store, tiny_model):
+    from streamsynth.synth.fast import FastPathOptions
+
+    plain = _stream(caption_store, tiny_model, epoch_size=8).loader(batch_size=4)
+    fast = _stream(caption_store, tiny_model, epoch_size=8, fast=FastPathOptions()).loader(batch_size=4)
+    images_plain, labels_plain = _collect(plain)
+    images_fast, labels_fast = _collect(fast)
+    assert torch.equal(labels_plain, labels_fast)
+    assert (images_plain - images_fast).abs().max().item() < 0.05

@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..captions.store import CaptionStore
 from ..prompts.templates import PromptTemplate, prompt_template
-from ..synth.postprocess import resize_to_uint8
+from ..synth.fast import FastPathOptions
 from ..synth.sampler import SynthesisConfig, Synthesizer, derive_seed
 from ..synth.tiny import RANDOM_WEIGHTS_NOTICE, is_tiny_model
 from .feedback import SharedClassWeights
@@ -86,6 +86,8 @@ class SyntheticStream(IterableDataset):
         scheduler: a scheduler name (see `streamsynth.synth.loading.SCHEDULERS`); default: the model's own.
         synthesis: steps, guidance scale, resolution and safety check.
         synth_batch_size: images per UNet batch in a worker (a group is made in chunks of this size).
+        fast: fast-path options (Triton kernels, fused guidance step, attention backend, compile; see
+            `streamsynth.synth.fast`); None runs the plain diffusers components.
         transform: applied to each uint8 CHW image, under a per-(sample, use) seed; default: float + normalise.
         cache: a folder for the optional WebDataset cache: every generated image is also written to tar shards.
         return_sample_ids: also yield each item's sample id (for audits and tests).
@@ -108,6 +110,7 @@ class SyntheticStream(IterableDataset):
         scheduler: str | None = None,
         synthesis: SynthesisConfig | None = None,
         synth_batch_size: int = 8,
+        fast: FastPathOptions | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         cache: str | os.PathLike | None = None,
         return_sample_ids: bool = False,
@@ -129,6 +132,7 @@ class SyntheticStream(IterableDataset):
         self.scheduler = scheduler
         self.synthesis = synthesis or SynthesisConfig()
         self.synth_batch_size = synth_batch_size
+        self.fast = fast
         self.transform = transform if transform is not None else default_transform()
         self.cache = str(cache) if cache else None
         self.return_sample_ids = return_sample_ids
@@ -281,7 +285,8 @@ class SyntheticStream(IterableDataset):
             worker, _ = self._physical_worker()
             device = self.devices[worker % len(self.devices)]
             self._synthesizer = Synthesizer.from_pretrained(
-                self.model, device=device, dtype=self.dtype, scheduler=self.scheduler, config=self.synthesis
+                self.model, device=device, dtype=self.dtype, scheduler=self.scheduler, config=self.synthesis,
+                fast=self.fast,
             )
         return self._synthesizer
 
@@ -291,8 +296,7 @@ class SyntheticStream(IterableDataset):
         chunks = []
         for start in range(0, len(specs), self.synth_batch_size):
             part = specs[start:start + self.synth_batch_size]
-            images = synth.generate([s.prompt for s in part], [s.seed for s in part])
-            chunks.append(resize_to_uint8(images, self.image_size).cpu())
+            chunks.append(synth.generate_uint8([s.prompt for s in part], [s.seed for s in part], self.image_size).cpu())
         return torch.cat(chunks)
 
     def _make_group(self, epoch: int, group: int) -> tuple[list[SampleSpec], torch.Tensor]:
@@ -364,6 +368,7 @@ class SyntheticStream(IterableDataset):
             "dtype": self.dtype,
             "scheduler": self.scheduler,
             "synthesis": asdict(self.synthesis),
+            "fast_path": asdict(self.fast) if self.fast else None,
             "num_classes": self.num_classes,
             "class_ids": [c.id for c in self.store.classes],
             "cache": self.cache,

@@ -12,9 +12,14 @@ import hashlib
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from .postprocess import resize_to_uint8
+
+if TYPE_CHECKING:
+    from .fast import FastPathOptions
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,7 @@ class Synthesizer:
         self.pipe = pipe
         self.config = config or SynthesisConfig()
         self.fused_step = fused_step
+        self.fast_path = None  # set by `from_pretrained(fast=...)`: its post-processing replaces resize_to_uint8
         if self.config.safety_check and pipe.safety_checker is None:
             raise ValueError("safety_check=True needs a pipeline loaded with its safety checker")
         self.device = pipe.unet.device
@@ -74,12 +80,20 @@ class Synthesizer:
         dtype: str | torch.dtype | None = None,
         scheduler: str | None = None,
         config: SynthesisConfig | None = None,
+        fast: "FastPathOptions | None" = None,
     ) -> "Synthesizer":
+        """Load a pipeline with `from_pretrained`; with `fast`, switch the fast path's options on (see `fast.py`)."""
+        from .fast import apply
         from .loading import load_pipeline
 
         config = config or SynthesisConfig()
         pipe = load_pipeline(model, device, dtype, scheduler=scheduler, safety_checker=config.safety_check)
-        return cls(pipe, config)
+        if fast is None:
+            return cls(pipe, config)
+        fast_path = apply(pipe, fast)
+        synth = cls(pipe, config, fused_step=fast_path.fused_step)
+        synth.fast_path = fast_path
+        return synth
 
     @property
     def do_guidance(self) -> bool:
@@ -143,8 +157,8 @@ class Synthesizer:
         return [bool(f) for f in flags]
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        """Images in [0, 1], shape (batch, 3, height, width), on the pipeline's device and in its dtype.
+    def generate_decoded(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """VAE output in [-1, 1], shape (batch, 3, height, width), on the pipeline's device and in its dtype.
 
         With the safety check on, a flagged image is redrawn from `derive_seed(seed, attempt)` until it passes or
         `max_redraws` is spent (then it is replaced by black and logged); the redraw is a pure function of the
@@ -155,7 +169,18 @@ class Synthesizer:
         images = self._draw(prompts, seeds)
         if self.config.safety_check:
             images = self._redraw_flagged(images, prompts, seeds)
-        return (images / 2 + 0.5).clamp(0, 1)
+        return images
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Images in [0, 1], shape (batch, 3, height, width), as diffusers' `output_type="pt"` gives them."""
+        return (self.generate_decoded(prompts, seeds) / 2 + 0.5).clamp(0, 1)
+
+    def generate_uint8(self, prompts: list[str], seeds: list[int], size: int | None) -> torch.Tensor:
+        """uint8 images resized to `size` on the generator's device: what a classifier's loader takes."""
+        decoded = self.generate_decoded(prompts, seeds)
+        if self.fast_path is not None:
+            return self.fast_path.postprocess(decoded, size)
+        return resize_to_uint8((decoded / 2 + 0.5).clamp(0, 1), size)
 
     def _draw(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         # Timesteps first: some schedulers' init_noise_sigma depends on them.
