@@ -11,6 +11,7 @@ import sys
 # dependencies only when they run.
 COMMANDS = [
     "streamsynth.captions.commands",
+    "streamsynth.commands",
 ]
 
 
