@@ -164,3 +164,23 @@ def test_results_table_json_and_csv(tmp_path):
     assert [r["suite"] for r in saved["results"]] == ["imagenet-val", "imagenet-a"]
     rows = list(csv.DictReader(csv_path.open()))
     assert rows[0]["top1"] == "100.0" and rows[1]["skipped_classes"] == "1"
+
+
+def test_cli_scores_a_checkpoint(tmp_path, capsys):
+    from streamsynth.classifier import build_classifier, classifier_checkpoint
+    from streamsynth.cli import main
+
+    checkpoint = tmp_path / "model.pt"
+    torch.save(classifier_checkpoint(build_classifier("resnet18", 5), "resnet18", IMAGENETTE, image_size=32), checkpoint)
+    for image_id in range(3):
+        write_image(tmp_path / "val" / IMAGENETTE[image_id], image_id)
+        write_image(tmp_path / "v2" / str(IMAGENETTE_INDEX[IMAGENETTE[image_id]]), image_id)
+    out = tmp_path / "results" / "eval"
+    code = main(["evaluate", str(checkpoint), "--imagenet-val", str(tmp_path / "val"), "--suite",
+                 f"mine={tmp_path / 'v2'}", "--workers", "0", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "imagenet-val" in printed and "mine" in printed
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["suite"], r["images"]) for r in saved["results"]] == [("imagenet-val", 3), ("mine", 3)]
+    assert main(["evaluate", str(checkpoint), "--workers", "0"]) == 2  # no suite given: a clear error, no traceback

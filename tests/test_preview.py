@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from streamsynth.cli import main
-from streamsynth.preview import CELL_WIDTH, DPI, _cell_title, preview_grid
+from streamsynth.preview import CELL_HEIGHT, CELL_WIDTH, DPI, _cell_title, preview_grid
 from streamsynth.stream import SyntheticStream
 from streamsynth.synth import SynthesisConfig
 
@@ -17,18 +17,19 @@ SETTINGS = dict(seed=5, steps=2, guidance=2.0, image_size=32, device="cpu")
 def test_grid_shows_the_streams_own_samples(tmp_path, tiny_model, caption_store):
     classes = ["n03000684", "tench", "2"]  # an id, a name and an index
     preview = preview_grid(
-        caption_store, tiny_model, prompt="clip", classes=classes, samples_per_class=3,
+        caption_store, tiny_model, prompt="clip", classes=classes, samples_per_class=2,
         out=tmp_path / "grid.png", **SETTINGS,
     )
     png = matplotlib.image.imread(preview.path)
-    assert png.shape[1] == round(3 * CELL_WIDTH * DPI)  # three columns
-    assert len(preview.figure.axes) == 3 * 3
+    assert png.shape[1] == round(2 * CELL_WIDTH * DPI)  # two columns
+    assert png.shape[0] > 3 * CELL_HEIGHT * DPI  # three rows under a title
+    assert len(preview.figure.axes) == 3 * 2
 
     stream = SyntheticStream(
         caption_store, tiny_model, prompt="clip", seed=5, image_size=32, devices=["cpu"],
         synthesis=SynthesisConfig(num_inference_steps=2, guidance_scale=2.0),
     )
-    assert [[spec.label for spec in row] for row in preview.specs] == [[3] * 3, [0] * 3, [2] * 3]
+    assert [[spec.label for spec in row] for row in preview.specs] == [[3] * 2, [0] * 2, [2] * 2]
     for row in preview.specs:
         ids = [spec.sample_id for spec in row]
         assert ids == sorted(ids)

@@ -48,10 +48,10 @@ def write_random_folder(root: Path, count: int, rng: np.random.Generator) -> Non
 
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory):
-    """A resnet18 checkpoint that fits 100 random member images, and two disjoint sets of 150 unseen ones."""
+    """A resnet18 checkpoint that fits 64 random member images, and two disjoint sets of 150 unseen ones."""
     root = tmp_path_factory.mktemp("privacy")
     rng = np.random.default_rng(0)
-    for name, count in [("members", 100), ("unseen_a", 150), ("unseen_b", 150)]:
+    for name, count in [("members", 64), ("unseen_a", 150), ("unseen_b", 150)]:
         write_random_folder(root / name, count, rng)
     members = LabelledImageFolder(
         root / "members", {cid: i for i, cid in enumerate(CLASS_IDS) if (root / "members" / cid).is_dir()},
@@ -62,14 +62,19 @@ def memorised(tmp_path_factory):
     torch.manual_seed(0)
     model = build_classifier("resnet18", len(CLASS_IDS))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(60):
+    for step in range(1, 61):
         model.train()
         loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    with torch.no_grad():
-        assert (model.eval()(images).argmax(1) == labels).float().mean() > 0.95, "the model failed to memorise"
+        # The training loss is ~0 within 10 steps; eval mode fits once BatchNorm's running statistics catch up.
+        if step % 5 == 0:
+            with torch.no_grad():
+                fitted = (model.eval()(images).argmax(1) == labels).float().mean()
+            if fitted == 1.0:
+                break
+    assert fitted > 0.95, "the model failed to memorise its members"
     checkpoint = root / "model.pt"
     torch.save(classifier_checkpoint(model, "resnet18", CLASS_IDS, image_size=IMAGE_SIZE), checkpoint)
     return root, checkpoint
@@ -80,7 +85,7 @@ def test_memorised_members_are_exposed(memorised):
     model, saved = load_classifier(checkpoint)
     audit = audit_membership(model, root / "members", root / "unseen_a", saved["class_ids"],
                              eval_transform(IMAGE_SIZE), workers=0)
-    assert (audit.members, audit.non_members) == (100, 150)
+    assert (audit.members, audit.non_members) == (64, 150)
     assert audit.balanced_accuracy > 0.85 and audit.auc > 0.9
     assert audit.balanced_accuracy > audit.chance_95
     assert "LEAKAGE" in audit.report()
@@ -104,7 +109,7 @@ def test_cli_prints_how_to_read_it_and_writes_json(memorised, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "best balanced accuracy" in printed and "50% means" in printed
     result = json.loads(out.read_text())
-    assert result["members"] == 100 and result["balanced_accuracy"] > 0.85
+    assert result["members"] == 64 and result["balanced_accuracy"] > 0.85
 
 
 def test_checkpoint_errors_name_the_file_and_the_fix(tmp_path):
