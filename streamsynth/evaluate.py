@@ -63,9 +63,11 @@ def eval_transform(image_size: int = DEFAULT_IMAGE_SIZE) -> Callable:
     ])
 
 
-def folder_class_ids(folders: Sequence[str]) -> dict[str, str]:
-    """Class folder name → class id. All-numeric names are ImageNet-1K indices (ImageNet-V2), others are ids."""
-    if all(name.isdigit() for name in folders):
+def folder_class_ids(folders: Sequence[str], class_ids: Sequence[str] = ()) -> dict[str, str]:
+    """Class folder name → class id: the name itself, except that all-numeric names are ImageNet-1K indices
+    (ImageNet-V2's layout) unless they are class ids of the classifier (a dataset with numeric class ids)."""
+    known = set(class_ids)
+    if all(name.isdigit() for name in folders) and not any(name in known for name in folders):
         imagenet = imagenet_classes()
         out_of_range = [name for name in folders if int(name) >= len(imagenet)]
         if out_of_range:
@@ -132,7 +134,7 @@ def suite_folder_labels(
     """(class folder → classifier label for the folders to score, the folders skipped)."""
     label_of = {cid: label for label, cid in enumerate(class_ids)}
     kept, skipped = {}, []
-    for folder, cid in folder_class_ids(class_folders(root, suite)).items():
+    for folder, cid in folder_class_ids(class_folders(root, suite), class_ids).items():
         if cid in label_of and (subset is None or cid in subset):
             kept[folder] = label_of[cid]
         else:

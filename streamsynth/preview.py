@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from .captions.store import CaptionStore
+from .prompts.templates import PromptTemplate
 from .stream.dataset import SyntheticStream
 from .stream.sampling import SampleSpec
 from .synth.sampler import SynthesisConfig
@@ -49,8 +50,9 @@ def resolve_classes(stream: SyntheticStream, classes: Sequence[str] | None) -> l
     by_key = {c.id: c.index for c in store_classes} | {c.name.lower(): c.index for c in store_classes}
     labels = []
     for wanted in classes:
-        if wanted in by_key or wanted.lower() in by_key:
-            labels.append(by_key.get(wanted, by_key.get(wanted.lower())))
+        key = wanted if wanted in by_key else wanted.lower()
+        if key in by_key:
+            labels.append(by_key[key])
         elif wanted.isdigit() and int(wanted) < len(store_classes):
             labels.append(int(wanted))
         else:
@@ -59,7 +61,7 @@ def resolve_classes(stream: SyntheticStream, classes: Sequence[str] | None) -> l
                 f"class {wanted!r} is not in caption store {stream.store.path}: give class ids, names or indices "
                 f"0..{len(store_classes) - 1}, e.g. {examples}"
             )
-    return labels
+    return list(dict.fromkeys(labels))  # one row per class, however often it was named
 
 
 def first_samples(stream: SyntheticStream, labels: Sequence[int], samples_per_class: int) -> list[list[SampleSpec]]:
@@ -122,7 +124,7 @@ def render_grid(
 def preview_grid(
     captions: str | os.PathLike | CaptionStore | None = None,
     model: str | os.PathLike | None = None,
-    prompt: str = "cip",
+    prompt: str | PromptTemplate = "cip",
     classes: Sequence[str] | None = None,
     samples_per_class: int = 4,
     seed: int = 0,

@@ -184,3 +184,13 @@ def test_cli_scores_a_checkpoint(tmp_path, capsys):
     saved = json.loads(out.with_suffix(".json").read_text())
     assert [(r["suite"], r["images"]) for r in saved["results"]] == [("imagenet-val", 3), ("mine", 3)]
     assert main(["evaluate", str(checkpoint), "--workers", "0"]) == 2  # no suite given: a clear error, no traceback
+
+
+def test_numeric_folders_that_are_the_models_own_class_ids_are_not_imagenet_indices(tmp_path):
+    class_ids = ["0", "1", "2"]  # a non-ImageNet dataset with numeric class ids
+    table = torch.zeros(256, 3)
+    for image_id, folder in [(1, "2"), (2, "0")]:
+        table[image_id, int(folder)] = 1.0
+        write_image(tmp_path / folder, image_id)
+    [result] = evaluate_suites(LookupModel(table), {"custom": tmp_path}, class_ids, PLAIN, workers=0)
+    assert (result.images, result.top1, result.skipped_folders) == (2, 100.0, [])
