@@ -99,7 +99,8 @@ def class_folders(root: str | os.PathLike, suite: str = "") -> list[str]:
 class LabelledImageFolder(ImageFolder):
     """An ImageFolder over chosen class folders whose targets are the classifier's labels.
 
-    `folder_labels` maps class folder name → classifier label; other folders are not read.
+    `folder_labels` maps class folder name → classifier label; other folders are not read. `targets` are therefore
+    classifier labels and do not index `self.classes` (the folder names).
     """
 
     def __init__(self, root: str | os.PathLike, folder_labels: Mapping[str, int], transform: Callable | None = None):
@@ -125,7 +126,7 @@ class SuiteResult:
     top5_k: int  # the k of "top5": 5, or fewer when the suite lets the model choose from fewer classes
     candidate_classes: int  # outputs the model may choose from (all, or those in the suite's subset)
     scored_classes: int  # class folders read
-    skipped_folders: list[str] = field(default_factory=list)  # class folders whose class the model does not know
+    skipped_folders: list[str] = field(default_factory=list)  # classes the model lacks or outside the suite's subset
 
 
 def suite_folder_labels(
@@ -205,8 +206,8 @@ def evaluate_suites(
 ) -> list[SuiteResult]:
     """Scores `model` on each suite (name → ImageFolder root). Names in `SUBSET_SUITES` get their class subset.
 
-    `class_ids` are the model's outputs in label order (the caption store's classes, or a checkpoint's
-    `class_ids`); `transform` defaults to `eval_transform()`. Every folder is checked before any is scored, so a
+    `model` must already be on `device`. `class_ids` are its outputs in label order (the caption store's classes,
+    or a checkpoint's `class_ids`); `transform` defaults to `eval_transform()`. Every folder is checked before any is scored, so a
     wrong path fails in seconds, not after an hour of ImageNet val. The model's train/eval mode is restored.
     """
     for suite, folder in suites.items():
