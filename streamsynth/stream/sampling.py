@@ -106,6 +106,6 @@ class CaptionSampler:
     def __call__(self, sample_id: int) -> SampleSpec:
         label, caption_index = self.locate(sample_id)
         caption = self.store.caption(label, caption_index).text if self.template.uses_caption else ""
-        prompt = self.template(self.store.classes[label].name, caption)
         seed = derive_seed(self.run_seed, "noise", sample_id)
+        prompt = self.template(self.store.classes[label].name, caption, seed)
         return SampleSpec(sample_id, label, caption_index, caption, prompt, seed)

@@ -1,0 +1,76 @@
+"""The classifier checkpoint: what train.py writes and what evaluation and the privacy audit read back.
+
+A checkpoint is a `torch.save`d dict, loadable with `torch.load(weights_only=True)` (so only tensors and plain Python
+values in it). Required fields:
+
+    model        the state_dict of the unwrapped model (not of its DDP or torch.compile wrapper)
+    arch         a torchvision classification model name, e.g. "resnet50"
+    num_classes  the size of the output layer
+    class_ids    the class ids of the outputs, in label order (the caption store's class order)
+
+Optional: `image_size` (the training resolution; evaluation crops to it, default 224) and anything else train.py
+wants to keep (epoch, optimizer state, the stream's `describe()`), as long as it is weights_only-loadable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+REQUIRED_FIELDS = ("model", "arch", "num_classes", "class_ids")
+DEFAULT_IMAGE_SIZE = 224
+
+
+def build_classifier(arch: str, num_classes: int) -> nn.Module:
+    """A randomly initialised torchvision classifier with `num_classes` outputs."""
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        raise ValueError(f"unknown classifier architecture {arch!r}: use a torchvision classification model, one of {known}")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def classifier_checkpoint(model: nn.Module, arch: str, class_ids: Sequence[str], **extra) -> dict:
+    """The checkpoint dict for `model`; `extra` (e.g. image_size, epoch) is stored alongside."""
+    return {
+        "model": model.state_dict(),
+        "arch": arch,
+        "num_classes": len(class_ids),
+        "class_ids": list(class_ids),
+        **extra,
+    }
+
+
+def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The model of a checkpoint, on `device` and in eval mode, and the checkpoint dict itself."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier checkpoint {path} does not exist: give the file train.py wrote")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a corrupt file or a non-weights_only payload
+        raise ValueError(
+            f"{path} is not a loadable classifier checkpoint ({err}); it must be a torch.save'd dict of tensors "
+            "and plain values (see streamsynth.classifier)"
+        ) from err
+    missing = [f for f in REQUIRED_FIELDS if not isinstance(checkpoint, dict) or f not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} lacks the checkpoint fields {missing}: write it with streamsynth.classifier_checkpoint")
+    if checkpoint["num_classes"] != len(checkpoint["class_ids"]):
+        raise ValueError(
+            f"{path}: num_classes is {checkpoint['num_classes']} but class_ids has {len(checkpoint['class_ids'])} entries"
+        )
+    model = build_classifier(checkpoint["arch"], checkpoint["num_classes"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        raise ValueError(
+            f"{path}: its weights do not fit a {checkpoint['arch']} with {checkpoint['num_classes']} classes "
+            f"(save the unwrapped model's state_dict, not a DDP or compiled wrapper's): {err}"
+        ) from err
+    return model.to(device).eval(), checkpoint

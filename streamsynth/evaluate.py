@@ -1,0 +1,262 @@
+"""Top-1 / top-5 accuracy of a classifier on real ImageFolder test sets: ImageNet val and its OOD variants.
+
+The classifier's outputs are the caption store's classes (`class_ids`, in label order), which may be all of
+ImageNet-1K or a few classes of it. Each eval folder has one sub-folder per class, named by WordNet id, or by
+ImageNet-1K index 0..999 (ImageNet-V2's release). A folder whose class the classifier does not know is skipped and
+reported: a 10-class model is scored on the 10 classes it was trained for.
+
+ImageNet-R and -A hold 200 of the 1000 classes; as in their papers, a 1000-way model is scored with its logits
+restricted to those 200 (`SUBSET_SUITES`), so the suite measures robustness rather than confusion with classes
+that cannot occur. Top-k is capped at the number of classes a suite lets the model choose from.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import pkgutil
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+from tqdm import tqdm
+
+from .classifier import DEFAULT_IMAGE_SIZE
+from .prompts.classnames import imagenet_classes
+from .stream.dataset import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+# The suites of the reference recipe, in the order tables list them.
+SUITES = ("imagenet-val", "imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a")
+# Suites scored on a class subset: suite name → timm's synset list of that subset.
+SUBSET_SUITES = {"imagenet-r": "imagenet_r_synsets.txt", "imagenet-a": "imagenet_a_synsets.txt"}
+TOP_K = 5
+
+
+@lru_cache(maxsize=None)
+def suite_classes(suite: str) -> frozenset[str] | None:
+    """The WordNet ids a suite is scored on, or None for all the classifier's classes."""
+    if suite not in SUBSET_SUITES:
+        return None
+    data = pkgutil.get_data("timm.data", f"_info/{SUBSET_SUITES[suite]}")
+    return frozenset(data.decode().split())
+
+
+def eval_transform(image_size: int = DEFAULT_IMAGE_SIZE) -> Callable:
+    """The standard ImageNet evaluation view: resize to size/0.875, centre crop, normalise as in training."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(round(image_size / 0.875), antialias=True),
+        v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def folder_class_ids(folders: Sequence[str], class_ids: Sequence[str] = ()) -> dict[str, str]:
+    """Class folder name → class id: the name itself, except that all-numeric names are ImageNet-1K indices
+    (ImageNet-V2's layout) unless they are class ids of the classifier (a dataset with numeric class ids)."""
+    known = set(class_ids)
+    if all(name.isdigit() for name in folders) and not any(name in known for name in folders):
+        imagenet = imagenet_classes()
+        out_of_range = [name for name in folders if int(name) >= len(imagenet)]
+        if out_of_range:
+            raise ValueError(
+                f"numeric class folders {out_of_range[:5]} are not ImageNet-1K indices (0..{len(imagenet) - 1}): "
+                "name class folders by WordNet id, or by index as ImageNet-V2 does"
+            )
+        return {name: imagenet[int(name)][0] for name in folders}
+    return {name: name for name in folders}
+
+
+def class_folders(root: str | os.PathLike, suite: str = "") -> list[str]:
+    root = Path(root)
+    what = f"{suite} folder {root}" if suite else f"folder {root}"
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{what} does not exist: give a folder with one sub-folder of images per class "
+            "(named by WordNet id, or 0..999 as in ImageNet-V2)"
+        )
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not folders:
+        raise ValueError(
+            f"{what} has no class sub-folders: it must hold one sub-folder of images per class "
+            "(for ImageNet val, run the usual script that moves the images into per-synset folders)"
+        )
+    return folders
+
+
+class LabelledImageFolder(ImageFolder):
+    """An ImageFolder over chosen class folders whose targets are the classifier's labels.
+
+    `folder_labels` maps class folder name → classifier label; other folders are not read. `targets` are therefore
+    classifier labels and do not index `self.classes` (the folder names).
+    """
+
+    def __init__(self, root: str | os.PathLike, folder_labels: Mapping[str, int], transform: Callable | None = None):
+        self.folder_labels = dict(folder_labels)
+        try:
+            super().__init__(root, transform=transform)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{root}: {err} Remove the empty class folders or add images to them.") from err
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        return sorted(self.folder_labels), self.folder_labels
+
+
+@dataclass
+class SuiteResult:
+    """One suite's scores. Accuracies are percentages; None when no image of the suite could be scored."""
+
+    suite: str
+    folder: str
+    images: int
+    top1: float | None
+    top5: float | None
+    top5_k: int  # the k of "top5": 5, or fewer when the suite lets the model choose from fewer classes
+    candidate_classes: int  # outputs the model may choose from (all, or those in the suite's subset)
+    scored_classes: int  # class folders read
+    skipped_folders: list[str] = field(default_factory=list)  # classes the model lacks or outside the suite's subset
+
+
+def suite_folder_labels(
+    root: str | os.PathLike, class_ids: Sequence[str], subset: frozenset[str] | None, suite: str = ""
+) -> tuple[dict[str, int], list[str]]:
+    """(class folder → classifier label for the folders to score, the folders skipped)."""
+    label_of = {cid: label for label, cid in enumerate(class_ids)}
+    kept, skipped = {}, []
+    for folder, cid in folder_class_ids(class_folders(root, suite), class_ids).items():
+        if cid in label_of and (subset is None or cid in subset):
+            kept[folder] = label_of[cid]
+        else:
+            skipped.append(folder)
+    return kept, skipped
+
+
+@torch.no_grad()
+def topk_correct(
+    model: nn.Module, loader: DataLoader, k: int, mask: torch.Tensor, device: torch.device | str, desc: str = ""
+) -> tuple[int, int, int]:
+    """(images, top-1 hits, top-k hits) of `model` over `loader`, choosing only among outputs where `mask` is True."""
+    images = top1 = topk = 0
+    for batch, labels in tqdm(loader, desc=desc, leave=False, disable=None):
+        logits = model(batch.to(device, non_blocking=True)).float()
+        if logits.shape[1] != len(mask):
+            raise ValueError(
+                f"the model has {logits.shape[1]} outputs but {len(mask)} class ids were given: pass the class ids "
+                "of the caption store (or checkpoint) the model was trained on"
+            )
+        logits = logits.masked_fill(~mask.to(logits.device), float("-inf"))
+        hits = logits.topk(k, dim=1).indices.cpu() == labels[:, None]
+        images += len(labels)
+        top1 += int(hits[:, 0].sum())
+        topk += int(hits.any(dim=1).sum())
+    return images, top1, topk
+
+
+def evaluate_suite(
+    model: nn.Module,
+    suite: str,
+    folder: str | os.PathLike,
+    class_ids: Sequence[str],
+    transform: Callable,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    workers: int = 4,
+) -> SuiteResult:
+    """Scores `model` (outputs = `class_ids`) on one ImageFolder; the suite name decides the class subset."""
+    subset = suite_classes(suite)
+    folder_labels, skipped = suite_folder_labels(folder, class_ids, subset, suite)
+    mask = torch.tensor([subset is None or cid in subset for cid in class_ids])
+    candidates = int(mask.sum())
+    k = min(TOP_K, candidates)
+    if skipped:
+        log.info("%s: %d of %d class folders are not classes of the classifier and are skipped",
+                 suite, len(skipped), len(skipped) + len(folder_labels))
+    if not folder_labels:
+        log.warning("%s: no class of %s is a class of the classifier; nothing scored", suite, folder)
+        return SuiteResult(suite, str(folder), 0, None, None, k, candidates, 0, skipped)
+    dataset = LabelledImageFolder(folder, folder_labels, transform)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=str(device).startswith("cuda"))
+    images, top1, topk = topk_correct(model, loader, k, mask, device, desc=suite)
+    return SuiteResult(
+        suite, str(folder), images, 100.0 * top1 / images, 100.0 * topk / images, k, candidates, len(folder_labels),
+        skipped,
+    )
+
+
+def evaluate_suites(
+    model: nn.Module,
+    suites: Mapping[str, str | os.PathLike],
+    class_ids: Sequence[str],
+    transform: Callable | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    workers: int = 4,
+) -> list[SuiteResult]:
+    """Scores `model` on each suite (name → ImageFolder root). Names in `SUBSET_SUITES` get their class subset.
+
+    `model` must already be on `device`. `class_ids` are its outputs in label order (the caption store's classes,
+    or a checkpoint's `class_ids`); `transform` defaults to `eval_transform()`. Every folder is checked before any is scored, so a
+    wrong path fails in seconds, not after an hour of ImageNet val. The model's train/eval mode is restored.
+    """
+    for suite, folder in suites.items():
+        class_folders(folder, suite)
+    transform = transform or eval_transform()
+    was_training = model.training
+    model.eval()
+    try:
+        return [
+            evaluate_suite(model, suite, folder, class_ids, transform, device, batch_size, workers)
+            for suite, folder in suites.items()
+        ]
+    finally:
+        model.train(was_training)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_results(results: Sequence[SuiteResult]) -> str:
+    """A plain-text table, one row per suite."""
+    header = f"{'suite':<18}{'images':>9}{'top-1 %':>10}{'top-5 %':>10}  {'classes scored / candidates'}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        note = f"{r.scored_classes} / {r.candidate_classes}"
+        if r.top5_k != TOP_K:
+            note += f"  (top-5 is top-{r.top5_k})"
+        if r.skipped_folders:
+            note += f"  ({len(r.skipped_folders)} folders skipped: classes the model lacks)"
+        lines.append(f"{r.suite:<18}{r.images:>9}{_percent(r.top1):>10}{_percent(r.top5):>10}  {note}")
+    return "\n".join(lines)
+
+
+def write_results(
+    results: Sequence[SuiteResult], out: str | os.PathLike, metadata: dict | None = None
+) -> tuple[Path, Path]:
+    """Writes `out`.json (everything, with `metadata`) and `out`.csv (one row per suite); returns both paths."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out.with_suffix(".json"), out.with_suffix(".csv")
+    rows = [asdict(r) for r in results]
+    json_path.write_text(json.dumps({"metadata": metadata or {}, "results": rows}, indent=2) + "\n")
+    # The CSV is for spreadsheets: the skipped folders (up to 990 for a small model on V2) become a count.
+    columns = [name for name in SuiteResult.__dataclass_fields__ if name != "skipped_folders"] + ["skipped_classes"]
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            skipped = row.pop("skipped_folders")
+            writer.writerow({**row, "skipped_classes": len(skipped)})
+    return json_path, csv_path
