@@ -4,7 +4,7 @@ A checkpoint is a `torch.save`d dict, loadable with `torch.load(weights_only=Tru
 values in it). Required fields:
 
     model        the state_dict of the unwrapped model (not of its DDP or torch.compile wrapper)
-    arch         a torchvision classification model name, e.g. "resnet50"
+    arch         a torchvision (or timm) classification model name, e.g. "resnet50"
     num_classes  the size of the output layer
     class_ids    the class ids of the outputs, in label order (the caption store's class order)
 
@@ -26,13 +26,21 @@ DEFAULT_IMAGE_SIZE = 224
 
 
 def build_classifier(arch: str, num_classes: int) -> nn.Module:
-    """A randomly initialised torchvision classifier with `num_classes` outputs."""
+    """A randomly initialised classifier with `num_classes` outputs: a torchvision model, else a timm one."""
     import torchvision
 
-    known = torchvision.models.list_models(module=torchvision.models)
-    if arch not in known:
-        raise ValueError(f"unknown classifier architecture {arch!r}: use a torchvision classification model, one of {known}")
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if arch in torchvision.models.list_models(module=torchvision.models):
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    try:
+        import timm
+    except ImportError:
+        timm = None
+    if timm is not None and arch in timm.list_models():
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    raise ValueError(
+        f"unknown classifier architecture {arch!r}: use a torchvision classification model (e.g. resnet50, "
+        "vit_b_16; see torchvision.models.list_models()) or a timm model name"
+    )
 
 
 def classifier_checkpoint(model: nn.Module, arch: str, class_ids: Sequence[str], **extra) -> dict:

@@ -17,14 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _train(*args: str, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "STREAMSYNTH_CACHE": str(cache)}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--online-synthesis", *args],
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.mark.slow
 def test_default_main_job(tmp_path, isolated_cache):
     """The README's main job, unchanged: embedded model and captions, default settings."""
-    result = _train("--out", str(tmp_path / "run"), cache=isolated_cache)
+    result = _train("--online-synthesis", "--out", str(tmp_path / "run"), cache=isolated_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "RANDOM WEIGHTS" in result.stderr
     assert "train: 100%" in result.stderr and "20/20" in result.stderr
@@ -46,17 +46,45 @@ def _val_folder(root: Path, class_ids: list[str]) -> Path:
 
 def test_val_dir_top1(tmp_path, isolated_cache, caption_store, tiny_model):
     val = _val_folder(tmp_path / "val", [c.id for c in caption_store.classes][:4])
-    result = _train("--sd-model", str(tiny_model), "--captions", str(caption_store.path), "--val-dir", str(val),
+    result = _train("--online-synthesis", "--sd-model", str(tiny_model), "--captions", str(caption_store.path),
+                    "--val-dir", str(val),
                     "--steps", "3", "--batch-size", "4", "--image-size", "32", "--arch", "resnet18",
                     "--workers", "0", "--num-inference-steps", "2", "--out", str(tmp_path / "run"), cache=isolated_cache)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "val top-1:" in result.stdout and "on 8 images" in result.stdout
-    assert (tmp_path / "run" / "results.json").is_file()
+    assert "evaluation at step 3" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("imagenet-val"))
+    assert row.split()[1] == "8"  # images scored
+    assert (tmp_path / "run" / "results-final.json").is_file() and (tmp_path / "run" / "results-final.csv").is_file()
 
 
-def test_val_dir_with_unknown_classes_is_refused(tmp_path, isolated_cache, caption_store, tiny_model):
-    val = _val_folder(tmp_path / "val", ["n99999999"])
-    result = _train("--sd-model", str(tiny_model), "--captions", str(caption_store.path), "--val-dir", str(val),
-                    "--steps", "1", "--batch-size", "2", "--image-size", "16", "--arch", "resnet18",
-                    "--workers", "0", "--num-inference-steps", "1", "--out", str(tmp_path / "run"), cache=isolated_cache)
-    assert result.returncode != 0 and "not classes of the caption store" in result.stderr
+def test_a_missing_evaluation_folder_fails_before_training(tmp_path, isolated_cache, caption_store, tiny_model):
+    result = _train("--online-synthesis", "--sd-model", str(tiny_model), "--captions", str(caption_store.path),
+                    "--r-dir", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "run"), cache=isolated_cache)
+    assert result.returncode != 0 and "imagenet-r folder" in result.stderr and "does not exist" in result.stderr
+    assert "train:" not in result.stderr
+
+
+def test_real_baseline_and_real_plus_synthetic_mix(tmp_path, isolated_cache, caption_store, tiny_model):
+    class_ids = [c.id for c in caption_store.classes]
+    real = _val_folder(tmp_path / "train", class_ids[:3])
+    val = _val_folder(tmp_path / "val", class_ids[:3])
+    small = ["--steps", "4", "--batch-size", "2", "--image-size", "16", "--arch", "resnet18", "--workers", "0"]
+    baseline = _train("--train-dir", str(real), "--val-dir", str(val), *small, "--out", str(tmp_path / "real"),
+                      cache=isolated_cache)
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    assert "3 classes from real 100%" in baseline.stdout and "imagenet-val" in baseline.stdout
+    assert "RANDOM WEIGHTS" not in baseline.stderr  # no generator involved
+
+    mixed = _train("--online-synthesis", "--train-dir", str(real), "--mix", "synthetic=3,real=1",
+                   "--sd-model", str(tiny_model), "--captions", str(caption_store.path), "--num-inference-steps", "1",
+                   "--accum-steps", "2", "--lr-schedule", "step", "--channels-last", "--tensorboard", *small,
+                   "--out", str(tmp_path / "mixed"), cache=isolated_cache)
+    assert mixed.returncode == 0, mixed.stderr[-3000:]
+    assert "10 classes from synthetic 75%, real 25%" in mixed.stdout
+    assert any((tmp_path / "mixed" / "tensorboard").iterdir())
+    checkpoint = torch.load(tmp_path / "mixed" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["class_ids"] == class_ids and checkpoint["args"]["accum_steps"] == 2
+
+    bad = _train("--online-synthesis", "--mix", "real=1", "--sd-model", str(tiny_model), "--captions",
+                 str(caption_store.path), *small, "--out", str(tmp_path / "bad"), cache=isolated_cache)
+    assert bad.returncode != 0 and "enabled sources are ['synthetic']" in bad.stderr
