@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Triton kernels run on the CPU through Triton's interpreter. Triton reads this when it is imported and when a kernel
+# is decorated, so it must be set before anything imports torch's or streamsynth's Triton code.
+os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 
 from streamsynth.captions import CaptionStore, import_captions

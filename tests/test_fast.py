@@ -8,12 +8,10 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_interpret import import_kernels_interpreted, triton_interpreter  # noqa: F401 (autouse fixture)
 
 from streamsynth.synth import attention
 from streamsynth.synth.attention import choose_attention
 
-import_kernels_interpreted()
 
 
 @pytest.fixture

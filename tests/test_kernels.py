@@ -15,17 +15,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_interpret import import_kernels_interpreted, triton_interpreter  # noqa: F401 (autouse fixture)
 
-import_kernels_interpreted()
-
-from kernels import disabled, set_enabled  # noqa: E402
-from kernels.dispatch import is_interpreted  # noqa: E402
-from kernels.geglu import FusedGEGLU, _geglu_kernel, geglu, geglu_reference  # noqa: E402
-from kernels.group_norm import FusedGroupNorm, _group_norm_kernel, group_norm, group_norm_reference  # noqa: E402
-from kernels.guided_step import FusedGuidedStep, guided_step_reference, unsupported_reason  # noqa: E402
-from kernels.patch import is_patched, patch, unpatch  # noqa: E402
-from kernels.postprocess import postprocess, postprocess_reference  # noqa: E402
+from kernels import disabled, set_enabled
+from kernels.dispatch import is_interpreted
+from kernels.geglu import FusedGEGLU, _geglu_kernel, geglu, geglu_reference
+from kernels.group_norm import FusedGroupNorm, _group_norm_kernel, group_norm, group_norm_reference
+from kernels.guided_step import FusedGuidedStep, guided_step_reference, unsupported_reason
+from kernels.patch import is_patched, patch, unpatch
+from kernels.postprocess import postprocess, postprocess_reference
 
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
