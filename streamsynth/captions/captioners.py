@@ -121,13 +121,7 @@ class Captioner:
         """Greedy captions for a batch of preprocessed images."""
         pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
         n = pixel_values.shape[0]
-        kwargs = dict(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-            else self.tokenizer.eos_token_id,
-        )
+        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
         if self._prefix is not None:
             input_ids = self._prefix.expand(n, -1)
             output = self.model.generate(
