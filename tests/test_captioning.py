@@ -27,13 +27,23 @@ from streamsynth import SyntheticStream
 from streamsynth.captions import CaptionStore, CaptionStoreError, CaptionStoreWriter
 from streamsynth.captions.architectures import byte_level_tokenizer, never_emit, random_blip2
 from streamsynth.captions.captioners import load_captioner
-from streamsynth.captions.captioning import caption_images, report_path
+from streamsynth.captions.captioning import _interrupt_after_block, caption_images, report_path
 from streamsynth.captions.images import decode_image
 from streamsynth.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TENCH, SPRINGER, CHAINSAW = "n01440764", "n02102040", "n03000684"  # ImageNet ids: tench, English springer, chain saw
+
+
+# One intra-op thread: the models are tiny, and on a shared, busy CPU OpenMP's spinning threads make them up to 100x
+# slower. The stopped-and-resumed subprocess gets the same setting through OMP_NUM_THREADS.
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- tiny captioners, saved and loaded like real ones
@@ -268,7 +278,7 @@ def _committed_captions(store: Path) -> int:
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory) -> Path:
     files = {f"{cls}/{n:03d}.png": _encode(_photo((16, 16), seed=n), "PNG")
-             for n in range(60) for cls in (TENCH, SPRINGER)}
+             for n in range(12) for cls in (TENCH, SPRINGER)}
     files[f"{SPRINGER}/broken.jpg"] = b""
     return _write_tree(tmp_path_factory.mktemp("many"), files)
 
@@ -276,15 +286,15 @@ def many_images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def uninterrupted(many_images, blip2_model, tmp_path_factory) -> list[tuple[str, str]]:
     out = tmp_path_factory.mktemp("reference") / "captions.lmdb"
-    caption_images(many_images, out, load_captioner(blip2_model, device="cpu"), batch_size=1, num_workers=0,
-                   progress=False)
+    caption_images(many_images, out, load_captioner(blip2_model, device="cpu", max_new_tokens=4), batch_size=1,
+                   num_workers=0, progress=False)
     return sorted(_pairs(CaptionStore(out)))
 
 
 def _caption_args(images: Path, out: Path, model: Path) -> list[str]:
     # Batches of one: a caption is then a function of its image alone, whatever the batch composition on resume.
     return ["caption", "--images", str(images), "--out", str(out), "--model", str(model), "--device", "cpu",
-            "--batch-size", "1", "--num-workers", "0", "--commit-every", "2", "--no-progress"]
+            "--batch-size", "1", "--num-workers", "0", "--commit-every", "2", "--max-new-tokens", "4", "--no-progress"]
 
 
 @pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
@@ -293,7 +303,7 @@ def test_resume_after_the_process_is_stopped(tmp_path, many_images, blip2_model,
     sig = signal.SIGKILL if how == "kill -9" else signal.SIGINT
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamsynth.cli", *_caption_args(many_images, out, blip2_model)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
         # Python turns SIGINT into KeyboardInterrupt only if the parent did not leave it ignored.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
@@ -323,7 +333,7 @@ def test_resume_after_the_process_is_stopped(tmp_path, many_images, blip2_model,
 
 
 def test_resume_after_an_exception(tmp_path, many_images, blip2_model, uninterrupted):
-    captioner = load_captioner(blip2_model, device="cpu")
+    captioner = load_captioner(blip2_model, device="cpu", max_new_tokens=4)
     real_caption, calls = captioner.caption, []
 
     def failing_caption(pixels):
@@ -343,6 +353,16 @@ def test_resume_after_an_exception(tmp_path, many_images, blip2_model, uninterru
     caption_images(many_images, out, captioner, batch_size=1, num_workers=0, resume=True, progress=False)
     resumed = _pairs(CaptionStore(out))
     assert len(resumed) == len(set(resumed)) and sorted(resumed) == uninterrupted
+
+
+def test_ctrl_c_waits_for_the_write_in_progress():
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupt_after_block():
+            os.kill(os.getpid(), signal.SIGINT)
+            steps.append("caption written")
+            steps.append("source written")
+    assert steps == ["caption written", "source written"]
 
 
 def test_resume_refuses_other_captioning_settings(tmp_path):

@@ -15,7 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,6 +93,29 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> _Batch
     )
 
 
+@contextmanager
+def _interrupt_after_block():
+    """Hold Ctrl-C until the block ends, then raise it.
+
+    A KeyboardInterrupt between the writer's puts would leave a caption without its source entry or its count
+    (and a resume would then lose or duplicate an image); held back, it arrives only between whole writes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and previous is not signal.SIG_IGN:
+            if callable(previous):
+                previous(*received[0])
+            else:
+                raise KeyboardInterrupt
+
+
 @dataclass
 class CaptionReport:
     """What a captioning run did; written as JSON beside the store."""
@@ -157,7 +183,6 @@ def caption_images(
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=captioner.device.type == "cuda",
-        prefetch_factor=4 if num_workers else None,
     )
     start = time.perf_counter()
     processed = 0
@@ -167,14 +192,16 @@ def caption_images(
                 for i, reason in batch.failed:
                     report.skipped.append(_skipped_entry(todo[i], reason, collection))
                 if batch.pixels is not None:
-                    for i, text in zip(batch.indices, captioner.caption(batch.pixels)):
-                        if text:
-                            writer.add(todo[i].class_index, text, todo[i].key)
-                            report.captioned_this_run += 1
-                        else:
-                            report.skipped.append(
-                                _skipped_entry(todo[i], "the captioner returned an empty caption", collection)
-                            )
+                    texts = captioner.caption(batch.pixels)
+                    with _interrupt_after_block():
+                        for i, text in zip(batch.indices, texts):
+                            if text:
+                                writer.add(todo[i].class_index, text, todo[i].key)
+                                report.captioned_this_run += 1
+                            else:
+                                report.skipped.append(
+                                    _skipped_entry(todo[i], "the captioner returned an empty caption", collection)
+                                )
                 processed += len(batch.indices) + len(batch.failed)
                 bar.update(len(batch.indices) + len(batch.failed))
         _summarise(report, writer.counts, processed, start)
@@ -184,15 +211,17 @@ def caption_images(
                 f"no image under {collection.source} could be captioned ({len(report.skipped)} skipped): the reasons "
                 f"are in {report_path(out)}"
             )
-        writer.finalize()
-        report.complete = True
     except BaseException:
         # Ctrl-C and errors alike: keep every caption made so far; the store stays incomplete and resumable.
-        writer.commit()
+        with _interrupt_after_block():
+            writer.commit()
+            writer.close()
         _summarise(report, writer.counts, processed, start)
-        writer.close()
+        report.write(report_path(out))
         raise
-    finally:
+    with _interrupt_after_block():
+        writer.finalize()
+        report.complete = True
         report.write(report_path(out))
     for entry in report.empty_classes:
         log.warning("class %s (%s) has no captions: %s", entry["id"], entry["name"], entry["reason"])
