@@ -1,11 +1,17 @@
-"""`streamsynth captions import|stats`."""
+"""`streamsynth captions import|stats`, `streamsynth caption` and `streamsynth caption-bench`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
 from itertools import islice
 
 from ..prompts.classnames import load_name_map
+from .architectures import BLIP2_ARCHITECTURES
+from .bench import REFERENCE_BATCH_SIZE
+from .captioners import DEFAULT_MODEL, DTYPES, REFERENCE_MAX_NEW_TOKENS
 from .importers import import_captions
 from .store import CaptionStore
 
@@ -32,6 +38,55 @@ def add_commands(subparsers) -> None:
     stats.add_argument("store")
     stats.add_argument("--examples", type=int, default=2, help="captions shown per class")
     stats.set_defaults(func=_stats)
+
+    caption = subparsers.add_parser(
+        "caption",
+        help="caption real images (ImageFolder or WebDataset shards) into a caption store",
+        description="Caption every image once (BLIP-2 by default: greedy, at most 16 new tokens) and store the "
+        "captions with their class and image key (never pixels). Unreadable images are skipped and listed in "
+        "OUT.report.json. An interrupted run continues with --resume.",
+    )
+    caption.add_argument(
+        "--images", required=True,
+        help="ImageFolder root (one folder per class id), a .tar shard, a folder of shards or a brace pattern",
+    )
+    caption.add_argument("--out", required=True, help="the caption store (an LMDB folder) to create or --resume")
+    caption.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder (BLIP-2, BLIP or VisionEncoderDecoder)")
+    caption.add_argument("--names", help="JSON or CSV map of class id → readable name (default: ImageNet-1K names)")
+    caption.add_argument("--class-field", default="cls", help="WebDataset field holding the class id (default: cls)")
+    caption.add_argument("--prompt", help="BLIP-2 conditional captioning prefix, e.g. 'a photo of'; stripped from captions")
+    caption.add_argument("--max-new-tokens", type=int, default=REFERENCE_MAX_NEW_TOKENS)
+    _add_run_arguments(caption)
+    caption.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
+    caption.add_argument("--commit-every", type=int, default=1024, help="captions per LMDB transaction")
+    caption.add_argument("--no-progress", action="store_true", help="no progress bar")
+    caption.set_defaults(func=_caption)
+
+    bench = subparsers.add_parser(
+        "caption-bench",
+        help="captioning images/s: streamsynth's run against plain model.generate on batches of 65",
+        description="Caption the same JPEG files twice with one model: the reference loop (PIL in the main process, "
+        "model.generate on batches of 65) and streamsynth's run; write images/s, dtype, device and peak memory "
+        "as JSON. Without --model the weights are random (same FLOPs as the released checkpoint).",
+    )
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument("--arch", default="blip2-opt-2.7b", choices=sorted(BLIP2_ARCHITECTURES),
+                        help="random-weight architecture (default: blip2-opt-2.7b; tiny for CPU dry runs)")
+    source.add_argument("--model", help="a checkpoint (hub id or folder) instead of random weights")
+    bench.add_argument("--images", help="images to caption (ImageFolder or shards); default: generated JPEGs")
+    bench.add_argument("--num-images", type=int, default=2048)
+    bench.add_argument("--baseline-batch-size", type=int, default=REFERENCE_BATCH_SIZE)
+    bench.add_argument("--max-new-tokens", type=int, default=REFERENCE_MAX_NEW_TOKENS)
+    _add_run_arguments(bench)
+    bench.add_argument("--out", default="caption-bench.json", help="where to write the JSON result")
+    bench.set_defaults(func=_caption_bench)
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, help="images per generate call (default: 256 on CUDA, 8 on CPU)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--num-workers", type=int, help="DataLoader processes decoding images (default: min(8, CPUs))")
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -61,4 +116,46 @@ def _stats(args: argparse.Namespace) -> int:
     empty = [c.id for c in store.classes if c.num_captions == 0]
     if empty:
         print(f"warning: {len(empty)} classes have no captions and will never be sampled: {empty[:10]}")
+    return 0
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from .captioners import load_captioner
+    from .captioning import caption_images, report_path
+    from .images import find_images
+
+    # List the images before loading the model: a wrong --images fails in seconds, not after a multi-GB load.
+    collection = find_images(args.images, args.class_field)
+    name_map = load_name_map(args.names) if args.names else None
+    captioner = load_captioner(
+        args.model, device=args.device, dtype=args.dtype, prompt=args.prompt, max_new_tokens=args.max_new_tokens
+    )
+    try:
+        report = caption_images(
+            collection, args.out, captioner, name_map=name_map, batch_size=args.batch_size,
+            num_workers=args.num_workers, resume=args.resume, commit_every=args.commit_every,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted: the captions made so far are kept in {args.out}; continue with the same command "
+              "and --resume", file=sys.stderr)
+        return 130
+    print(f"wrote {report.captions_in_store} captions of {len(collection.class_ids)} classes to {args.out} "
+          f"({report.captioned_this_run} this run, {report.images_per_s} images/s); "
+          f"{len(report.skipped)} images skipped, {len(report.empty_classes)} classes without captions: "
+          f"see {report_path(args.out)}")
+    return 0
+
+
+def _caption_bench(args: argparse.Namespace) -> int:
+    from .bench import run_benchmark, write_result
+
+    logging.getLogger("streamsynth").setLevel(logging.WARNING)
+    result = run_benchmark(
+        arch=None if args.model else args.arch, model=args.model, images=args.images, num_images=args.num_images,
+        batch_size=args.batch_size, baseline_batch_size=args.baseline_batch_size, num_workers=args.num_workers,
+        device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+    )
+    print(json.dumps(result, indent=1))
+    print(f"wrote {write_result(result, args.out)}", file=sys.stderr)
     return 0

@@ -168,7 +168,8 @@ class CaptionStore:
 class CaptionStoreWriter:
     """Appends captions to a store, committing every `commit_every` captions.
 
-    Opening an existing, incomplete store with `resume=True` continues it: `has_source(key)` tells which images are
+    Opening an existing, incomplete store with `resume=True` continues it, provided the classes, the captioner and
+    `extra` (the captioning settings) are those it was started with: `has_source(key)` tells which images are
     already captioned. `finalize()` marks the store complete; until then readers refuse it.
     """
 
@@ -212,6 +213,14 @@ class CaptionStoreWriter:
                 raise ValueError(
                     f"cannot resume {self.path}: its classes differ from this run's "
                     f"({len(stored)} stored, {len(ids)} now); resume with the same input"
+                )
+            made_by = {"captioner": meta.get("captioner"), "extra": meta.get("extra", {})}
+            asked = {"captioner": captioner, "extra": extra or {}}
+            if made_by != asked:
+                self.close()
+                raise ValueError(
+                    f"cannot resume {self.path}: it was started with {made_by}, this run uses {asked}; "
+                    "resume with the same model and settings, or write a new store"
                 )
             self._counts = [json.loads(self._txn.get(_class_key(c)))["num_captions"] for c in range(len(ids))]
             self._meta = meta

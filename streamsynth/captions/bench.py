@@ -1,0 +1,187 @@
+"""`streamsynth caption-bench`: captioning images/s of streamsynth's run against plain `model.generate`, same run.
+
+Both sides caption the same JPEG files with the same model, dtype and decoding (greedy, `max_new_tokens`):
+- baseline: the reference script's loop: batches of 65 decoded with PIL in the main process, the processor, then
+  `model.generate`, then `batch_decode`;
+- streamsynth: `caption_images`, the code path of `streamsynth caption` (workers, large batches, LMDB writes).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .architectures import BLIP2_ARCHITECTURES, random_blip2
+from .captioners import Captioner, default_device, load_captioner, resolve_dtype
+from .captioning import caption_images, default_batch_size, default_num_workers
+from .images import ImageCollection, find_images
+
+# The reference captioning script's batch size.
+REFERENCE_BATCH_SIZE = 65
+# ImageNet's training images average about 400x350 pixels and 110 KB as JPEG.
+_SAMPLE_IMAGE_SIZE = (500, 375)
+
+
+def write_sample_jpegs(folder: str | Path, count: int, num_classes: int = 10, seed: int = 0) -> Path:
+    """`count` photo-sized JPEGs in an ImageFolder tree under `folder` (smooth colour fields plus grain)."""
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    width, height = _SAMPLE_IMAGE_SIZE
+    for n in range(count):
+        coarse = rng.integers(0, 256, (height // 25, width // 25, 3), dtype=np.uint8)
+        picture = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+        grain = rng.normal(0, 12, (height, width, 3))
+        pixels = np.clip(np.asarray(picture, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
+        path = folder / f"class{n % num_classes:03d}" / f"{n:06d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path, quality=90)
+    return folder
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+@torch.inference_mode()
+def _reference_loop(collection: ImageCollection, captioner: Captioner, batch_size: int) -> dict:
+    """The reference script: decode in the main process, process, `model.generate`, decode tokens."""
+    image_processor = captioner.preprocessor.image_processor
+    device = captioner.device
+    generate_s = 0.0
+    _reset_peak(device)
+    start = time.perf_counter()
+    for first in range(0, len(collection.images), batch_size):
+        refs = collection.images[first : first + batch_size]
+        pictures = [Image.open(io.BytesIO(ref.read_bytes())).convert("RGB") for ref in refs]
+        pixels = image_processor(images=pictures, return_tensors="pt")["pixel_values"].to(device, captioner.dtype)
+        _synchronize(device)
+        generate_start = time.perf_counter()
+        output = captioner.model.generate(
+            pixel_values=pixels, max_new_tokens=captioner.max_new_tokens, do_sample=False, num_beams=1
+        )
+        _synchronize(device)
+        generate_s += time.perf_counter() - generate_start
+        captioner.tokenizer.batch_decode(output, skip_special_tokens=True)
+    elapsed = time.perf_counter() - start
+    n = len(collection.images)
+    return {
+        "method": f"PIL decode in the main process + processor + model.generate, batches of {batch_size}",
+        "batch_size": batch_size,
+        "images_per_s": round(n / elapsed, 2),
+        "generate_only_images_per_s": round(n / generate_s, 2),
+        "seconds": round(elapsed, 3),
+        "peak_gpu_memory_bytes": _peak(device),
+    }
+
+
+def _streamsynth_run(
+    collection: ImageCollection, captioner: Captioner, batch_size: int, num_workers: int, workdir: Path
+) -> dict:
+    device = captioner.device
+    _reset_peak(device)
+    start = time.perf_counter()
+    report = caption_images(
+        collection, workdir / "bench.lmdb", captioner, batch_size=batch_size, num_workers=num_workers, progress=False
+    )
+    _synchronize(device)
+    elapsed = time.perf_counter() - start
+    n = len(collection.images)
+    return {
+        "method": "streamsynth caption: decode and preprocess in DataLoader workers, LMDB writes",
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "images_per_s": round(n / elapsed, 2),
+        "seconds": round(elapsed, 3),
+        "captioned": report.captions_in_store,
+        "peak_gpu_memory_bytes": _peak(device),
+    }
+
+
+def run_benchmark(
+    *,
+    arch: str | None = "blip2-opt-2.7b",
+    model: str | None = None,
+    images: str | None = None,
+    num_images: int = 2048,
+    batch_size: int | None = None,
+    baseline_batch_size: int = REFERENCE_BATCH_SIZE,
+    num_workers: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_new_tokens: int = 16,
+) -> dict:
+    """Benchmark a checkpoint (`model`) or a random-weight architecture (`arch`); returns the JSON-ready result."""
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    if model:
+        captioner = load_captioner(model, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
+    else:
+        if arch not in BLIP2_ARCHITECTURES:
+            raise ValueError(f"unknown architecture {arch!r}: choose one of {sorted(BLIP2_ARCHITECTURES)}")
+        network, image_processor, tokenizer = random_blip2(arch, device, torch_dtype)
+        captioner = Captioner(
+            network, image_processor, tokenizer, name=f"random-weights:{arch}", device=device, dtype=torch_dtype,
+            max_new_tokens=max_new_tokens,
+        )
+    batch_size = batch_size or default_batch_size(device)
+    num_workers = default_num_workers() if num_workers is None else num_workers
+    with tempfile.TemporaryDirectory(prefix="streamsynth-caption-bench-") as tmp:
+        workdir = Path(tmp)
+        source = images or write_sample_jpegs(workdir / "images", num_images)
+        collection = find_images(source)
+        collection.images = collection.images[:num_images]
+        # Warm-up (CUDA context, kernel selection) outside both timings.
+        warmup = torch.stack([captioner.preprocessor(Image.new("RGB", _SAMPLE_IMAGE_SIZE))] * 2)
+        captioner.caption(warmup)
+        baseline = _reference_loop(collection, captioner, baseline_batch_size)
+        ours = _streamsynth_run(collection, captioner, batch_size, num_workers, workdir)
+    return {
+        "model": captioner.name,
+        "random_weights": model is None,
+        "parameters": sum(p.numel() for p in captioner.model.parameters()),
+        "device": str(captioner.device),
+        "device_name": torch.cuda.get_device_name(captioner.device) if captioner.device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "num_images": len(collection.images),
+        "images": images or f"{num_images} generated {_SAMPLE_IMAGE_SIZE[0]}x{_SAMPLE_IMAGE_SIZE[1]} JPEGs",
+        "max_new_tokens": max_new_tokens,
+        "decoding": "greedy",
+        "baseline": baseline,
+        "streamsynth": ours,
+        "speedup": round(ours["images_per_s"] / baseline["images_per_s"], 3),
+        "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+    }
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def write_result(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path

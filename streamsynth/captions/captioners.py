@@ -1,0 +1,193 @@
+"""Captioning models loaded through transformers' `from_pretrained`: BLIP-2 (default), BLIP, VisionEncoderDecoder.
+
+The architecture is read from the checkpoint's config (`model_type`), so a hub id and a local folder load the same
+way. Decoding follows the reference recipe unless told otherwise: greedy, at most 16 new tokens.
+
+A `Captioner` has two halves: `preprocessor` (picklable, runs in DataLoader workers: PIL image → pixel tensor) and
+`caption` (runs in the main process on the device: pixel batch → strings).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
+REFERENCE_MAX_NEW_TOKENS = 16
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SUPPORTED_MODEL_TYPES = ("blip-2", "blip", "vision-encoder-decoder")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """fp16 on CUDA, fp32 elsewhere, unless `dtype` ("fp16", "bf16", "fp32") says otherwise."""
+    if dtype is None:
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class ImagePreprocessor:
+    """The model's own image processor, applied to one RGB image; cheap to pickle into workers."""
+
+    image_processor: object
+    dtype: torch.dtype
+
+    @property
+    def size(self) -> int:
+        """The side the processor resizes to (used to decode JPEGs at a reduced scale)."""
+        size = getattr(self.image_processor, "size", None) or {}
+        if isinstance(size, int):
+            return size
+        size = dict(size)
+        return int(size.get("shortest_edge") or min(size.get("height", 224), size.get("width", 224)))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        # Cast in the worker: half-precision batches cost half the inter-process and host-to-device traffic.
+        return pixels.to(self.dtype)
+
+
+class Captioner:
+    """A captioning model and its tokenizer, on one device, with fixed decoding settings."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        image_processor,
+        tokenizer,
+        *,
+        name: str,
+        device: str | torch.device,
+        dtype: torch.dtype,
+        prompt: str | None = None,
+        max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.model_type = model.config.model_type
+        self.preprocessor = ImagePreprocessor(image_processor, dtype)
+        if prompt and self.model_type != "blip-2":
+            raise ValueError(f"--prompt is supported for BLIP-2 models only; {name} is a {self.model_type} model")
+        self._prefix = self._prefix_ids()
+
+    def _prefix_ids(self) -> torch.Tensor | None:
+        """The token ids BLIP-2 is given before generating: image placeholders, BOS, then the prompt.
+
+        This is what `Blip2Processor` builds from an image and a prompt; building it once here keeps the
+        tokenizer out of the per-batch path. Other architectures start from their own decoder start token.
+        """
+        if self.model_type != "blip-2":
+            return None
+        config = self.model.config
+        if config.image_token_index is None:
+            raise ValueError(
+                f"{self.name}: its config has no image_token_index (a BLIP-2 checkpoint saved by an old transformers); "
+                "re-save it with a current transformers or use the updated hub checkpoint"
+            )
+        ids = [config.image_token_index] * config.num_query_tokens
+        prompt_ids = self.tokenizer(self.prompt or "", add_special_tokens=False)["input_ids"]
+        if not config.text_config.is_encoder_decoder:
+            ids.append(config.text_config.bos_token_id)
+        return torch.tensor(ids + prompt_ids, dtype=torch.long, device=self.device)
+
+    @property
+    def settings(self) -> dict:
+        """What made the captions, recorded in the store's metadata."""
+        return {
+            "model": self.name,
+            "model_type": self.model_type,
+            "prompt": self.prompt,
+            "decoding": "greedy",
+            "max_new_tokens": self.max_new_tokens,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    @torch.inference_mode()
+    def caption(self, pixel_values: torch.Tensor) -> list[str]:
+        """Greedy captions for a batch of preprocessed images."""
+        pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
+        n = pixel_values.shape[0]
+        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
+        if self._prefix is not None:
+            input_ids = self._prefix.expand(n, -1)
+            output = self.model.generate(
+                pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs
+            )
+            # A decoder-only language model returns its input followed by the new tokens.
+            skip = 0 if self.model.config.text_config.is_encoder_decoder else input_ids.shape[1]
+        else:
+            output = self.model.generate(pixel_values=pixel_values, **kwargs)
+            skip = 1  # the decoder's start token
+        texts = self.tokenizer.batch_decode(output[:, skip:], skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+
+def model_type_of(model: str | os.PathLike) -> str:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"cannot load a model config from {model}: {err}\n"
+            "give a hub id (e.g. Salesforce/blip2-opt-2.7b) or a folder written by save_pretrained"
+        ) from None
+    return config.model_type
+
+
+def load_captioner(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    prompt: str | None = None,
+    max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS,
+) -> Captioner:
+    """Load a BLIP-2, BLIP or VisionEncoderDecoder captioner with `from_pretrained` (hub id or local folder)."""
+    from transformers import (
+        AutoImageProcessor,
+        AutoTokenizer,
+        Blip2ForConditionalGeneration,
+        BlipForConditionalGeneration,
+        VisionEncoderDecoderModel,
+    )
+
+    model_classes = {
+        "blip-2": Blip2ForConditionalGeneration,
+        "blip": BlipForConditionalGeneration,
+        "vision-encoder-decoder": VisionEncoderDecoderModel,
+    }
+    model_type = model_type_of(model)
+    if model_type not in model_classes:
+        raise ValueError(
+            f"{model} is a {model_type!r} model; streamsynth captions with {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "models (e.g. Salesforce/blip2-opt-2.7b, Salesforce/blip-image-captioning-large, "
+            "nlpconnect/vit-gpt2-image-captioning)"
+        )
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    network = model_classes[model_type].from_pretrained(model, dtype=torch_dtype).to(device)
+    return Captioner(
+        network,
+        AutoImageProcessor.from_pretrained(model),
+        AutoTokenizer.from_pretrained(model),
+        name=str(model),
+        device=device,
+        dtype=torch_dtype,
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+    )

@@ -1,0 +1,440 @@
+"""`streamsynth caption`: real images → caption store, with tiny random BLIP-2, BLIP and ViT-GPT2 captioners.
+
+Every model is saved with `save_pretrained` and loaded back with `from_pretrained`. The random models may only emit
+lower-case letters (see `_letters_only`), so a caption is never empty and never contains the prompt by accident.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from streamsynth import SyntheticStream
+from streamsynth.captions import CaptionStore, CaptionStoreError, CaptionStoreWriter
+from streamsynth.captions.architectures import byte_level_tokenizer, never_emit, random_blip2
+from streamsynth.captions.captioners import load_captioner
+from streamsynth.captions.captioning import _interrupt_after_block, caption_images, report_path
+from streamsynth.captions.images import decode_image
+from streamsynth.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+TENCH, SPRINGER, CHAINSAW = "n01440764", "n02102040", "n03000684"  # ImageNet ids: tench, English springer, chain saw
+
+
+# One intra-op thread: the models are tiny, and on a shared, busy CPU OpenMP's spinning threads make them up to 100x
+# slower. The stopped-and-resumed subprocess gets the same setting through OMP_NUM_THREADS.
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- tiny captioners, saved and loaded like real ones
+
+
+def _letters_only(module: torch.nn.Module, letter_ids: list[int]) -> None:
+    vocab = module.get_output_embeddings().weight.shape[0]
+    never_emit(module, [i for i in range(vocab) if i not in set(letter_ids)])
+
+
+@pytest.fixture(scope="session")
+def blip2_model(tmp_path_factory) -> Path:
+    from transformers import Blip2Processor
+
+    torch.manual_seed(0)
+    model, image_processor, tokenizer = random_blip2("tiny")
+    _letters_only(model, tokenizer.convert_tokens_to_ids(list(LETTERS)))
+    folder = tmp_path_factory.mktemp("models") / "tiny-blip2"
+    model.save_pretrained(folder)
+    Blip2Processor(image_processor, tokenizer, num_query_tokens=model.config.num_query_tokens).save_pretrained(folder)
+    return folder
+
+
+def _blip_model(folder: Path) -> Path:
+    from transformers import (
+        BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
+    )
+
+    torch.manual_seed(0)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *LETTERS, *(f"##{c}" for c in LETTERS)]
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = BlipConfig(
+        vision_config={**small, "image_size": 32, "patch_size": 8},
+        text_config={**small, "vocab_size": len(tokens), "encoder_hidden_size": 32, "bos_token_id": 2,
+                     "sep_token_id": 3, "eos_token_id": 3, "pad_token_id": 0},
+        projection_dim=32,
+    )
+    model = BlipForConditionalGeneration(config)
+    _letters_only(model.text_decoder, list(range(5, 5 + len(LETTERS))))  # not "##x": it cannot start a caption
+    model.save_pretrained(folder)
+    BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer).save_pretrained(folder)
+    return folder
+
+
+def _vit_gpt2_model(folder: Path) -> Path:
+    from transformers import GPT2Config, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+    torch.manual_seed(0)
+    tokenizer = byte_level_tokenizer()
+    encoder = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=32, patch_size=8)
+    decoder = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(tokenizer), n_positions=64,
+                         bos_token_id=2, eos_token_id=2, pad_token_id=1, is_decoder=True, add_cross_attention=True)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 2, 1, 2
+    model = VisionEncoderDecoderModel(config)
+    _letters_only(model, tokenizer.convert_tokens_to_ids(list(LETTERS)))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------- image collections made by the tests
+
+
+def _photo(size=(48, 36), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels and whose data is empty: 'very large' without the bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def _good_and_bad_images() -> tuple[dict[str, bytes], dict[str, str]]:
+    """(relative path → file bytes, bad relative path → expected words of its reason) for an ImageFolder tree."""
+    transparent = Image.new("P", (40, 30), 0)
+    transparent.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    transparent.info["transparency"] = 0
+    gray16 = Image.fromarray((np.arange(40 * 30).reshape(30, 40) * 50).astype(np.uint16))
+    jpeg = _encode(_photo(seed=1), "JPEG")
+    good = {
+        f"{TENCH}/rgb.jpg": jpeg,
+        f"{TENCH}/rgb.png": _encode(_photo(seed=2), "PNG"),
+        f"{TENCH}/gray.jpg": _encode(_photo(seed=3).convert("L"), "JPEG"),
+        f"{TENCH}/cmyk.jpg": _encode(_photo(seed=4).convert("CMYK"), "JPEG"),
+        f"{TENCH}/gray16.png": _encode(gray16, "PNG"),
+        f"{TENCH}/palette.png": _encode(_photo(seed=5).convert("P"), "PNG"),
+        f"{TENCH}/sub/transparent.png": _encode(transparent, "PNG"),
+        f"{TENCH}/rgba.png": _encode(_photo(seed=6).convert("RGBA"), "PNG"),
+        f"{SPRINGER}/large.jpg": _encode(_photo((3000, 2000), seed=7), "JPEG", quality=50),
+        f"{SPRINGER}/photo.JPEG": _encode(_photo(seed=8), "JPEG"),
+    }
+    bad = {
+        f"{SPRINGER}/zero.jpg": (b"", "empty file"),
+        f"{SPRINGER}/truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
+        f"{SPRINGER}/corrupt.png": (os.urandom(2000), "not an image"),
+        f"{SPRINGER}/huge.png": (_png_header_only(30000, 30000), "too large"),
+        f"{CHAINSAW}/zero.jpeg": (b"", "empty file"),
+        f"{CHAINSAW}/corrupt.jpg": (b"JFIF? no" * 100, "not an image"),
+    }
+    files = dict(good) | {path: data for path, (data, _) in bad.items()}
+    files[f"{SPRINGER}/notes.txt"] = b"not an image extension: ignored, as torchvision's ImageFolder does"
+    return files, {path: words for path, (_, words) in bad.items()}
+
+
+def _write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for relative, data in files.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(data)
+    return root
+
+
+def _pairs(store: CaptionStore) -> list[tuple[str, str]]:
+    return [(c.key, c.text) for info in store.classes for c in store.captions(info.index)]
+
+
+# ---------------------------------------------------------------- the command end to end
+
+
+def test_caption_folder_of_good_and_bad_images(tmp_path, blip2_model, tiny_model):
+    files, bad = _good_and_bad_images()
+    root = _write_tree(tmp_path / "images", files)
+    out = tmp_path / "captions.lmdb"
+    rc = main(["caption", "--images", str(root), "--out", str(out), "--model", str(blip2_model), "--device", "cpu",
+               "--batch-size", "3", "--num-workers", "2", "--no-progress"])
+    assert rc == 0
+
+    store = CaptionStore(out)
+    assert [(c.id, c.name, c.num_captions) for c in store.classes] == [
+        (TENCH, "tench", 8), (SPRINGER, "English springer", 2), (CHAINSAW, "chain saw", 0),
+    ]
+    pairs = _pairs(store)
+    good = sorted(p for p in files if p not in bad and not p.endswith(".txt"))
+    assert sorted(key for key, _ in pairs) == good
+    assert all(text and set(text) <= set(LETTERS + " ") for _, text in pairs)
+    assert store.meta["captioner"] == str(blip2_model)
+    assert store.meta["extra"]["captioning"]["max_new_tokens"] == 16
+
+    report = json.loads(report_path(out).read_text())
+    assert report["complete"] and report["captions_in_store"] == len(good)
+    assert {s["key"] for s in report["skipped"]} == set(bad)
+    for entry in report["skipped"]:
+        assert bad[entry["key"]] in entry["reason"], entry
+    assert [(e["id"], e["images_found"], e["reason"]) for e in report["empty_classes"]] == [
+        (CHAINSAW, 2, "all 2 images unreadable")
+    ]
+
+    stream = SyntheticStream(store, tiny_model)
+    captions = dict(pairs)
+    for sample_id in range(len(store)):
+        spec = stream.spec(sample_id)
+        name = store.classes[spec.label].name
+        assert spec.prompt == f"a photo of {name}, {spec.caption}"
+        assert spec.caption in captions.values()
+
+    # Privacy: the store holds text, never pixels.
+    lmdb_bytes = b"".join(p.read_bytes() for p in out.iterdir())
+    assert b"\xff\xd8\xff" not in lmdb_bytes and b"\x89PNG" not in lmdb_bytes
+    checked = 0
+    for relative in good:
+        data = files[relative]
+        # A 32-byte run of compressed pixel data varied enough that it cannot occur in the store by chance (the
+        # flat, two-colour palette image has none).
+        start = next((i for i in range(len(data) // 2, 0, -1) if len(set(data[i : i + 32])) >= 20), None)
+        if start is not None:
+            assert data[start : start + 32] not in lmdb_bytes, relative
+            checked += 1
+    assert checked >= len(good) - 1
+
+
+@pytest.mark.parametrize("build", [_blip_model, _vit_gpt2_model], ids=["blip", "vit-gpt2"])
+def test_blip_and_vision_encoder_decoder_captioners(tmp_path, build):
+    model = build(tmp_path / "model")
+    files = {f"{TENCH}/{n}.jpg": _encode(_photo(seed=n), "JPEG") for n in range(3)}
+    files |= {f"{SPRINGER}/{n}.png": _encode(_photo(seed=10 + n), "PNG") for n in range(2)}
+    root = _write_tree(tmp_path / "images", files)
+    captioner = load_captioner(model, device="cpu")
+    caption_images(root, tmp_path / "captions.lmdb", captioner, batch_size=2, num_workers=0, progress=False)
+    pairs = _pairs(CaptionStore(tmp_path / "captions.lmdb"))
+    assert sorted(key for key, _ in pairs) == sorted(files)
+    assert all(text and set(text) <= set(LETTERS + " ") for _, text in pairs)
+
+
+def test_blip2_prompt_is_stripped_from_captions(tmp_path, blip2_model):
+    root = _write_tree(tmp_path / "images", {f"{TENCH}/{n}.png": _encode(_photo(seed=n), "PNG") for n in range(3)})
+    captioner = load_captioner(blip2_model, device="cpu", prompt="a photo of", max_new_tokens=5)
+    report = caption_images(root, tmp_path / "captions.lmdb", captioner, num_workers=0, progress=False)
+    assert report.captions_in_store == 3
+    for _, text in _pairs(CaptionStore(tmp_path / "captions.lmdb")):
+        assert len(text) == 5 and set(text) <= set(LETTERS)  # five letter tokens, no prompt words
+
+
+def test_unsupported_model_type_names_the_supported_ones(tmp_path):
+    from transformers import ResNetConfig
+
+    ResNetConfig().save_pretrained(tmp_path / "resnet")
+    with pytest.raises(ValueError, match="blip-2, blip, vision-encoder-decoder"):
+        load_captioner(tmp_path / "resnet", device="cpu")
+
+
+# ---------------------------------------------------------------- interruption and resume
+
+
+def _committed_captions(store: Path) -> int:
+    if not (store / "data.mdb").exists():
+        return 0
+    env = lmdb.open(str(store), readonly=True, lock=True)
+    try:
+        with env.begin() as txn:
+            raw = txn.get(b"meta")
+        return json.loads(raw)["num_captions"] if raw else 0
+    finally:
+        env.close()
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> Path:
+    files = {f"{cls}/{n:03d}.png": _encode(_photo((16, 16), seed=n), "PNG")
+             for n in range(12) for cls in (TENCH, SPRINGER)}
+    files[f"{SPRINGER}/broken.jpg"] = b""
+    return _write_tree(tmp_path_factory.mktemp("many"), files)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(many_images, blip2_model, tmp_path_factory) -> list[tuple[str, str]]:
+    out = tmp_path_factory.mktemp("reference") / "captions.lmdb"
+    caption_images(many_images, out, load_captioner(blip2_model, device="cpu", max_new_tokens=4), batch_size=1,
+                   num_workers=0, progress=False)
+    return sorted(_pairs(CaptionStore(out)))
+
+
+def _caption_args(images: Path, out: Path, model: Path) -> list[str]:
+    # Batches of one: a caption is then a function of its image alone, whatever the batch composition on resume.
+    return ["caption", "--images", str(images), "--out", str(out), "--model", str(model), "--device", "cpu",
+            "--batch-size", "1", "--num-workers", "0", "--commit-every", "2", "--max-new-tokens", "4", "--no-progress"]
+
+
+@pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
+def test_resume_after_the_process_is_stopped(tmp_path, many_images, blip2_model, uninterrupted, how):
+    out = tmp_path / "captions.lmdb"
+    sig = signal.SIGKILL if how == "kill -9" else signal.SIGINT
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamsynth.cli", *_caption_args(many_images, out, blip2_model)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # Python turns SIGINT into KeyboardInterrupt only if the parent did not leave it ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while _committed_captions(out) < 2:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "the captioning subprocess made no commit in 90 s"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        output = proc.communicate(timeout=60)[0].decode()
+    finally:
+        proc.kill()
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), output
+    with pytest.raises(CaptionStoreError, match="incomplete"):
+        CaptionStore(out)  # stopped mid-way, not after the end
+    done = _committed_captions(out)
+    assert 2 <= done < len(uninterrupted)
+
+    assert main([*_caption_args(many_images, out, blip2_model), "--resume"]) == 0
+    resumed = _pairs(CaptionStore(out))
+    assert len(resumed) == len(set(resumed)) == len(uninterrupted)
+    assert sorted(resumed) == uninterrupted
+    report = json.loads(report_path(out).read_text())
+    assert report["already_in_store"] == done
+    assert [s["key"] for s in report["skipped"]] == [f"{SPRINGER}/broken.jpg"]
+
+
+def test_resume_after_an_exception(tmp_path, many_images, blip2_model, uninterrupted):
+    captioner = load_captioner(blip2_model, device="cpu", max_new_tokens=4)
+    real_caption, calls = captioner.caption, []
+
+    def failing_caption(pixels):
+        calls.append(1)
+        if len(calls) == 7:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_caption(pixels)
+
+    captioner.caption = failing_caption
+    out = tmp_path / "captions.lmdb"
+    with pytest.raises(RuntimeError, match="simulated"):
+        caption_images(many_images, out, captioner, batch_size=1, num_workers=0, commit_every=4, progress=False)
+    assert _committed_captions(out) == 6  # everything captioned before the error, not just the last full commit
+    assert not json.loads(report_path(out).read_text())["complete"]
+
+    captioner.caption = real_caption
+    caption_images(many_images, out, captioner, batch_size=1, num_workers=0, resume=True, progress=False)
+    resumed = _pairs(CaptionStore(out))
+    assert len(resumed) == len(set(resumed)) and sorted(resumed) == uninterrupted
+
+
+def test_ctrl_c_waits_for_the_write_in_progress():
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupt_after_block():
+            os.kill(os.getpid(), signal.SIGINT)
+            steps.append("caption written")
+            steps.append("source written")
+    assert steps == ["caption written", "source written"]
+
+
+def test_resume_refuses_other_captioning_settings(tmp_path):
+    classes = [(TENCH, "tench")]
+    writer = CaptionStoreWriter(tmp_path / "s.lmdb", classes, "model-a", extra={"max_new_tokens": 16})
+    writer.add(0, "a fish", "a.jpg")
+    writer.commit()
+    writer.close()
+    with pytest.raises(ValueError, match="same model and settings"):
+        CaptionStoreWriter(tmp_path / "s.lmdb", classes, "model-b", resume=True, extra={"max_new_tokens": 16})
+    with pytest.raises(ValueError, match="same model and settings"):
+        CaptionStoreWriter(tmp_path / "s.lmdb", classes, "model-a", resume=True, extra={"max_new_tokens": 30})
+    resumed = CaptionStoreWriter(tmp_path / "s.lmdb", classes, "model-a", resume=True, extra={"max_new_tokens": 16})
+    assert resumed.has_source("a.jpg") and resumed.counts == [1]
+    resumed.close()
+
+
+# ---------------------------------------------------------------- WebDataset shards
+
+
+def test_webdataset_shards(tmp_path, blip2_model):
+    import webdataset as wds
+
+    (tmp_path / "shards").mkdir()
+    expected = {}
+    for shard in range(2):
+        with wds.TarWriter(str(tmp_path / "shards" / f"train-{shard:06d}.tar")) as sink:
+            for n in range(4):
+                key = f"s{shard}{n}"
+                sink.write({"__key__": key, "jpg": _encode(_photo(seed=n + 10 * shard), "JPEG"), "cls": n % 3})
+                expected[f"train-{shard:06d}.tar/{key}"] = str(n % 3)
+            sink.write({"__key__": "corrupt", "jpg": b"\xff\xd8\xff garbage", "cls": 0})
+            sink.write({"__key__": "nolabel", "png": _encode(_photo(seed=99), "PNG")})
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"0": "tench", "1": "English springer", "2": "chain saw"}))
+    shards = tmp_path / "shards"
+    for n, images in enumerate([shards, f"{shards}/train-{{000000..000001}}.tar", shards / "train-000001.tar"]):
+        out = tmp_path / f"captions{n}.lmdb"
+        assert main(["caption", "--images", str(images), "--out", str(out), "--model", str(blip2_model),
+                     "--names", str(names), "--device", "cpu", "--num-workers", "1", "--no-progress"]) == 0
+        store = CaptionStore(out)
+        wanted = {k: v for k, v in expected.items() if n < 2 or k.startswith("train-000001")}
+        assert [(c.id, c.name) for c in store.classes] == [("0", "tench"), ("1", "English springer"), ("2", "chain saw")]
+        assert {c.key: store.classes[c.class_index].id for info in store.classes for c in store.captions(info.index)} == wanted
+        skipped = {s["key"]: s["reason"] for s in json.loads(report_path(out).read_text())["skipped"]}
+        shard_names = ["train-000000.tar", "train-000001.tar"] if n < 2 else ["train-000001.tar"]
+        assert set(skipped) == {f"{s}/{k}" for s in shard_names for k in ("corrupt", "nolabel")}
+        assert all("no class field 'cls'" in r for k, r in skipped.items() if k.endswith("nolabel"))
+
+
+# ---------------------------------------------------------------- decoding and the benchmark
+
+
+def test_decode_scales_16_bit_and_flattens_transparency():
+    gray16 = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16))
+    assert np.asarray(decode_image(_encode(gray16, "PNG")))[0, :, 0].tolist() == [0, 128, 255]
+    clear = Image.new("RGBA", (2, 1), (255, 0, 0, 0))
+    assert np.asarray(decode_image(_encode(clear, "PNG")))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale():
+    image = decode_image(_encode(_photo((2400, 1600)), "JPEG"), min_size=224)
+    assert image.mode == "RGB" and 224 <= min(image.size) < 800
+
+
+def test_caption_bench_tiny_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["caption-bench", "--arch", "tiny", "--num-images", "10", "--batch-size", "4", "--num-workers", "1",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["random_weights"] and result["num_images"] == 10 and result["dtype"] == "float32"
+    assert result["baseline"]["batch_size"] == 65 and result["streamsynth"]["batch_size"] == 4
+    assert result["baseline"]["images_per_s"] > 0 and result["streamsynth"]["images_per_s"] > 0
+    assert result["streamsynth"]["captioned"] == 10
+    assert {"device_name", "peak_host_rss_bytes"} <= set(result)
