@@ -224,3 +224,11 @@ write_group({str(cache)!r}, CaptionStore({str(caption_store.path)!r}), specs, to
     with pytest.raises(FileNotFoundError, match="no cache shards"):
         cache_shards(cache)
     assert glob.glob(str(cache / "*.tar")) == []  # what a reader of the shards would list
+
+
+def test_spawned_workers_as_with_cuda(caption_store, tiny_model):
+    """CUDA workers must be spawned, which pickles the stream with its shared counters into fresh processes."""
+    stream = _stream(caption_store, tiny_model, epoch_size=8)
+    loader = stream.loader(batch_size=4, num_workers=1, multiprocessing_context="spawn")
+    assert _ids(list(loader)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert stream.metrics()["workers"][0]["images"] == 8

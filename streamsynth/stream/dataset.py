@@ -148,6 +148,7 @@ class SyntheticStream(IterableDataset):
         self._restored: Position | None = None  # set by `load_state_dict` (torchdata's StatefulDataLoader)
         self.stats: WorkerStats | None = None  # shared counters, attached by `StreamLoader`
         self.shared_class_weights: SharedClassWeights | None = None  # reaches persistent workers; `StreamLoader`
+        self.loader_ref: Callable[[], object] | None = None  # the `StreamLoader` iterating this stream, if any
         self.random_weights = is_tiny_model(self.model)
         if self.random_weights:
             log.warning("SyntheticStream: %s", RANDOM_WEIGHTS_NOTICE)
@@ -374,7 +375,15 @@ class SyntheticStream(IterableDataset):
             "cache": self.cache,
         }
 
+    def metrics(self) -> dict:
+        """The metrics of the `StreamLoader` that iterates this stream (see `StreamLoader.metrics`)."""
+        loader = self.loader_ref() if self.loader_ref else None
+        if loader is None:
+            raise RuntimeError("metrics are collected by StreamLoader: iterate the stream through stream.loader()")
+        return loader.metrics()
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_synthesizer"] = None  # each process loads its own model on its own device
+        state["loader_ref"] = None  # the loader stays in the trainer's process
         return state

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import Iterator
 
 from torch.utils.data import DataLoader
@@ -67,7 +68,7 @@ class StreamLoader:
         self.feedback = feedback
         if feedback is not None:
             stream.shared_class_weights = SharedClassWeights(stream.num_classes, multiprocessing_context)
-        stream.metrics = self.metrics
+        stream.loader_ref = weakref.ref(self)
         self._loader: DataLoader | None = None
         self._workers_next_epoch: int | None = None  # where persistent workers will start without a rebuild
         self.batch = 0  # batches of the current epoch already delivered
