@@ -73,7 +73,7 @@ def _open_readonly(path: Path) -> lmdb.Environment:
     py-lmdb refuses to open a path twice in one process, and LMDB handles must not be used across a fork, so the
     handle is shared within a process and re-opened in a forked child.
     """
-    key = path.resolve()
+    key = path if path.is_absolute() else path.resolve()
     pid, env = _readonly_envs.get(key, (None, None))
     if env is not None and pid != os.getpid():
         env.close()  # inherited through fork: unusable here
@@ -101,6 +101,7 @@ class CaptionStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._resolved = self.path.resolve()  # the key of the shared handle, resolved once
         if not self.path.exists():
             raise CaptionStoreError(
                 f"caption store {self.path} does not exist: build one with `streamsynth captions import` "
@@ -136,7 +137,7 @@ class CaptionStore:
             ]
 
     def _txn(self) -> lmdb.Transaction:
-        return _open_readonly(self.path).begin(buffers=False)
+        return _open_readonly(self._resolved).begin(buffers=False)
 
     @property
     def num_classes(self) -> int:
