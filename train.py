@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                "(default: the trainer's device)")
     synth.add_argument("--workers", type=int, help="loader worker processes per rank (synthesis or decoding)")
     synth.add_argument("--prefetch", type=int, default=2, help="batches each worker may hold ready")
+    synth.add_argument("--worker-timeout", type=float, default=1800,
+                       help="seconds without a batch after which a synthesis worker counts as hung and is restarted")
     synth.add_argument("--synth-batch-size", type=int, default=8, help="images per UNet batch in a worker")
     synth.add_argument("--num-inference-steps", type=int, default=50)
     synth.add_argument("--guidance-scale", type=float, default=1.5, help="low guidance (1.5-2) helps diversity")
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         class_ids = [c.id for c in stream.store.classes]
         feedback = ClassFeedback(stream.num_classes, floor=args.feedback_floor) if args.feedback_sampling else None
         loader = stream.loader(args.batch_size, num_workers=args.workers, prefetch_factor=args.prefetch,
-                               pin_memory=device.type == "cuda", feedback=feedback)
+                               pin_memory=device.type == "cuda", feedback=feedback, timeout=args.worker_timeout)
     else:
         class_ids = class_folders(args.train_dir)
     sources = {}

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -121,16 +122,18 @@ class FailOnce(SyntheticStream):
             Path(self.marker).touch()
             if self.how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.how == "hang":
+                time.sleep(600)
             raise RuntimeError("injected fault: CUDA out of memory (simulated)")
         return super()._make_group(epoch, group)
 
 
-@pytest.mark.parametrize("how", ["raise", "kill"])
+@pytest.mark.parametrize("how", ["raise", "kill", "hang"])
 def test_worker_fault_is_survived_without_repeat_or_gap(caption_store, tiny_model, tmp_path, how, caplog):
     reference = _uninterrupted(caption_store, tiny_model)
     stream = _stream(caption_store, tiny_model, cls=FailOnce, epoch_size=32)
     stream.marker, stream.how = str(tmp_path / "failed"), how
-    loader = stream.loader(batch_size=4, num_workers=2)
+    loader = stream.loader(batch_size=4, num_workers=2, timeout=5 if how == "hang" else 1800)
     seen = _ids(list(loader)) + _ids(list(loader))
     assert seen == reference
     assert loader.restarts == 1 and loader.metrics()["restarts"] == 1

@@ -31,6 +31,8 @@ class StreamLoader:
     Workers use the spawn start method when any synthesis device is CUDA (CUDA cannot be used after fork), keep
     their model between epochs (`persistent_workers`), and each prefetch at most `prefetch_factor` batches, which
     bounds memory. `max_restarts` is how often in a row the same batch may fail before the error is raised.
+    A worker that delivers nothing for `timeout` seconds (hung, not dead: PyTorch notices dead workers by itself)
+    counts as failed; the default leaves room for a slow first model load or compilation.
     """
 
     def __init__(
@@ -43,7 +45,7 @@ class StreamLoader:
         pin_memory: bool = False,
         persistent_workers: bool = True,
         max_restarts: int = 3,
-        timeout: float = 0,
+        timeout: float = 1800,
         multiprocessing_context: str | None = None,
         feedback: ClassFeedback | None = None,
     ):
@@ -58,7 +60,7 @@ class StreamLoader:
             "batch_size": batch_size,
             "num_workers": num_workers,
             "pin_memory": pin_memory,
-            "timeout": timeout,
+            "timeout": timeout if num_workers > 0 else 0,
             "multiprocessing_context": multiprocessing_context if num_workers > 0 else None,
             "prefetch_factor": prefetch_factor if num_workers > 0 else None,
             "persistent_workers": persistent_workers and num_workers > 0,
