@@ -1,4 +1,4 @@
-"""Train an image classifier on an endless stream of Caption-in-Prompt synthetic images.
+r"""Train an image classifier on an endless stream of Caption-in-Prompt synthetic images.
 
     python train.py --online-synthesis                       # embedded default: tiny random generator, CPU-sized run
     python train.py --online-synthesis --sd-model stable-diffusion-v1-5/stable-diffusion-v1-5 \
