@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from streamsynth import SynthesisConfig, SyntheticStream
+from streamsynth.captions import CaptionStoreError
 from streamsynth.classifier import build_classifier, classifier_checkpoint
 from streamsynth.defaults import embedded_captions, embedded_model
 from streamsynth.evaluate import (LabelledImageFolder, class_folders, eval_transform, evaluate_suites, format_results,
@@ -38,7 +39,7 @@ from streamsynth.stream import cached_dataset
 from streamsynth.stream.dataset import IMAGENET_MEAN, IMAGENET_STD
 from streamsynth.stream.devices import synthesis_devices
 from streamsynth.stream.feedback import ClassFeedback
-from streamsynth.synth import derive_seed
+from streamsynth.synth import ModelLoadError, derive_seed
 from streamsynth.synth.fast import FastPathOptions
 
 log = logging.getLogger("train")
@@ -268,7 +269,10 @@ def main(argv: list[str] | None = None) -> None:
             {"args": vars(args), "stream": stream.describe() if stream else None, "class_ids": class_ids}, indent=2))
 
     # ----- model, optimizer, resume ---------------------------------------------------------------------------------
-    model = build_classifier(args.arch, len(class_ids)).to(device)
+    try:
+        model = build_classifier(args.arch, len(class_ids)).to(device)
+    except ValueError as err:
+        raise SystemExit(f"--arch: {err}") from None
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     peak_lr = args.lr * args.batch_size * args.accum_steps * world / 256
@@ -405,4 +409,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (CaptionStoreError, ModelLoadError) as err:  # a wrong path or input: the message says what to do
+        raise SystemExit(f"train.py: error: {err}") from None

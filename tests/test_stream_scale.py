@@ -235,3 +235,19 @@ def test_spawned_workers_as_with_cuda(caption_store, tiny_model):
     loader = stream.loader(batch_size=4, num_workers=1, multiprocessing_context="spawn")
     assert _ids(list(loader)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert stream.metrics()["workers"][0]["images"] == 8
+
+
+class ModelVanishes(SyntheticStream):
+    def _make_group(self, epoch, group):
+        from streamsynth.synth import ModelLoadError
+
+        raise ModelLoadError("model folder /models/sd was deleted")
+
+
+def test_a_configuration_error_in_a_worker_is_not_retried(caption_store, tiny_model):
+    from streamsynth.synth import ModelLoadError
+
+    loader = _stream(caption_store, tiny_model, cls=ModelVanishes, epoch_size=8).loader(batch_size=4, num_workers=1)
+    with pytest.raises(ModelLoadError, match="was deleted"):
+        list(loader)
+    assert loader.restarts == 0

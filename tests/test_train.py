@@ -88,3 +88,14 @@ def test_real_baseline_and_real_plus_synthetic_mix(tmp_path, isolated_cache, cap
     bad = _train("--online-synthesis", "--mix", "real=1", "--sd-model", str(tiny_model), "--captions",
                  str(caption_store.path), *small, "--out", str(tmp_path / "bad"), cache=isolated_cache)
     assert bad.returncode != 0 and "enabled sources are ['synthetic']" in bad.stderr
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--captions", "/no/such/captions.lmdb"], "caption store /no/such/captions.lmdb does not exist"),
+    (["--sd-model", "/no/such/model"], "model folder /no/such/model does not exist"),
+    (["--arch", "resnet999"], "unknown classifier architecture 'resnet999'"),
+])
+def test_bad_input_is_a_clear_error_before_training(tmp_path, isolated_cache, bad, message):
+    result = _train("--online-synthesis", *bad, "--out", str(tmp_path / "run"), cache=isolated_cache)
+    assert result.returncode != 0 and message in result.stderr
+    assert "Traceback" not in result.stderr and "train:" not in result.stderr

@@ -30,6 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..captions.store import CaptionStore
 from ..prompts.templates import PromptTemplate, prompt_template
 from ..synth.fast import FastPathOptions
+from ..synth.loading import check_model_source
 from ..synth.sampler import SynthesisConfig, Synthesizer, derive_seed
 from ..synth.tiny import RANDOM_WEIGHTS_NOTICE, is_tiny_model
 from .feedback import SharedClassWeights
@@ -121,6 +122,7 @@ class SyntheticStream(IterableDataset):
         if replay < 1:
             raise ValueError(f"replay must be at least 1 (each image used once), got {replay}")
         self.store = captions if isinstance(captions, CaptionStore) else CaptionStore(captions)
+        check_model_source(model)  # here, not in each worker after it started
         self.model = str(model)
         template = prompt if isinstance(prompt, PromptTemplate) else prompt_template(prompt)
         self.sampler = CaptionSampler(self.store, template, seed)

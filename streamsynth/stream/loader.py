@@ -18,6 +18,8 @@ from typing import Iterator
 
 from torch.utils.data import DataLoader
 
+from ..captions.store import CaptionStoreError
+from ..synth.loading import ModelLoadError
 from .dataset import SyntheticStream
 from .feedback import ClassFeedback, SharedClassWeights
 from .metrics import WorkerStats
@@ -142,6 +144,9 @@ class StreamLoader:
                     f"the stream ended after {self.batch} of {len(self)} batches: its worker layout changed "
                     "under the loader (configure it through stream.loader())"
                 ) from None
+            except (ModelLoadError, CaptionStoreError):
+                self._discard()
+                raise  # a wrong path or model stays wrong: restarting cannot help
             except Exception as err:
                 failures += 1
                 self._discard()

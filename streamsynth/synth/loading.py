@@ -47,7 +47,8 @@ def quiet_hf_progress() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _check_model_source(model: str | os.PathLike) -> None:
+def check_model_source(model: str | os.PathLike) -> None:
+    """Fail early, with the fix, for a local path that cannot be a diffusers pipeline (hub ids are checked on load)."""
     path = Path(model)
     looks_local = path.is_absolute() or str(model).startswith((".", "~")) or path.exists() or str(model).count("/") > 1
     if looks_local:
@@ -77,7 +78,7 @@ def load_pipeline(
     quiet_hf_progress()
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    _check_model_source(model)
+    check_model_source(model)
     kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=torch_dtype, **kwargs)
