@@ -12,6 +12,7 @@ import sys
 COMMANDS = [
     "streamsynth.captions.commands",
     "streamsynth.profile",
+    "streamsynth.stream.bench",
     "streamsynth.commands",
 ]
 

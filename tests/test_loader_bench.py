@@ -1,0 +1,21 @@
+"""`streamsynth loader-bench` runs every configuration and the plain diffusers baseline in one run."""
+
+from __future__ import annotations
+
+import json
+
+from streamsynth.cli import main as cli
+
+
+def test_loader_bench_reports_baseline_and_configurations(tmp_path, caption_store, tiny_model, capsys):
+    out = tmp_path / "bench.json"
+    assert cli(["loader-bench", "--sd-model", str(tiny_model), "--captions", str(caption_store.path), "--device",
+                "cpu", "--batch-size", "2", "--batches", "2", "--steps", "1", "--workers", "1", "--replay", "1,2",
+                "--consumer", "resnet18", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    configs = [r["config"] for r in report["results"]]
+    assert configs == ["plain diffusers loop", "streamsynth, 1 worker(s), replay 1", "streamsynth, 1 worker(s), replay 2"]
+    assert all(r["images_delivered_per_s"] > 0 and 0 <= r["consumer_wait_share"] <= 1 for r in report["results"])
+    assert report["random_weights"] is True
+    printed = capsys.readouterr().out
+    assert "plain diffusers loop" in printed and "RANDOM WEIGHTS" in printed
