@@ -42,11 +42,11 @@ def build_random_sd15(device: str | torch.device = "cpu", seed: int = 0):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .tiny import _tiny_tokenizer
+    from .tiny import character_clip_tokenizer
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = _tiny_tokenizer(Path(tmp))
+        tokenizer = character_clip_tokenizer(Path(tmp))
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
     with torch.device(device):

@@ -31,7 +31,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streamsynth"
 
 
-def _tiny_tokenizer(folder: Path):
+def character_clip_tokenizer(folder: Path):
     """A character-level CLIP tokenizer: CLIP's byte alphabet with no merges, so it needs no downloaded vocabulary."""
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -53,7 +53,7 @@ def build_tiny_pipeline(with_safety_checker: bool = True, seed: int = 0):
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = _tiny_tokenizer(Path(tmp))
+        tokenizer = character_clip_tokenizer(Path(tmp))
     vocab_size = len(tokenizer)
     text_config = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
