@@ -99,3 +99,18 @@ def test_bad_input_is_a_clear_error_before_training(tmp_path, isolated_cache, ba
     result = _train("--online-synthesis", *bad, "--out", str(tmp_path / "run"), cache=isolated_cache)
     assert result.returncode != 0 and message in result.stderr
     assert "Traceback" not in result.stderr and "train:" not in result.stderr
+
+
+def test_cache_then_train_from_cache(tmp_path, isolated_cache, caption_store, tiny_model):
+    common = ["--sd-model", str(tiny_model), "--captions", str(caption_store.path), "--steps", "3",
+              "--batch-size", "2", "--image-size", "16", "--arch", "resnet18", "--workers", "1",
+              "--num-inference-steps", "1"]
+    cache = tmp_path / "cache"
+    first = _train("--online-synthesis", "--cache", str(cache), *common, "--out", str(tmp_path / "a"),
+                   cache=isolated_cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(list(cache.glob("*.tar"))) >= 3  # one shard per generated batch of 2
+    second = _train("--from-cache", str(cache), *common, "--out", str(tmp_path / "b"), cache=isolated_cache)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "from cache 100%" in second.stdout
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 3
