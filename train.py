@@ -302,6 +302,19 @@ def main(argv: list[str] | None = None) -> None:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     raw_model = model.module if world > 1 else model
 
+    # ----- logs -----------------------------------------------------------------------------------------------------
+    log_file = open(out / "log.csv", "a", newline="") if is_main else None
+    log_writer = csv.writer(log_file) if log_file else None
+    if log_writer and log_file.tell() == 0:
+        log_writer.writerow(["step", "loss", "lr", "images_per_s", "data_wait_share", "queue_depth",
+                             "synth_images_per_s", "restarts"])
+    tb = None
+    if args.tensorboard and is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(out / "tensorboard")
+    ids_file = open(out / f"sample_ids-rank{rank}.csv", "a") if args.log_sample_ids else None
+
     def checkpoint() -> None:
         loader_state = loader.state_dict() if loader is not None else None
         loaders = [None] * world
@@ -325,19 +338,6 @@ def main(argv: list[str] | None = None) -> None:
         for r in results:
             if r.top1 is not None and tb:
                 tb.add_scalar(f"eval/{r.suite}/top1", r.top1, step)
-
-    # ----- logs -----------------------------------------------------------------------------------------------------
-    log_file = open(out / "log.csv", "a", newline="") if is_main else None
-    log_writer = csv.writer(log_file) if log_file else None
-    if log_writer and log_file.tell() == 0:
-        log_writer.writerow(["step", "loss", "lr", "images_per_s", "data_wait_share", "queue_depth",
-                             "synth_images_per_s", "restarts"])
-    tb = None
-    if args.tensorboard and is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(out / "tensorboard")
-    ids_file = open(out / f"sample_ids-rank{rank}.csv", "a") if args.log_sample_ids else None
 
     # ----- the loop -------------------------------------------------------------------------------------------------
     progress = tqdm(initial=step, total=args.steps, desc="train", disable=not is_main, dynamic_ncols=True)
