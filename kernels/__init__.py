@@ -7,6 +7,7 @@ Modules:
 - `postprocess`: VAE output in [-1, 1] to classifier input (antialiased bilinear resize, uint8 or normalised).
 - `patch`: swaps the fused modules into a loaded diffusers UNet or VAE, reversibly.
 - `dispatch`: switches each kernel on or off and decides where it can run.
+- `compile_check`: compiles every kernel for a GPU on a machine without one (`python -m kernels.compile_check`).
 
 Import the submodules directly; nothing here imports Triton, so `import kernels` works on any machine.
 """

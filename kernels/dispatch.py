@@ -29,6 +29,8 @@ def _disabled_from_env() -> set[str]:
 
 
 _disabled: set[str] = _disabled_from_env()
+# Set by `kernels.compile_check`: launches on CPU tensors are compiled for a GPU target and not run.
+_compile_only = False
 _fallbacks_logged: set[tuple[str, str]] = set()
 
 
@@ -78,7 +80,7 @@ def runs_triton(name: str, kernel, tensor: torch.Tensor) -> bool:
     """
     if not is_enabled(name):
         return False
-    if tensor.is_cuda or (tensor.device.type == "cpu" and is_interpreted(kernel)):
+    if tensor.is_cuda or (tensor.device.type == "cpu" and (is_interpreted(kernel) or _compile_only)):
         return True
     key = (name, tensor.device.type)
     if key not in _fallbacks_logged:
