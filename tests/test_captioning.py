@@ -252,6 +252,14 @@ def test_blip2_prompt_is_stripped_from_captions(tmp_path, blip2_model):
         assert len(text) == 5 and set(text) <= set(LETTERS)  # five letter tokens, no prompt words
 
 
+def test_a_static_kv_cache_gives_the_same_captions(blip2_model):
+    dynamic = load_captioner(blip2_model, device="cpu", max_new_tokens=6)
+    static = load_captioner(blip2_model, device="cpu", max_new_tokens=6, static_cache=True)
+    pixels = torch.stack([dynamic.preprocessor(_photo(seed=n)) for n in range(3)])
+    captions = dynamic.caption(pixels)
+    assert static.caption(pixels) == captions and all(len(c) == 6 for c in captions)
+
+
 def test_unsupported_model_type_names_the_supported_ones(tmp_path):
     from transformers import ResNetConfig
 
@@ -430,11 +438,13 @@ def test_large_jpeg_is_decoded_at_reduced_scale():
 
 def test_caption_bench_tiny_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["caption-bench", "--arch", "tiny", "--num-images", "10", "--batch-size", "4", "--num-workers", "1",
-                 "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["caption-bench", "--arch", "tiny", "--num-images", "10", "--batch-size", "4", "8", "--kv-cache",
+                 "dynamic", "static", "--num-workers", "1", "--device", "cpu", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["random_weights"] and result["num_images"] == 10 and result["dtype"] == "float32"
-    assert result["baseline"]["batch_size"] == 65 and result["streamsynth"]["batch_size"] == 4
-    assert result["baseline"]["images_per_s"] > 0 and result["streamsynth"]["images_per_s"] > 0
-    assert result["streamsynth"]["captioned"] == 10
+    assert result["baseline"]["batch_size"] == 65 and result["baseline"]["images_per_s"] > 0
+    runs = result["streamsynth_runs"]
+    assert [(r["kv_cache"], r["batch_size"]) for r in runs] == [(k, b) for k in ("dynamic", "static") for b in (4, 8)]
+    assert all(r["captioned"] == 10 and r["images_per_s"] > 0 for r in runs)
+    assert result["streamsynth"] == max(runs, key=lambda r: r["images_per_s"])
     assert {"device_name", "peak_host_rss_bytes"} <= set(result)

@@ -10,7 +10,7 @@ from itertools import islice
 
 from ..prompts.classnames import load_name_map
 from .architectures import BLIP2_ARCHITECTURES
-from .bench import REFERENCE_BATCH_SIZE
+from .bench import KV_CACHES, REFERENCE_BATCH_SIZE
 from .captioners import DEFAULT_MODEL, DTYPES, REFERENCE_MAX_NEW_TOKENS
 from .importers import import_captions
 from .store import CaptionStore
@@ -60,6 +60,8 @@ def add_commands(subparsers) -> None:
     caption.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     caption.add_argument("--commit-every", type=int, default=1024, help="captions per LMDB transaction")
     caption.add_argument("--no-progress", action="store_true", help="no progress bar")
+    caption.add_argument("--static-kv-cache", action="store_true",
+                         help="preallocated KV cache; on CUDA the decoding step is compiled (see caption-bench)")
     caption.set_defaults(func=_caption)
 
     bench = subparsers.add_parser(
@@ -77,13 +79,19 @@ def add_commands(subparsers) -> None:
     bench.add_argument("--num-images", type=int, default=2048)
     bench.add_argument("--baseline-batch-size", type=int, default=REFERENCE_BATCH_SIZE)
     bench.add_argument("--max-new-tokens", type=int, default=REFERENCE_MAX_NEW_TOKENS)
-    _add_run_arguments(bench)
+    bench.add_argument("--kv-cache", nargs="+", choices=KV_CACHES, default=["dynamic"],
+                       help="KV cache kinds to measure, e.g. dynamic static (static compiles the step on CUDA)")
+    _add_run_arguments(bench, batch_sizes=True)
     bench.add_argument("--out", default="caption-bench.json", help="where to write the JSON result")
     bench.set_defaults(func=_caption_bench)
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, help="images per generate call (default: 256 on CUDA, 8 on CPU)")
+def _add_run_arguments(parser: argparse.ArgumentParser, batch_sizes: bool = False) -> None:
+    if batch_sizes:
+        parser.add_argument("--batch-size", type=int, nargs="+",
+                            help="images per generate call, one run each (default: 256 on CUDA, 8 on CPU)")
+    else:
+        parser.add_argument("--batch-size", type=int, help="images per generate call (default: 256 on CUDA, 8 on CPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--num-workers", type=int, help="DataLoader processes decoding images (default: min(8, CPUs))")
@@ -128,7 +136,8 @@ def _caption(args: argparse.Namespace) -> int:
     collection = find_images(args.images, args.class_field)
     name_map = load_name_map(args.names) if args.names else None
     captioner = load_captioner(
-        args.model, device=args.device, dtype=args.dtype, prompt=args.prompt, max_new_tokens=args.max_new_tokens
+        args.model, device=args.device, dtype=args.dtype, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+        static_cache=args.static_kv_cache,
     )
     try:
         report = caption_images(
@@ -153,7 +162,8 @@ def _caption_bench(args: argparse.Namespace) -> int:
     logging.getLogger("streamsynth").setLevel(logging.WARNING)
     result = run_benchmark(
         arch=None if args.model else args.arch, model=args.model, images=args.images, num_images=args.num_images,
-        batch_size=args.batch_size, baseline_batch_size=args.baseline_batch_size, num_workers=args.num_workers,
+        batch_sizes=args.batch_size, kv_caches=args.kv_cache, baseline_batch_size=args.baseline_batch_size,
+        num_workers=args.num_workers,
         device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
     )
     print(json.dumps(result, indent=1))
