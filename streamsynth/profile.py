@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     synth = _synthesizer(fast_pipe, fast, settings, args)
     fast_result, fast_images = _measure(lambda: _fast_batch(synth, fast, prompts, seeds, args), settings, device)
     fast_result["fast_path"], fast_result["skipped"] = fast.applied, fast.skipped
-    ablation = {} if args.no_ablation or args.no_kernels else _ablation(synth, fast, prompts, seeds, args, settings,
-                                                                        device)
+    ablation = ({} if args.no_ablation or args.no_kernels
+                else _ablation(synth, fast, prompts, seeds, args, settings, device, ref_images))
 
     peak = args.peak_tflops or _default_peak_tflops(device)
     for result in (ref_result, fast_result):
@@ -274,15 +274,19 @@ def _peak_memory(device: torch.device) -> dict:
             "peak_memory_kind": "process peak RSS (cumulative over the run)"}
 
 
-def _ablation(synth, fast, prompts, seeds, args, settings, device) -> dict:
-    """The fast path's images/s with each kernel switched off alone."""
+def _ablation(synth, fast, prompts, seeds, args, settings, device, ref_images: torch.Tensor) -> dict:
+    """The fast path's images/s with each kernel switched off alone, and its images' agreement with diffusers'.
+
+    The agreement localises a numerical problem: the kernel whose switching off raises the PSNR is the one to look at.
+    """
     from kernels import KERNEL_NAMES, disabled
 
     results = {}
     for name in KERNEL_NAMES:
         with disabled(name):
-            result, _ = _measure(lambda: _fast_batch(synth, fast, prompts, seeds, args), settings, device)
-        results[name] = {"images_per_s": result["images_per_s"], "stages_s": result["stages_s"]}
+            result, images = _measure(lambda: _fast_batch(synth, fast, prompts, seeds, args), settings, device)
+        results[name] = {"images_per_s": result["images_per_s"], "stages_s": result["stages_s"],
+                         **image_agreement(images, ref_images)}
     return results
 
 
@@ -389,13 +393,18 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _agreement(result: dict) -> str:
+    return "identical" if result["images_identical"] else f"{result['psnr_db']:.1f} dB PSNR"
+
+
 def _print_summary(report: dict, out: Path) -> None:
     for name, result in report["paths"].items():
         share = f", {100 * result['share_of_peak']:.1f}% of peak" if result["share_of_peak"] else ""
         print(f"{name:12s} {result['images_per_s']:8.3f} img/s  {result['achieved_tflops']:8.3f} TFLOP/s{share}  "
               f"peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB")
-    psnr = "identical" if report["images_identical"] else f"{report['psnr_db']:.1f} dB"
-    print(f"speedup {report['speedup']:.3f}x, images fast vs diffusers: {psnr}")
+    print(f"speedup {report['speedup']:.3f}x, images fast vs diffusers: {_agreement(report)}")
+    for name, result in report["ablation"].items():
+        print(f"  without {name:12s} {result['images_per_s']:8.3f} img/s, images vs diffusers: {_agreement(result)}")
     if not report["kernels_ran_triton"]:
         print("note: the Triton kernels did not run here (no CUDA device): their references did")
     print(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")

@@ -35,6 +35,7 @@ def test_profile_dry_run_writes_json_and_png(tmp_path):
         assert path["achieved_tflops"] > 0 and path["peak_memory_bytes"] > 0
         assert path["share_of_peak"] is None  # no peak rate is known for a CPU
     assert set(report["ablation"]) == {"group_norm", "geglu", "guided_step", "postprocess"}
+    assert all(run["images_identical"] for run in report["ablation"].values())
     # With the kernels' references running, the fast path computes exactly what diffusers computes.
     assert not report["kernels_ran_triton"]
     assert report["images_identical"] and report["psnr_db"] is None
