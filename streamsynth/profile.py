@@ -97,8 +97,6 @@ def run(args: argparse.Namespace) -> int:
     synth = _synthesizer(fast_pipe, fast, settings, args)
     fast_result, fast_images = _measure(lambda: _fast_batch(synth, fast, prompts, seeds, args), settings, device)
     fast_result["fast_path"], fast_result["skipped"] = fast.applied, fast.skipped
-    ablation = ({} if args.no_ablation or args.no_kernels
-                else _ablation(synth, fast, prompts, seeds, args, settings, device, ref_images))
 
     peak = args.peak_tflops or _default_peak_tflops(device)
     for result in (ref_result, fast_result):
@@ -112,9 +110,13 @@ def run(args: argparse.Namespace) -> int:
         "kernels_ran_triton": _kernels_ran_triton(device) and not args.no_kernels,
         "paths": {"diffusers": ref_result, "streamsynth": fast_result},
         "speedup": fast_result["images_per_s"] / ref_result["images_per_s"],
-        **image_agreement(fast_images, ref_images), "ablation": ablation,
+        **image_agreement(fast_images, ref_images), "ablation": {},
     }
+    # Written before the ablation too, so a run stopped during the ablation keeps the main comparison.
     (out / "profile.json").write_text(json.dumps(report, indent=2))
+    if not (args.no_ablation or args.no_kernels):
+        report["ablation"] = _ablation(synth, fast, prompts, seeds, args, settings, device, ref_images)
+        (out / "profile.json").write_text(json.dumps(report, indent=2))
     plot(report, out / "profile.png")
     _print_summary(report, out)
     return 0

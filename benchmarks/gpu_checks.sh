@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 3 (captioning speed) and issue 5 (synthesis speed), prepared for a lent H100/H200.
+#
+#   bash benchmarks/gpu_checks.sh synthesis OUT    # profile SD1.5 eager fast path with ablation, then compiled
+#   bash benchmarks/gpu_checks.sh captioning OUT   # caption-bench BLIP-2 OPT-2.7b: batch sizes, then a static cache
+#   bash benchmarks/gpu_checks.sh loop OUT         # loader-bench: SD1.5 synthesis workers on the GPU feeding a consumer
+#   DRY=1 bash benchmarks/gpu_checks.sh all OUT    # every step on the CPU with tiny models: try the script here first
+#
+# Planned from shared/perf/anchors.md (H200), not measured: synthesis about 7 min, captioning about 4, loop about 2.
+# Every step has its own time limit, writes its results under OUT as it goes and logs to OUT/<step>.log; a failed
+# or timed-out step does not stop the next. OUT/steps.tsv gets one line per step: name, exit status, seconds.
+# On the device machine run it from the repository root after the wheel install line (shared/device/README.md).
+set -uo pipefail
+what=${1:?usage: gpu_checks.sh synthesis|captioning|loop|all OUT}
+OUT=${2:?usage: gpu_checks.sh synthesis|captioning|loop|all OUT}
+mkdir -p "$OUT"
+py=${PYTHON:-python3}
+cli=("$py" -m streamsynth.cli)
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo "== $name (limit ${limit}s): $*"
+  timeout --kill-after=15 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" | tee -a "$OUT/steps.tsv"
+  tail -n 12 "$OUT/$name.log"
+}
+
+environment() {
+  { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
+    "$py" - <<'PY'
+import importlib, platform
+print("python", platform.python_version())
+for name in ("torch", "triton", "diffusers", "transformers", "xformers", "webdataset", "lmdb"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as err:  # an optional package may be absent or broken; say which
+        print(name, "unavailable:", type(err).__name__, str(err)[:120])
+import torch
+print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+PY
+  } >"$OUT/environment.txt" 2>&1
+  cat "$OUT/environment.txt"
+  # Stop at once, before any device time goes to model building, if a wheel is missing.
+  "$py" -c "import streamsynth.cli, streamsynth.profile, diffusers, lmdb, webdataset" ||
+    { echo "streamsynth cannot be imported: install the wheels first (shared/device/README.md)"; exit 1; }
+}
+
+if [[ -n ${DRY:-} ]]; then
+  sd15=(--arch tiny --dry --device cpu)
+  profile_compiled=(--no-ablation)  # torch.compile of even the tiny UNet takes minutes on two cores
+  captions=(--arch tiny --device cpu --num-images 32 --batch-size 8 16 --num-workers 1)
+  caption_static=(--arch tiny --device cpu --num-images 32 --batch-size 16 --num-workers 1)
+  loop=(--device cpu --batches 2 --workers 1 --replay 1,2)
+else
+  sd15=(--arch sd15 --device cuda --dtype fp16 --batch 32 --steps 50 --guidance 1.5 --size 224 --repeats 2
+        --model-dir /tmp/sd15-random)
+  profile_compiled=(--no-ablation --channels-last --fuse-qkv --compile)
+  captions=(--arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 256 512 1024
+            --num-workers 12)
+  caption_static=(--arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 512
+                  --num-workers 12)
+  loop=(--sd-model /tmp/sd15-random --device cuda --dtype fp16 --batch-size 16 --steps 20 --image-size 224
+        --batches 3 --workers 1 --replay 1,4 --consumer resnet18)
+fi
+
+environment
+case $what in synthesis|all)
+  # The acceptance run: streamsynth's default fast path (Triton kernels, fused step and post-processing, probed
+  # attention) against plain diffusers, and each kernel switched off alone. Builds /tmp/sd15-random first.
+  step profile-eager 330 "${cli[@]}" profile "${sd15[@]}" --out "$OUT/profile-eager"
+  # The same plus channels_last, fused QKV and torch.compile of the UNet (anchors: compiling took about 65 s).
+  step profile-compiled 300 "${cli[@]}" profile "${sd15[@]}" "${profile_compiled[@]}" --out "$OUT/profile-compiled"
+esac
+case $what in captioning|all)
+  step caption-bench 240 "${cli[@]}" caption-bench "${captions[@]}" --out "$OUT/caption-bench.json"
+  # A static KV cache makes transformers compile the decoding step on CUDA: one batch size, since each compiles.
+  step caption-bench-static 240 "${cli[@]}" caption-bench "${caption_static[@]}" --kv-cache static \
+    --out "$OUT/caption-bench-static.json"
+esac
+case $what in loop|all)
+  [[ -n ${DRY:-} || -f /tmp/sd15-random/model_index.json ]] ||
+    "$py" -c "from streamsynth.synth.sd15 import save_random_sd15; save_random_sd15('/tmp/sd15-random', 'cuda')"
+  step loader-bench 200 "${cli[@]}" loader-bench "${loop[@]}" --out "$OUT/loader-bench.json"
+esac
+echo "== done: $OUT/steps.tsv"
+cat "$OUT/steps.tsv"

@@ -1,0 +1,28 @@
+"""benchmarks/gpu_checks.sh, the prepared GPU session, runs end to end in its CPU dry mode (tiny models)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_checks_dry_run_completes_every_step(tmp_path):
+    env = {**os.environ, "DRY": "1", "PYTHON": sys.executable}
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    result = subprocess.run(["bash", "benchmarks/gpu_checks.sh", "all", str(tmp_path)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    steps = [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
+    assert [(name, status) for name, status, _ in steps] == [
+        ("profile-eager", "0"), ("profile-compiled", "0"), ("caption-bench", "0"), ("caption-bench-static", "0"),
+        ("loader-bench", "0"),
+    ]
+    assert json.loads((tmp_path / "profile-eager" / "profile.json").read_text())["ablation"]
+    assert json.loads((tmp_path / "caption-bench-static.json").read_text())["streamsynth"]["kv_cache"] == "static"
+    assert (tmp_path / "loader-bench.json").is_file() and "python" in (tmp_path / "environment.txt").read_text()
