@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     model = _model_folder(args, out, device)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(settings["batch"])]
-    from .synth import derive_seed
+    from .synth import derive_seed, has_random_weights
 
     seeds = [derive_seed("profile", i) for i in range(settings["batch"])]
 
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         _add_rates(result, flops["per_batch"], peak)
     report = {
         "device": _device_name(device), "torch": torch.__version__, "diffusers": _diffusers_version(),
-        "model": str(model), "arch": args.arch, "dtype": str(fast_pipe.unet.dtype).replace("torch.", ""),
+        "model": str(model), "random_weights": has_random_weights(model), "arch": args.arch, "dtype": str(fast_pipe.unet.dtype).replace("torch.", ""),
         "scheduler": scheduler_name, "guidance_scale": args.guidance, "image_size": _image_size(fast_pipe),
         "classifier_size": args.size, **settings, "dry": args.dry, "flops": flops,
         "peak_tflops": peak, "peak_tflops_source": "--peak-tflops" if args.peak_tflops else "datasheet default",
@@ -407,6 +407,9 @@ def _print_summary(report: dict, out: Path) -> None:
     print(f"speedup {report['speedup']:.3f}x, images fast vs diffusers: {_agreement(report)}")
     for name, result in report["ablation"].items():
         print(f"  without {name:12s} {result['images_per_s']:8.3f} img/s, images vs diffusers: {_agreement(result)}")
+    if report["random_weights"]:
+        print("note: the model has RANDOM WEIGHTS (same architecture and FLOPs as a checkpoint): its images are noise, "
+              "its timings are real")
     if not report["kernels_ran_triton"]:
         print("note: the Triton kernels did not run here (no CUDA device): their references did")
     print(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")

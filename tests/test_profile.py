@@ -38,6 +38,7 @@ def test_profile_dry_run_writes_json_and_png(tmp_path):
     assert all(run["images_identical"] for run in report["ablation"].values())
     # With the kernels' references running, the fast path computes exactly what diffusers computes.
     assert not report["kernels_ran_triton"]
+    assert report["random_weights"] and "RANDOM WEIGHTS" in result.stdout
     assert report["images_identical"] and report["psnr_db"] is None
 
 

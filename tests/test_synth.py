@@ -128,3 +128,15 @@ def test_loaded_pipeline_is_a_diffusers_pipeline(tiny_model):
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     with pytest.raises(ValueError, match="unknown scheduler"):
         load_pipeline(tiny_model, "cpu", scheduler="nope")
+
+
+def test_models_built_with_random_weights_say_so(tmp_path, tiny_model, monkeypatch):
+    from streamsynth.synth import has_random_weights, sd15
+    from streamsynth.synth.tiny import build_tiny_pipeline
+
+    assert has_random_weights(tiny_model)
+    assert not has_random_weights(tmp_path) and not has_random_weights("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    # The SD1.5 architecture is too large to build here; its saving path is the same with the tiny model in its place.
+    monkeypatch.setattr(sd15, "build_random_sd15", lambda device: build_tiny_pipeline(with_safety_checker=False))
+    folder = sd15.save_random_sd15(tmp_path / "sd15-random")
+    assert has_random_weights(folder) and (folder / "model_index.json").is_file()

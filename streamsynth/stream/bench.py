@@ -125,7 +125,7 @@ def _stream_run(model: str, captions: str, args, workers: int, replay: int) -> d
 
 def run(args: argparse.Namespace) -> int:
     from ..defaults import embedded_captions, embedded_model
-    from ..synth.tiny import RANDOM_WEIGHTS_NOTICE, is_tiny_model
+    from ..synth.tiny import RANDOM_WEIGHTS_NOTICE, has_random_weights
     from .dataset import SyntheticStream
 
     model = args.sd_model or str(embedded_model())
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         for replay in (int(r) for r in args.replay.split(",")):
             results.append(_stream_run(model, captions, args, workers, replay))
     device_name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "cpu"
-    report = {"device": device_name, "model": model, "random_weights": is_tiny_model(model),
+    report = {"device": device_name, "model": model, "random_weights": has_random_weights(model),
               "settings": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}
     print(f"{'configuration':<40}{'start-up s':>11}{'delivered img/s':>17}{'generated img/s':>17}{'wait':>7}")
     for r in results:

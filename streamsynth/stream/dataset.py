@@ -32,7 +32,7 @@ from ..prompts.templates import PromptTemplate, prompt_template
 from ..synth.fast import FastPathOptions
 from ..synth.loading import check_model_source
 from ..synth.sampler import SynthesisConfig, Synthesizer, derive_seed
-from ..synth.tiny import RANDOM_WEIGHTS_NOTICE, is_tiny_model
+from ..synth.tiny import RANDOM_WEIGHTS_NOTICE, has_random_weights
 from .feedback import SharedClassWeights
 from .metrics import WorkerStats
 from .sampling import CaptionSampler, SampleSpec, keyed_permutation
@@ -151,7 +151,7 @@ class SyntheticStream(IterableDataset):
         self.stats: WorkerStats | None = None  # shared counters, attached by `StreamLoader`
         self.shared_class_weights: SharedClassWeights | None = None  # reaches persistent workers; `StreamLoader`
         self.loader_ref: Callable[[], object] | None = None  # the `StreamLoader` iterating this stream, if any
-        self.random_weights = is_tiny_model(self.model)
+        self.random_weights = has_random_weights(self.model)
         if self.random_weights:
             log.warning("SyntheticStream: %s", RANDOM_WEIGHTS_NOTICE)
         self._synthesizer: Synthesizer | None = None

@@ -3,7 +3,13 @@
 from .loading import ModelLoadError, load_pipeline
 from .postprocess import resize_to_uint8
 from .sampler import SynthesisConfig, Synthesizer, derive_seed
-from .tiny import RANDOM_WEIGHTS_NOTICE, ensure_tiny_pipeline, is_tiny_model, save_tiny_pipeline
+from .tiny import (
+    RANDOM_WEIGHTS_NOTICE,
+    ensure_tiny_pipeline,
+    has_random_weights,
+    is_tiny_model,
+    save_tiny_pipeline,
+)
 
 __all__ = [
     "RANDOM_WEIGHTS_NOTICE",
@@ -12,6 +18,7 @@ __all__ = [
     "Synthesizer",
     "derive_seed",
     "ensure_tiny_pipeline",
+    "has_random_weights",
     "is_tiny_model",
     "load_pipeline",
     "resize_to_uint8",

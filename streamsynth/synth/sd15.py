@@ -61,7 +61,10 @@ def build_random_sd15(device: str | torch.device = "cpu", seed: int = 0):
 
 def save_random_sd15(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Path:
     """Builds the random-weight SD1.5 and `save_pretrained`s it (fp16 weights) to `folder`, unless already there."""
+    from .tiny import mark_random_weights
+
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         build_random_sd15(device).to(dtype=torch.float16).save_pretrained(folder, safe_serialization=True)
+        mark_random_weights(folder, "sd15")
     return folder

@@ -16,12 +16,30 @@ from pathlib import Path
 import torch
 
 RANDOM_WEIGHTS_NOTICE = (
-    "the generator has RANDOM WEIGHTS (streamsynth's tiny test model): its images are noise and a classifier trained "
-    "on them learns nothing real. Point --sd-model at a real checkpoint (a hub id such as "
+    "the generator has RANDOM WEIGHTS (a model streamsynth built for tests or benchmarks): its images are noise and a "
+    "classifier trained on them learns nothing real. Point --sd-model at a real checkpoint (a hub id such as "
     "stable-diffusion-v1-5/stable-diffusion-v1-5 or a local diffusers folder) and --captions at a real caption store."
 )
-TINY_MODEL_VERSION = "tiny-sd-v1"
-_MARKER = "streamsynth_tiny_model.json"
+TINY_MODEL_VERSION = "tiny-sd-v2"
+# Written into every model folder streamsynth fills with random weights, so that any later use can say so.
+RANDOM_WEIGHTS_MARKER = "streamsynth_random_weights.json"
+
+
+def mark_random_weights(folder: str | os.PathLike, architecture: str) -> None:
+    (Path(folder) / RANDOM_WEIGHTS_MARKER).write_text(
+        json.dumps({"architecture": architecture, "random_weights": True})
+    )
+
+
+def _marker(folder: str | os.PathLike) -> dict | None:
+    path = Path(folder) / RANDOM_WEIGHTS_MARKER
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def has_random_weights(folder: str | os.PathLike) -> bool:
+    """True for a model folder streamsynth built with random weights (the tiny model, the SD1.5 architecture)."""
+    marker = _marker(folder)
+    return bool(marker and marker["random_weights"])
 
 
 def cache_dir() -> Path:
@@ -106,7 +124,7 @@ def save_tiny_pipeline(folder: str | os.PathLike, with_safety_checker: bool = Tr
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         build_tiny_pipeline(with_safety_checker).save_pretrained(staging, safe_serialization=True)
-        (staging / _MARKER).write_text(json.dumps({"version": TINY_MODEL_VERSION, "random_weights": True}))
+        mark_random_weights(staging, TINY_MODEL_VERSION)
         try:
             os.replace(staging, folder)
         except OSError:
@@ -118,8 +136,9 @@ def save_tiny_pipeline(folder: str | os.PathLike, with_safety_checker: bool = Tr
 
 
 def is_tiny_model(folder: str | os.PathLike) -> bool:
-    """True for a folder written by `save_tiny_pipeline`, i.e. a model with random weights."""
-    return (Path(folder) / _MARKER).is_file()
+    """True for a folder written by `save_tiny_pipeline` (this version of the tiny model)."""
+    marker = _marker(folder)
+    return bool(marker and marker["architecture"] == TINY_MODEL_VERSION)
 
 
 def ensure_tiny_pipeline() -> Path:
