@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..synth.sampler import SynthesisConfig
+from .metrics import peak_memory_bytes, peak_memory_kind
 
 
 def add_commands(subparsers) -> None:
@@ -54,6 +55,8 @@ def _plain_diffusers(model: str, args, specs: list, consume) -> dict:
                                                    safety_checker=None, requires_safety_checker=False).to(device)
     pipe.set_progress_bar_config(disable=True)
     startup_s = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         part = specs[i * args.batch_size:(i + 1) * args.batch_size]
@@ -72,7 +75,9 @@ def _plain_diffusers(model: str, args, specs: list, consume) -> dict:
     seconds = time.perf_counter() - started
     images = args.batches * args.batch_size
     return {"config": "plain diffusers loop", "startup_s": startup_s, "images_delivered_per_s": images / seconds,
-            "images_generated_per_s": images / waited, "consumer_wait_share": waited / seconds}
+            "images_generated_per_s": images / waited, "consumer_wait_share": waited / seconds,
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "peak_memory_kind": peak_memory_kind(device) + " (the trainer's process)"}
 
 
 def _consumer(kind: str, num_classes: int):
@@ -120,7 +125,9 @@ def _stream_run(model: str, captions: str, args, workers: int, replay: int) -> d
     del batches
     return {"config": f"streamsynth, {workers} worker(s), replay {replay}", "workers": workers, "replay": replay,
             "startup_s": startup_s, "images_delivered_per_s": args.batches * args.batch_size / seconds,
-            "images_generated_per_s": generated, "consumer_wait_share": waited / seconds, "loader": metrics}
+            "images_generated_per_s": generated, "consumer_wait_share": waited / seconds,
+            "peak_memory_bytes": max(w["peak_memory_bytes"] for w in metrics["workers"]),
+            "peak_memory_kind": metrics["workers"][0]["peak_memory_kind"] + " (largest worker)", "loader": metrics}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,11 +146,12 @@ def run(args: argparse.Namespace) -> int:
     device_name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "cpu"
     report = {"device": device_name, "model": model, "random_weights": has_random_weights(model),
               "settings": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}
-    print(f"{'configuration':<40}{'start-up s':>11}{'delivered img/s':>17}{'generated img/s':>17}{'wait':>7}")
+    print(f"{'configuration':<40}{'start-up s':>11}{'delivered img/s':>17}{'generated img/s':>17}{'wait':>7}"
+          f"{'peak MiB':>10}")
     for r in results:
         wait = f"{r['consumer_wait_share']:.0%}"
         print(f"{r['config']:<40}{r['startup_s']:>11.1f}{r['images_delivered_per_s']:>17.2f}"
-              f"{r['images_generated_per_s']:>17.2f}{wait:>7}")
+              f"{r['images_generated_per_s']:>17.2f}{wait:>7}{r['peak_memory_bytes'] / 2**20:>10.0f}")
     print(f"device: {device_name}; {args.batches} timed batches of {args.batch_size}, {args.steps} steps, "
           f"guidance {args.guidance}, consumer {args.consumer}")
     if report["random_weights"]:

@@ -34,7 +34,7 @@ from ..synth.loading import check_model_source
 from ..synth.sampler import SynthesisConfig, Synthesizer, derive_seed
 from ..synth.tiny import RANDOM_WEIGHTS_NOTICE, has_random_weights
 from .feedback import SharedClassWeights
-from .metrics import WorkerStats
+from .metrics import WorkerStats, peak_memory_bytes
 from .sampling import CaptionSampler, SampleSpec, keyed_permutation
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,9 @@ class SyntheticStream(IterableDataset):
 
             write_group(self.cache, self.store, specs, images, self.seed)
         if self.stats is not None:
-            self.stats.record(self._physical_worker()[0], len(specs), time.perf_counter() - started)
+            worker = self._physical_worker()[0]
+            self.stats.record(worker, len(specs), time.perf_counter() - started,
+                              peak_memory_bytes(self.synthesizer().device))
         return specs, images
 
     def _augment(self, image: torch.Tensor, sample_id: int, use: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ..captions.store import CaptionStoreError
 from ..synth.loading import ModelLoadError
 from .dataset import SyntheticStream
 from .feedback import ClassFeedback, SharedClassWeights
-from .metrics import WorkerStats
+from .metrics import WorkerStats, peak_memory_kind
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +165,15 @@ class StreamLoader:
         self.batch = 0
 
     def metrics(self) -> dict:
-        """Images/s per worker, batches waiting in the queue, and the share of time the trainer waited on data."""
+        """Images/s and peak memory per worker, batches waiting in the queue, the share of time the trainer waited."""
         wall = time.perf_counter() - self._started
         workers = []
         for i, row in enumerate(self.stats.rows()):
             device = self.dataset.devices[i % len(self.dataset.devices)]
             rate = row["images"] / row["busy_s"] if row["busy_s"] else 0.0
-            workers.append({"worker": i, "device": device, "images": int(row["images"]), "images_per_s": rate})
+            workers.append({"worker": i, "device": device, "images": int(row["images"]), "images_per_s": rate,
+                            "peak_memory_bytes": int(row["peak_memory_bytes"]),
+                            "peak_memory_kind": peak_memory_kind(device)})
         queued = self.stats.batches_made() - self._batches_at_build - self._delivered_since_build
         return {
             "epoch": self.dataset.epoch,

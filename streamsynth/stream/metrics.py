@@ -1,10 +1,25 @@
-"""Counters that loader workers share with the trainer's process: images made, busy time, batches handed out."""
+"""Counters that loader workers share with the trainer's process: images made, busy time, batches, peak memory."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import resource
 
-_FIELDS = ("images", "busy_s", "batches")
+import torch
+
+_FIELDS = ("images", "busy_s", "batches", "peak_memory_bytes")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory on `device`: tensors allocated on a GPU, resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
+
+
+def peak_memory_kind(device: str | torch.device) -> str:
+    """What `peak_memory_bytes` measures on `device` (without touching the device)."""
+    return "cuda max_memory_allocated" if torch.device(device).type == "cuda" else "process peak RSS"
 
 
 class WorkerStats:
@@ -19,10 +34,11 @@ class WorkerStats:
         self.num_workers = num_workers
         self._values = ctx.Array("d", num_workers * len(_FIELDS), lock=False)
 
-    def record(self, worker: int, images: int, busy_s: float) -> None:
+    def record(self, worker: int, images: int, busy_s: float, peak_memory_bytes: int) -> None:
         row = worker * len(_FIELDS)
         self._values[row] += images
         self._values[row + 1] += busy_s
+        self._values[row + 3] = max(self._values[row + 3], peak_memory_bytes)
 
     def record_batch(self, worker: int) -> None:
         self._values[worker * len(_FIELDS) + 2] += 1
