@@ -2,17 +2,20 @@
 # The GPU checks of issue 3 (captioning speed) and issue 5 (synthesis speed), prepared for a lent H100/H200.
 #
 #   bash benchmarks/gpu_checks.sh synthesis OUT    # profile SD1.5 eager fast path with ablation, then compiled
+#   bash benchmarks/gpu_checks.sh synthesis-extra OUT  # compiled without the kernels; compiled with CUDA graphs
 #   bash benchmarks/gpu_checks.sh captioning OUT   # caption-bench BLIP-2 OPT-2.7b: batch sizes, then a static cache
 #   bash benchmarks/gpu_checks.sh loop OUT         # loader-bench: SD1.5 synthesis workers on the GPU feeding a consumer
 #   DRY=1 bash benchmarks/gpu_checks.sh all OUT    # every step on the CPU with tiny models: try the script here first
 #
-# Planned from shared/perf/anchors.md (H200), not measured: synthesis about 7 min, captioning about 4, loop about 2.
+# Planned from shared/perf/anchors.md (H200), not measured: synthesis about 7 min, captioning about 4, loop about 2,
+# synthesis-extra about 6. In a 15-minute device session run synthesis and captioning; the rest in the next one.
 # Every step has its own time limit, writes its results under OUT as it goes and logs to OUT/<step>.log; a failed
 # or timed-out step does not stop the next. OUT/steps.tsv gets one line per step: name, exit status, seconds.
 # On the device machine run it from the repository root after the wheel install line (shared/device/README.md).
 set -uo pipefail
-what=${1:?usage: gpu_checks.sh synthesis|captioning|loop|all OUT}
-OUT=${2:?usage: gpu_checks.sh synthesis|captioning|loop|all OUT}
+usage="usage: gpu_checks.sh synthesis|synthesis-extra|captioning|loop|all OUT"
+what=${1:?$usage}
+OUT=${2:?$usage}
 mkdir -p "$OUT"
 py=${PYTHON:-python3}
 cli=("$py" -m streamsynth.cli)
@@ -50,7 +53,10 @@ PY
 
 if [[ -n ${DRY:-} ]]; then
   sd15=(--arch tiny --dry --device cpu)
-  profile_compiled=(--no-ablation)  # torch.compile of even the tiny UNet takes minutes on two cores
+  # No --compile on the CPU: Inductor takes minutes there. tests/test_kernels.py compiles a patched UNet instead.
+  profile_compiled=(--no-ablation)
+  compiled_variants=(--no-ablation)
+  compile_flag=()
   captions=(--arch tiny --device cpu --num-images 32 --batch-size 8 16 --num-workers 1)
   caption_static=(--arch tiny --device cpu --num-images 32 --batch-size 16 --num-workers 1)
   loop=(--device cpu --batches 2 --workers 1 --replay 1,2)
@@ -58,6 +64,8 @@ else
   sd15=(--arch sd15 --device cuda --dtype fp16 --batch 32 --steps 50 --guidance 1.5 --size 224 --repeats 2
         --model-dir /tmp/sd15-random)
   profile_compiled=(--no-ablation --channels-last --fuse-qkv --compile)
+  compiled_variants=(--no-ablation --channels-last --fuse-qkv)
+  compile_flag=(--compile)
   captions=(--arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 256 512 1024
             --num-workers 12)
   caption_static=(--arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 512
@@ -73,6 +81,13 @@ case $what in synthesis|all)
   step profile-eager 330 "${cli[@]}" profile "${sd15[@]}" --out "$OUT/profile-eager"
   # The same plus channels_last, fused QKV and torch.compile of the UNet (anchors: compiling took about 65 s).
   step profile-compiled 300 "${cli[@]}" profile "${sd15[@]}" "${profile_compiled[@]}" --out "$OUT/profile-compiled"
+esac
+case $what in synthesis-extra|all)
+  # Does Inductor alone beat Inductor around the kernels (which it cannot fuse into)? And what do CUDA graphs add?
+  step profile-compiled-no-kernels 300 "${cli[@]}" profile "${sd15[@]}" "${compiled_variants[@]}" \
+    "${compile_flag[@]}" --no-kernels --out "$OUT/profile-compiled-no-kernels"
+  step profile-cuda-graphs 360 "${cli[@]}" profile "${sd15[@]}" "${compiled_variants[@]}" --cuda-graphs \
+    --out "$OUT/profile-cuda-graphs"
 esac
 case $what in captioning|all)
   step caption-bench 240 "${cli[@]}" caption-bench "${captions[@]}" --out "$OUT/caption-bench.json"

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from diffusers.models.activations import GEGLU
 
-from .dispatch import check_float_dtype, check_same_device, runs_triton
+from .dispatch import check_float_dtype, check_same_device, is_enabled, runs_triton
 
 BLOCK_COLUMNS = 1024
 
@@ -71,6 +71,17 @@ def geglu(projected: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Te
     return y
 
 
+# As `streamsynth::group_norm`: an opaque operator for torch.compile and CUDA graphs.
+@torch.library.custom_op("streamsynth::geglu", mutates_args=())
+def geglu_op(projected: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return geglu(projected, bias)
+
+
+@geglu_op.register_fake
+def _(projected, bias):
+    return projected.new_empty(*projected.shape[:-1], projected.shape[-1] // 2)
+
+
 class FusedGEGLU(GEGLU):
     """diffusers' `GEGLU` with the gate fused; the class of a patched module, so its `proj` and weights stay put.
 
@@ -78,6 +89,6 @@ class FusedGEGLU(GEGLU):
     """
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args or kwargs or not runs_triton("geglu", _geglu_kernel, hidden_states):
+        if args or kwargs or not is_enabled("geglu"):
             return super().forward(hidden_states, *args, **kwargs)
-        return geglu(F.linear(hidden_states, self.proj.weight), self.proj.bias)
+        return geglu_op(F.linear(hidden_states, self.proj.weight), self.proj.bias)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dispatch import check_float_dtype, check_same_device, runs_triton
+from .dispatch import check_float_dtype, check_same_device, is_enabled, runs_triton
 
 # Elements of one (channels x positions) tile; a group is visited in tiles of this size.
 TILE_ELEMENTS = 4096
@@ -151,6 +151,19 @@ def group_norm(
     return y
 
 
+# The kernel as a PyTorch operator: torch.compile (fullgraph included) and CUDA graphs see one opaque call with known
+# output shape, instead of tracing into Triton's launcher, which Dynamo cannot trace and would break the graph at.
+@torch.library.custom_op("streamsynth::group_norm", mutates_args=())
+def group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  eps: float, silu: bool) -> torch.Tensor:
+    return group_norm(x, num_groups, weight, bias, eps, silu)
+
+
+@group_norm_op.register_fake
+def _(x, num_groups, weight, bias, eps, silu):
+    return torch.empty_like(x)
+
+
 class FusedGroupNorm(torch.nn.GroupNorm):
     """An `nn.GroupNorm` that runs the kernel, optionally with the SiLU that follows it in the model fused in.
 
@@ -171,10 +184,10 @@ class FusedGroupNorm(torch.nn.GroupNorm):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not runs_triton("group_norm", _group_norm_kernel, x):
+        if not is_enabled("group_norm"):
             y = super().forward(x)
             return F.silu(y) if self.silu else y
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
+        return group_norm_op(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, silu={self.silu}"

@@ -57,7 +57,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--size", type=int, default=224, help="the classifier's image size")
     p.add_argument("--scheduler", help="a streamsynth scheduler name (default: the model's own, PNDM for SD1.5)")
     p.add_argument("--repeats", type=int, help="timed batches per path, median reported (default 3; 1 with --dry)")
-    p.add_argument("--warmup", type=int, help="untimed batches first, per path and per ablation (default 1)")
+    p.add_argument("--warmup", type=int, help="untimed batches first, per path (and per ablation when compiled; default 1)")
     p.add_argument("--peak-tflops", type=float,
                    help="the device's peak rate for the share-of-peak figure (default for H100/H200: the datasheet's "
                    "dense fp16 rate, 989 SXM, 756 PCIe, 835 NVL; none on other devices)")
@@ -283,6 +283,8 @@ def _ablation(synth, fast, prompts, seeds, args, settings, device, ref_images: t
     """
     from kernels import KERNEL_NAMES, disabled
 
+    # Eager, everything an ablation runs has run already; a compiled UNet recompiles when a kernel is switched off.
+    settings = {**settings, "warmup": settings["warmup"] if args.compile or args.cuda_graphs else 0}
     results = {}
     for name in KERNEL_NAMES:
         with disabled(name):

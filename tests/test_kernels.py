@@ -269,3 +269,16 @@ def test_fused_step_in_a_full_sampling_run_matches_the_loop(tiny_model, schedule
     fused = Synthesizer(pipe, config, fused_step=FusedGuidedStep(pipe.scheduler))
     prompts, seeds = ["a photo of tench, a fish", "a photo of church"], [1, 2]
     assert torch.equal(fused.generate(prompts, seeds), plain.generate(prompts, seeds))
+
+
+@torch.no_grad()
+def test_patched_unet_compiles_as_one_graph(tiny_model):
+    """The kernels are PyTorch operators: torch.compile traces the patched UNet with no graph break at them."""
+    unet, _ = load_unet_and_vae(tiny_model)
+    patch(unet)
+    latents, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    expected = unet(latents, 10, encoder_hidden_states=text).sample
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break is an error
+    torch.testing.assert_close(compiled(latents, 10, encoder_hidden_states=text).sample, expected, atol=1e-5,
+                               rtol=1e-5)
