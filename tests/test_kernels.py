@@ -282,3 +282,6 @@ def test_patched_unet_compiles_as_one_graph(tiny_model):
     compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break is an error
     torch.testing.assert_close(compiled(latents, 10, encoder_hidden_states=text).sample, expected, atol=1e-5,
                                rtol=1e-5)
+    with disabled("group_norm", "geglu"):  # read when tracing: the compiled model follows the switch
+        unfused = unet(latents, 10, encoder_hidden_states=text).sample
+        torch.testing.assert_close(compiled(latents, 10, encoder_hidden_states=text).sample, unfused, atol=0, rtol=0)
