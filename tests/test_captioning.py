@@ -436,6 +436,15 @@ def test_large_jpeg_is_decoded_at_reduced_scale():
     assert image.mode == "RGB" and 224 <= min(image.size) < 800
 
 
+def test_sample_jpegs_do_not_depend_on_the_number_of_writers(tmp_path):
+    from streamsynth.captions.bench import write_sample_jpegs
+
+    one, two = write_sample_jpegs(tmp_path / "one", 6, workers=1), write_sample_jpegs(tmp_path / "two", 6, workers=2)
+    files = sorted(p.relative_to(one) for p in one.rglob("*.jpg"))
+    assert len(files) == 6 and files == sorted(p.relative_to(two) for p in two.rglob("*.jpg"))
+    assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
+
+
 def test_caption_bench_tiny_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["caption-bench", "--arch", "tiny", "--num-images", "10", "--batch-size", "4", "8", "--kv-cache",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
 import resource
 import tempfile
@@ -33,19 +34,36 @@ REFERENCE_BATCH_SIZE = 65
 _SAMPLE_IMAGE_SIZE = (500, 375)
 
 
-def write_sample_jpegs(folder: str | Path, count: int, num_classes: int = 10, seed: int = 0) -> Path:
-    """`count` photo-sized JPEGs in an ImageFolder tree under `folder` (smooth colour fields plus grain)."""
-    folder = Path(folder)
-    rng = np.random.default_rng(seed)
+def _write_sample_jpeg(folder: Path, n: int, num_classes: int, seed: int) -> None:
+    rng = np.random.default_rng([seed, n])  # per image, so the files do not depend on how the work is split
     width, height = _SAMPLE_IMAGE_SIZE
-    for n in range(count):
-        coarse = rng.integers(0, 256, (height // 25, width // 25, 3), dtype=np.uint8)
-        picture = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
-        grain = rng.normal(0, 12, (height, width, 3))
-        pixels = np.clip(np.asarray(picture, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
-        path = folder / f"class{n % num_classes:03d}" / f"{n:06d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(path, quality=90)
+    coarse = rng.integers(0, 256, (height // 25, width // 25, 3), dtype=np.uint8)
+    picture = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    grain = rng.normal(0, 12, (height, width, 3))
+    pixels = np.clip(np.asarray(picture, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
+    path = folder / f"class{n % num_classes:03d}" / f"{n:06d}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def write_sample_jpegs(folder: str | Path, count: int, num_classes: int = 10, seed: int = 0,
+                       workers: int | None = None) -> Path:
+    """`count` photo-sized JPEGs in an ImageFolder tree under `folder` (smooth colour fields plus grain).
+
+    Written by `workers` processes (default: every CPU): about 18 ms an image on one core.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    folder = Path(folder)
+    write = partial(_write_sample_jpeg, folder, num_classes=num_classes, seed=seed)
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        for n in range(count):
+            write(n)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(write, range(count), chunksize=max(1, count // (4 * workers))))
     return folder
 
 
