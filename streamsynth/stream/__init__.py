@@ -1,7 +1,7 @@
 """The stream: sample ids, the IterableDataset, its restartable loader, the optional WebDataset cache, and the cache
 and real images as exactly resumable batch sources."""
 
-from .cache import CachedBatches, CacheOrder, cache_shards, cached_dataset
+from .cache import CachedBatches, CacheOrder, cache_shards
 from .dataset import SyntheticStream, default_transform
 from .loader import StreamLoader
 from .real import RealBatches
@@ -19,7 +19,6 @@ __all__ = [
     "StreamLoader",
     "SyntheticStream",
     "cache_shards",
-    "cached_dataset",
     "default_transform",
     "keyed_permutation",
 ]

@@ -246,25 +246,6 @@ class CachedBatches(ResumableBatches):
         return None
 
 
-def cached_dataset(
-    cache: str | os.PathLike,
-    transform: Callable[[torch.Tensor], torch.Tensor],
-    shuffle_buffer: int = 1000,
-    seed: int = 0,
-):
-    """An endless `webdataset` pipeline over the cache: shards resampled with replacement, samples shuffled."""
-    import webdataset as wds
-
-    return (
-        wds.WebDataset(cache_shards(cache), resampled=True, shardshuffle=False, seed=seed,
-                       nodesplitter=None, empty_check=False, handler=wds.warn_and_continue)
-        .shuffle(shuffle_buffer)
-        .map_dict(png=_decode_png, cls=lambda raw: int(raw))
-        .to_tuple("png", "cls")
-        .map_tuple(transform, lambda label: label)
-    )
-
-
 def read_metadata(shard: str | os.PathLike) -> list[dict]:
     """The json records of one shard, in order (for audits and tests)."""
     import webdataset as wds
