@@ -105,5 +105,5 @@ class RealBatches(ResumableBatches):
                     f"was written with {saved['images']}")
         if saved["digest"] != now["digest"]:
             return (f"the --train-dir folder {self.dataset.root} holds other images than when the checkpoint was "
-                    f"written (the same number, other files or labels)")
+                    "written (the same number, other files or labels)")
         return None
