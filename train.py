@@ -35,7 +35,7 @@ from streamsynth.classifier import build_classifier, classifier_checkpoint
 from streamsynth.defaults import embedded_captions, embedded_model
 from streamsynth.evaluate import (LabelledImageFolder, class_folders, eval_transform, evaluate_suites, format_results,
                                   suite_folder_labels, write_results)
-from streamsynth.stream import cached_dataset
+from streamsynth.stream import CachedBatches, RealBatches, ResumableBatches
 from streamsynth.stream.dataset import IMAGENET_MEAN, IMAGENET_STD
 from streamsynth.stream.devices import synthesis_devices
 from streamsynth.stream.feedback import ClassFeedback
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data (any combination of the three sources, mixed by --mix)")
     data.add_argument("--online-synthesis", action="store_true", help="images synthesised on the fly, never stored")
-    data.add_argument("--from-cache", help="WebDataset shards written by --cache (resampled, endless)")
+    data.add_argument("--from-cache", help="WebDataset shards written by --cache (endless seeded passes)")
     data.add_argument("--train-dir", help="a real ImageFolder (the real-data baseline, or real + synthetic)")
     data.add_argument("--mix", help="weights of the sources, e.g. 'synthetic=3,real=1' (default: equal)")
     data.add_argument("--sd-model", help="Stable Diffusion hub id or diffusers folder (default: embedded tiny random model)")
@@ -110,7 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     out.add_argument("--log-every", type=int, default=10)
     out.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
-    out.add_argument("--log-sample-ids", action="store_true", help="write the sample ids of every synthetic batch")
+    out.add_argument("--log-sample-ids", action="store_true",
+                     help="write what every micro-batch held to OUT/sample_ids-rankR.csv as step,micro,source,keys: "
+                          "sample ids (synthetic), shard/key (cache), image indices (real)")
     args = p.parse_args(argv)
 
     if not (args.online_synthesis or args.from_cache or args.train_dir):
@@ -168,27 +170,27 @@ def endless(loader) -> Iterator:
         yield from loader
 
 
-def cached_batches(args: argparse.Namespace, rank: int) -> Iterator:
-    dataset = cached_dataset(args.from_cache, train_transform(args.image_size), seed=args.seed + rank)
-    return endless(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=max(1, args.workers)))
+def cached_batches(args: argparse.Namespace, rank: int, world: int) -> CachedBatches:
+    """The cache in seeded passes, this rank's share of each; resumes exactly from a batch count."""
+    return CachedBatches(args.from_cache, train_transform(args.image_size), args.batch_size, seed=args.seed,
+                         rank=rank, world=world, num_workers=args.workers)
 
 
-def real_batches(args: argparse.Namespace, class_ids: list[str], rank: int, world: int) -> Iterator:
-    """A real ImageFolder, its class folders mapped to the classifier's labels, reshuffled every epoch."""
+def real_batches(args: argparse.Namespace, class_ids: list[str], rank: int, world: int) -> RealBatches:
+    """A real ImageFolder, its class folders mapped to the classifier's labels, reshuffled every epoch as
+    `DistributedSampler` does; resumes exactly from a batch count."""
     folder_labels, skipped = suite_folder_labels(args.train_dir, class_ids, None, "--train-dir")
     if skipped and rank == 0:
         log.warning("--train-dir: %d class folders are not classes of the caption store and are not used: %s",
                     len(skipped), skipped[:5])
     transform = train_transform(args.image_size, from_pil=True)
     dataset = LabelledImageFolder(args.train_dir, folder_labels, transform=transform)
-    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=args.workers, persistent_workers=args.workers > 0)
-    epoch = 0
-    while True:
-        sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+    return RealBatches(dataset, args.batch_size, seed=args.seed, rank=rank, world=world, num_workers=args.workers)
+
+
+def sample_keys(keys: torch.Tensor | list[str]) -> list:
+    """A batch's sample ids or image indices (collated into a tensor) or cache keys (a list of strings)."""
+    return keys.tolist() if isinstance(keys, torch.Tensor) else keys
 
 
 def parse_mix(spec: str | None, sources: list[str]) -> list[float]:
@@ -251,10 +253,15 @@ def main(argv: list[str] | None = None) -> None:
     sources = {}
     if args.online_synthesis:
         sources["synthetic"] = endless(loader)
-    if args.from_cache:
-        sources["cache"] = cached_batches(args, rank)
-    if args.train_dir:
-        sources["real"] = real_batches(args, class_ids, rank, world)
+    try:
+        if args.from_cache:
+            sources["cache"] = cached_batches(args, rank, world)
+        if args.train_dir:
+            sources["real"] = real_batches(args, class_ids, rank, world)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    # The cache and real sources resume from a batch count saved per rank beside the synthetic loader's state.
+    resumable = {name: source for name, source in sources.items() if isinstance(source, ResumableBatches)}
     names = list(sources)
     mix = parse_mix(args.mix, names)
     mix_cumulative = [sum(mix[:i + 1]) for i in range(len(mix))]
@@ -291,11 +298,21 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
-        if loader is not None:
-            if len(state["loaders"]) != world:
-                raise SystemExit(f"{checkpoint_path} was written by {len(state['loaders'])} ranks, this run has "
-                                 f"{world}: resume with the same number of ranks")
-            loader.load_state_dict(state["loaders"][rank])
+        if len(state["loaders"]) != world:
+            raise SystemExit(f"{checkpoint_path} was written by {len(state['loaders'])} ranks, this run has "
+                             f"{world}: resume with the same number of ranks")
+        saved_sources = state["sources"][rank] if "sources" in state else {}
+        try:  # a changed setting or changed data is a ValueError that says what changed
+            if loader is not None:
+                loader.load_state_dict(state["loaders"][rank])
+            for name, source in resumable.items():
+                if name in saved_sources:
+                    source.load_state_dict(saved_sources[name])
+                else:  # a checkpoint from before sources were saved, or a source added since
+                    log.warning("%s holds no position of the %s source: it starts from its first batch",
+                                checkpoint_path, name)
+        except ValueError as err:
+            raise SystemExit(f"error: cannot resume from {checkpoint_path}: {err}") from None
         if is_main:
             print(f"resumed from {checkpoint_path} at step {step}", flush=True)
     if world > 1:
@@ -316,17 +333,18 @@ def main(argv: list[str] | None = None) -> None:
     ids_file = open(out / f"sample_ids-rank{rank}.csv", "a") if args.log_sample_ids else None
 
     def checkpoint() -> None:
-        loader_state = loader.state_dict() if loader is not None else None
-        loaders = [None] * world
+        rank_state = (loader.state_dict() if loader is not None else None,
+                      {name: source.state_dict() for name, source in resumable.items()})
+        states = [None] * world
         if world > 1:
-            dist.all_gather_object(loaders, loader_state)
+            dist.all_gather_object(states, rank_state)
         else:
-            loaders = [loader_state]
+            states = [rank_state]
         if is_main:
             save_checkpoint(checkpoint_path, classifier_checkpoint(
                 raw_model, args.arch, class_ids, image_size=args.image_size, step=step,
-                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), loaders=loaders, args=vars(args),
-                stream=stream.describe() if stream else None))
+                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), loaders=[s[0] for s in states],
+                sources=[s[1] for s in states], args=vars(args), stream=stream.describe() if stream else None))
 
     def evaluate(tag: str) -> None:
         if not (is_main and suites):
@@ -357,8 +375,8 @@ def main(argv: list[str] | None = None) -> None:
             targets = batch[1].to(device, non_blocking=True)
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            if ids_file and source == "synthetic":
-                ids_file.write(f"{step}," + " ".join(str(i) for i in batch[2].tolist()) + "\n")
+            if ids_file:
+                ids_file.write(f"{step},{micro},{source}," + " ".join(map(str, sample_keys(batch[2]))) + "\n")
             sync = micro == args.accum_steps - 1 or world == 1
             with autocast, (nullcontext() if sync else model.no_sync()):
                 losses = F.cross_entropy(model(images), targets, label_smoothing=args.label_smoothing,

@@ -34,3 +34,46 @@ def tiny_model(tmp_path_factory) -> Path:
 def caption_store(tmp_path_factory) -> CaptionStore:
     """The ten-class illustrative Imagenette captions, imported into an LMDB store."""
     return import_captions(embedded_caption_source(), tmp_path_factory.mktemp("captions") / "captions.lmdb")
+
+
+@pytest.fixture(scope="session")
+def write_cache():
+    """A writer of cache shards as `--cache` writes them (png, cls, json; one shard per entry of `counts`, named by
+    its first sample id), for tests of training from a cache that need no synthesis run."""
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    from streamsynth.stream.cache import shard_name
+
+    def write(folder: Path, counts: list[int], num_classes: int = 3, first_id: int = 0) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(first_id)
+        sample_id = first_id
+        for count in counts:
+            with wds.TarWriter(str(folder / shard_name(0, sample_id))) as writer:
+                for _ in range(count):
+                    writer.write({"__key__": f"{sample_id:012d}", "cls": sample_id % num_classes,
+                                  "json": {"sample_id": sample_id},
+                                  "png": Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))})
+                    sample_id += 1
+        return folder
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def write_image_folder():
+    """A writer of an ImageFolder of random PNGs: `images_per_class` maps class folder name → image count."""
+    import numpy as np
+    from PIL import Image
+
+    def write(root: Path, images_per_class: dict[str, int]) -> Path:
+        rng = np.random.default_rng(len(images_per_class))
+        for name, count in images_per_class.items():
+            (root / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+        return root
+
+    return write

@@ -16,7 +16,7 @@ import torch
 import webdataset as wds
 
 from streamsynth import SynthesisConfig, SyntheticStream
-from streamsynth.stream import cache_shards, cached_dataset
+from streamsynth.stream import CachedBatches, cache_shards
 from streamsynth.stream.cache import read_metadata
 
 FAST = SynthesisConfig(num_inference_steps=2)
@@ -198,10 +198,11 @@ def test_cache_shards_are_plain_webdataset_and_written_once(caption_store, tiny_
     loader.set_epoch(0)
     list(loader)  # the same epoch again: its shards exist, nothing is rewritten
     assert {s: os.stat(s).st_mtime_ns for s in cache_shards(cache)} == mtimes
-    # Training from the cache: endless (resampled) and labelled.
-    endless = iter(cached_dataset(cache, _flip_and_crop(), shuffle_buffer=8))
-    drawn = [next(endless) for _ in range(40)]
-    assert all(image.shape == (3, 16, 16) and 0 <= label < 10 for image, label in drawn)
+    # Training from the cache: endless passes that read every sample once, labelled, keyed by shard and sample id.
+    batches = CachedBatches(cache, _flip_and_crop(), 4, shuffle_window=8)
+    drawn = [next(batches) for _ in range(10)]
+    assert all(images.shape == (4, 3, 16, 16) and 0 <= labels.min() and labels.max() < 10 for images, labels, _ in drawn)
+    assert sorted(int(key.split("/")[1]) for _, _, keys in drawn[:4] for key in keys) == sorted(delivered)
 
 
 def test_kill_during_cache_write_leaves_no_visible_shard(caption_store, tmp_path):

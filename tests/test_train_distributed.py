@@ -1,4 +1,5 @@
-"""train.py under torchrun (gloo, CPU), killed and resumed, and the privacy promise of online mode."""
+"""train.py under torchrun (gloo, CPU), killed and resumed (fresh, cached and real batches), and the privacy promise
+of online mode."""
 
 from __future__ import annotations
 
@@ -25,13 +26,25 @@ def _env(cache: Path, **extra) -> dict:
     return {**os.environ, "STREAMSYNTH_CACHE": str(cache), "OMP_NUM_THREADS": "1", **extra}
 
 
-def _read_ids(path: Path) -> dict[int, list[int]]:
-    """step → sample ids; a step logged twice (before a kill and after the resume) keeps its last record."""
-    steps = {}
+def _read_ids(path: Path) -> dict[tuple[int, int], tuple[str, list[str]]]:
+    """(step, micro-batch) → (source, sample keys); a micro-batch logged twice (before a kill and after the resume)
+    keeps its last record."""
+    batches = {}
     for line in path.read_text().splitlines():
-        step, ids = line.split(",")
-        steps[int(step)] = [int(i) for i in ids.split()]
-    return steps
+        step, micro, source, keys = line.split(",")
+        batches[int(step), int(micro)] = source, keys.split()
+    return batches
+
+
+def _run_until_killed(command: list[str], ids_log: Path, lines: int, env: dict) -> None:
+    """Start train.py, and kill -9 it with its loader workers once `ids_log` holds `lines` micro-batches."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ids_log.exists() and len(ids_log.read_text().splitlines()) >= lines):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 @pytest.mark.slow
@@ -42,7 +55,8 @@ def test_two_ranks_two_workers_see_every_sample_once(tmp_path, isolated_cache, c
                "--captions", str(caption_store.path), "--workers", "2", "--out", str(out), *TINY_RUN]
     result = subprocess.run(command, capture_output=True, text=True, env=_env(isolated_cache), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    ids = [i for rank in (0, 1) for batch in _read_ids(out / f"sample_ids-rank{rank}.csv").values() for i in batch]
+    ids = [int(i) for rank in (0, 1) for _, keys in _read_ids(out / f"sample_ids-rank{rank}.csv").values()
+           for i in keys]
     assert sorted(ids) == list(range(2 * 6 * 2))  # 2 ranks x 6 steps x batch 2: no duplicate, no gap
 
 
@@ -57,15 +71,9 @@ def test_killed_run_resumes_with_the_same_samples(tmp_path, isolated_cache, capt
     assert result.returncode == 0, result.stderr[-4000:]
 
     run = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, *steps, "--out", str(run)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(isolated_cache),
-                               start_new_session=True)
     ids_log = run / "sample_ids-rank0.csv"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (ids_log.exists() and len(ids_log.read_text().splitlines()) >= 4):
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)  # the trainer and its synthesis workers, mid-run
-    process.wait()
+    _run_until_killed([sys.executable, str(ROOT / "train.py"), *common, *steps, "--out", str(run)], ids_log, 4,
+                      _env(isolated_cache))  # the trainer and its synthesis workers, mid-run
     assert (run / "checkpoint.pt").exists()
 
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *steps, "--out", str(run), "--resume"],
@@ -73,6 +81,62 @@ def test_killed_run_resumes_with_the_same_samples(tmp_path, isolated_cache, capt
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resumed from" in result.stdout
     assert _read_ids(ids_log) == _read_ids(reference / "sample_ids-rank0.csv")
+
+
+@pytest.mark.slow
+def test_killed_mixed_run_resumes_every_source_exactly(tmp_path, isolated_cache, caption_store, tiny_model,
+                                                        write_cache, write_image_folder):
+    """Synthetic, cache and real batches mixed, two micro-batches a step, killed and resumed: the same batches."""
+    class_ids = [c.id for c in caption_store.classes]
+    cache = write_cache(tmp_path / "cache", [2] * 8, num_classes=len(class_ids))
+    real = write_image_folder(tmp_path / "train", dict.fromkeys(class_ids[:3], 2))
+    command = [sys.executable, str(ROOT / "train.py"), "--online-synthesis", "--from-cache", str(cache),
+               "--train-dir", str(real), "--mix", "synthetic=1,cache=2,real=2", "--sd-model", str(tiny_model),
+               "--captions", str(caption_store.path), "--accum-steps", "2", "--workers", "1",
+               "--checkpoint-every", "1", *TINY_RUN, "--steps", "12"]
+    reference = tmp_path / "reference"
+    result = subprocess.run([*command, "--out", str(reference)], capture_output=True, text=True,
+                            env=_env(isolated_cache), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    expected = _read_ids(reference / "sample_ids-rank0.csv")
+    assert len(expected) == 24 and {source for source, _ in expected.values()} == {"synthetic", "cache", "real"}
+
+    run = tmp_path / "killed"
+    _run_until_killed([*command, "--out", str(run)], run / "sample_ids-rank0.csv", 8, _env(isolated_cache))
+    result = subprocess.run([*command, "--out", str(run), "--resume"], capture_output=True, text=True,
+                            env=_env(isolated_cache), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    resumed_at = int(result.stdout.split("resumed from ")[1].split("at step ")[1].split()[0])
+    assert 2 <= resumed_at < 12
+    assert _read_ids(run / "sample_ids-rank0.csv") == expected
+
+    write_cache(cache, [2], num_classes=len(class_ids), first_id=100)  # the cache grew: it cannot resume exactly
+    result = subprocess.run([*command, "--out", str(run), "--resume", "--steps", "14"], capture_output=True,
+                            text=True, env=_env(isolated_cache), timeout=600)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "now has 9 shards, the checkpoint was written with 8: resume with the same cache folder" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_cache_and_real_exactly(tmp_path, isolated_cache, caption_store, tiny_model, write_cache,
+                                                 write_image_folder):
+    """Under torchrun each rank resumes its own cache and real positions, and the ranks read disjoint cache samples."""
+    class_ids = [c.id for c in caption_store.classes]
+    cache = write_cache(tmp_path / "cache", [2] * 8, num_classes=len(class_ids))
+    real = write_image_folder(tmp_path / "train", dict.fromkeys(class_ids[:3], 2))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "train.py"), "--from-cache", str(cache), "--train-dir", str(real),
+               "--sd-model", str(tiny_model), "--captions", str(caption_store.path), "--workers", "0", *TINY_RUN]
+    for out, steps in [("reference", "8"), ("resumed", "4"), ("resumed", "8")]:
+        result = subprocess.run([*command, "--steps", steps, "--out", str(tmp_path / out), "--resume"],
+                                capture_output=True, text=True, env=_env(isolated_cache), timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+    assert "resumed from" in result.stdout
+    expected = [_read_ids(tmp_path / "reference" / f"sample_ids-rank{rank}.csv") for rank in (0, 1)]
+    assert [_read_ids(tmp_path / "resumed" / f"sample_ids-rank{rank}.csv") for rank in (0, 1)] == expected
+    cache_keys = [[key for source, keys in batches.values() if source == "cache" for key in keys][:8]
+                  for batches in expected]  # at most one pass of 16 samples over both ranks
+    assert cache_keys[0] and not set(cache_keys[0]) & set(cache_keys[1])
 
 
 def _files(*folders: Path) -> dict[Path, int]:

@@ -4,23 +4,33 @@ Each generation group becomes one tar shard of (png, cls, json) samples, written
 renamed when complete: a reader (plain `webdataset` included) never sees a partial shard, and a killed writer
 leaves only a hidden `.tmp` file that the next writer of that shard replaces. A shard is named by its run seed and
 first sample id, so a restarted or resumed run finds the shards it already wrote and does not write them again.
+
+Training from the cache reads it in a seeded order that is a pure function of (seed, position), so a run resumes
+exactly from a batch count (`CachedBatches`): see `CacheOrder` and `CacheStream`.
 """
 
 from __future__ import annotations
 
+import bisect
 import glob
 import io
 import json
 import os
+import tarfile
+from dataclasses import dataclass
+from itertools import accumulate, count
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..captions.store import CaptionStore
-from .sampling import SampleSpec
+from ..synth.sampler import derive_seed
+from .resumable import ResumableBatches, seeded
+from .sampling import SampleSpec, keyed_permutation
 
 
 def shard_name(seed: int, first_sample_id: int) -> str:
@@ -66,28 +76,174 @@ def cache_shards(cache: str | os.PathLike) -> list[str]:
     return shards
 
 
+def shard_sample_count(shard: str | os.PathLike) -> int:
+    """The samples in a shard, counted from its tar headers alone (no image is read or decoded).
+
+    Members are grouped into samples by webdataset's own key function, so the count is what a webdataset read yields.
+    """
+    from webdataset.tariterators import base_plus_ext
+
+    with tarfile.open(shard) as tar:  # random-access mode: reading a header seeks over the member's data
+        keys = [key for key, _ in (base_plus_ext(m.name) for m in tar if m.isreg()) if key is not None]
+    return sum(1 for previous, key in zip([None, *keys], keys) if key != previous)
+
+
+@dataclass(frozen=True)
+class _PassLayout:
+    shards: list[int]  # shard indices in this pass's order
+    shard_starts: list[int]  # offset in the pass of each shard's first sample, then the pass length
+    window_bounds: list[int]  # offset of each window's first sample, then the pass length
+
+
+class CacheOrder:
+    """Where position i of the endless cache stream reads from: (shard, member), a pure function of (seed, i).
+
+    Positions [pN, (p+1)N) are pass p (N samples in the cache) and read every sample once: the shards in an order
+    shuffled per pass, and the samples of each window (a run of consecutive shards in that order holding at least
+    `shuffle_window` samples) shuffled together. This is webdataset's shard shuffle and shuffle buffer made
+    addressable: any position is found by arithmetic and keyed permutations, without reading what comes before it.
+    """
+
+    def __init__(self, counts: Sequence[int], seed: int, shuffle_window: int = 1000):
+        self.counts = list(counts)
+        self.seed = seed
+        self.shuffle_window = shuffle_window
+        self.samples_per_pass = sum(self.counts)
+        if self.samples_per_pass == 0:
+            raise ValueError("the cache shards hold no samples")
+        self._layout_cache: tuple[int, _PassLayout] | None = None
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(shard index, member index in the shard) of a position."""
+        pass_index, offset = divmod(position, self.samples_per_pass)
+        layout = self._layout(pass_index)
+        window = bisect.bisect_right(layout.window_bounds, offset) - 1
+        start, end = layout.window_bounds[window], layout.window_bounds[window + 1]
+        flat = start + keyed_permutation(offset - start, end - start,
+                                         derive_seed(self.seed, "cache window", pass_index, window))
+        slot = bisect.bisect_right(layout.shard_starts, flat) - 1
+        return layout.shards[slot], flat - layout.shard_starts[slot]
+
+    def _layout(self, pass_index: int) -> _PassLayout:
+        # Positions arrive in order, so remembering the last pass computes each layout about once.
+        if self._layout_cache is None or self._layout_cache[0] != pass_index:
+            self._layout_cache = pass_index, self._compute_layout(pass_index)
+        return self._layout_cache[1]
+
+    def _compute_layout(self, pass_index: int) -> _PassLayout:
+        key = derive_seed(self.seed, "cache shards", pass_index)
+        shards = [keyed_permutation(i, len(self.counts), key) for i in range(len(self.counts))]
+        shard_starts = [0, *accumulate(self.counts[s] for s in shards)]
+        window_bounds = [0]
+        for end in shard_starts[1:]:
+            if end > window_bounds[-1] and (end - window_bounds[-1] >= self.shuffle_window
+                                            or end == self.samples_per_pass):
+                window_bounds.append(end)
+        return _PassLayout(shards, shard_starts, window_bounds)
+
+
+def read_members(shard: str, members: Collection[int]) -> dict[int, dict]:
+    """The raw samples (undecoded bytes, `__key__`) at these member indices of a shard, read with webdataset up to
+    the last one wanted."""
+    import webdataset as wds
+
+    wanted, last, found = set(members), max(members), {}
+    for member, sample in enumerate(wds.tarfile_samples([{"url": shard}])):
+        if member in wanted:
+            found[member] = sample
+        if member == last:
+            return found
+    raise RuntimeError(f"{shard} holds fewer samples than it did when the run started (sample {last} is missing): "
+                       "the cache changed during the run")
+
+
 def _decode_png(data: bytes) -> torch.Tensor:
     image = Image.open(io.BytesIO(data)).convert("RGB")
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
-def cached_dataset(
-    cache: str | os.PathLike,
-    transform: Callable[[torch.Tensor], torch.Tensor],
-    shuffle_buffer: int = 1000,
-    seed: int = 0,
-):
-    """An endless `webdataset` pipeline over the cache: shards resampled with replacement, samples shuffled."""
-    import webdataset as wds
+class CacheStream(IterableDataset):
+    """One rank's batches of the cache from batch `start_batch` on, as (image, label, key) samples for a DataLoader.
 
-    return (
-        wds.WebDataset(cache_shards(cache), resampled=True, shardshuffle=False, seed=seed,
-                       nodesplitter=None, empty_check=False, handler=wds.warn_and_continue)
-        .shuffle(shuffle_buffer)
-        .map_dict(png=_decode_png, cls=lambda raw: int(raw))
-        .to_tuple("png", "cls")
-        .map_tuple(transform, lambda label: label)
-    )
+    Batch t holds positions (t·world + rank)·B + [0, B) of the shared `CacheOrder`, so ranks read disjoint samples
+    and together read every sample once per pass. Loader worker w of W makes batches start + w, start + w + W, ...:
+    a DataLoader reads its workers round-robin, so batches arrive in order and are the same for any number of
+    workers. A worker reads (with webdataset) the shards that hold its batch, up to the last member it needs, and
+    decodes only that batch's images; each is augmented under a seed derived from its position. The key is
+    "{shard name}/{__key__}", unique in the cache.
+    """
+
+    def __init__(self, shards: Sequence[str], order: CacheOrder, transform: Callable[[torch.Tensor], torch.Tensor],
+                 batch_size: int, rank: int, world: int, start_batch: int):
+        self.shards = list(shards)
+        self.order = order
+        self.transform = transform
+        self.batch_size = batch_size
+        self.rank, self.world = rank, world
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for batch in count(self.start_batch + worker, workers):
+            first = (batch * self.world + self.rank) * self.batch_size
+            yield from self._samples(range(first, first + self.batch_size))
+
+    def _samples(self, positions: range) -> Iterator[tuple[torch.Tensor, int, str]]:
+        places = [self.order.locate(p) for p in positions]
+        members_of: dict[int, list[int]] = {}
+        for shard, member in places:
+            members_of.setdefault(shard, []).append(member)
+        raw = {(shard, member): sample for shard, members in members_of.items()
+               for member, sample in read_members(self.shards[shard], members).items()}
+        for position, (shard, member) in zip(positions, places):
+            sample = raw[shard, member]
+            image = seeded(derive_seed(self.order.seed, "cache augment", position), self.transform,
+                           _decode_png(sample["png"]))
+            yield image, int(sample["cls"]), f"{Path(self.shards[shard]).stem}/{sample['__key__']}"
+
+
+class CachedBatches(ResumableBatches):
+    """The cache as an endless, exactly resumable source of (images, labels, keys) batches for one rank.
+
+    The order is `CacheOrder`'s (seeded, every sample once per pass, ranks disjoint); the state is the number of
+    batches delivered, with the shard names and sample counts as the fingerprint of the data. Counting reads only
+    tar headers, so opening a large cache costs no decoding.
+    """
+
+    data_name = "cache folder"
+
+    def __init__(self, cache: str | os.PathLike, transform: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
+                 *, seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 0, shuffle_window: int = 1000):
+        self.folder = cache
+        self.shards = cache_shards(cache)
+        counts = [shard_sample_count(s) for s in self.shards]
+        self.order = CacheOrder(counts, seed, shuffle_window)
+        self.transform = transform
+        self.batch_size, self.rank, self.world, self.num_workers = batch_size, rank, world, num_workers
+        super().__init__(
+            layout={"seed": seed, "batch_size": batch_size, "world_size": world, "rank": rank,
+                    "shuffle_window": shuffle_window},
+            fingerprint={"shards": [Path(s).name for s in self.shards], "counts": counts},
+        )
+
+    def _loader_from(self, batch: int) -> DataLoader:
+        stream = CacheStream(self.shards, self.order, self.transform, self.batch_size, self.rank, self.world, batch)
+        return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def _data_change(self, saved: dict) -> str | None:
+        names, counts = self.fingerprint["shards"], self.fingerprint["counts"]
+        if len(saved["shards"]) != len(names):
+            return (f"the cache folder {self.folder} now has {len(names)} shards, the checkpoint was written with "
+                    f"{len(saved['shards'])}")
+        if saved["shards"] != names:
+            new, gone = sorted(set(names) - set(saved["shards"])), sorted(set(saved["shards"]) - set(names))
+            return (f"the cache folder {self.folder} holds other shards than when the checkpoint was written "
+                    f"({new[0]} is new, {gone[0]} is gone)")
+        for name, was, now in zip(names, saved["counts"], counts):
+            if was != now:
+                return f"cache shard {name} now holds {now} samples, the checkpoint was written when it held {was}"
+        return None
 
 
 def read_metadata(shard: str | os.PathLike) -> list[dict]:
