@@ -7,10 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,17 +33,8 @@ def test_default_main_job(tmp_path, isolated_cache):
     assert log_lines[0].startswith("step,loss") and len(log_lines) == 3
 
 
-def _val_folder(root: Path, class_ids: list[str]) -> Path:
-    rng = np.random.default_rng(0)
-    for cid in class_ids:
-        (root / cid).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / cid / f"{i}.png")
-    return root
-
-
-def test_val_dir_top1(tmp_path, isolated_cache, caption_store, tiny_model):
-    val = _val_folder(tmp_path / "val", [c.id for c in caption_store.classes][:4])
+def test_val_dir_top1(tmp_path, isolated_cache, caption_store, tiny_model, write_image_folder):
+    val = write_image_folder(tmp_path / "val", dict.fromkeys([c.id for c in caption_store.classes][:4], 2))
     result = _train("--online-synthesis", "--sd-model", str(tiny_model), "--captions", str(caption_store.path),
                     "--val-dir", str(val),
                     "--steps", "3", "--batch-size", "4", "--image-size", "32", "--arch", "resnet18",
@@ -64,10 +53,11 @@ def test_a_missing_evaluation_folder_fails_before_training(tmp_path, isolated_ca
     assert "train:" not in result.stderr
 
 
-def test_real_baseline_and_real_plus_synthetic_mix(tmp_path, isolated_cache, caption_store, tiny_model):
+def test_real_baseline_and_real_plus_synthetic_mix(tmp_path, isolated_cache, caption_store, tiny_model,
+                                                   write_image_folder):
     class_ids = [c.id for c in caption_store.classes]
-    real = _val_folder(tmp_path / "train", class_ids[:3])
-    val = _val_folder(tmp_path / "val", class_ids[:3])
+    real = write_image_folder(tmp_path / "train", dict.fromkeys(class_ids[:3], 2))
+    val = write_image_folder(tmp_path / "val", dict.fromkeys(class_ids[:3], 2))
     small = ["--steps", "4", "--batch-size", "2", "--image-size", "16", "--arch", "resnet18", "--workers", "0"]
     baseline = _train("--train-dir", str(real), "--val-dir", str(val), *small, "--out", str(tmp_path / "real"),
                       cache=isolated_cache)

@@ -35,6 +35,7 @@ from ..synth.sampler import SynthesisConfig, Synthesizer, derive_seed
 from ..synth.tiny import RANDOM_WEIGHTS_NOTICE, has_random_weights
 from .feedback import SharedClassWeights
 from .metrics import WorkerStats, peak_memory_bytes
+from .resumable import seeded
 from .sampling import CaptionSampler, SampleSpec, keyed_permutation
 
 log = logging.getLogger(__name__)
@@ -318,9 +319,7 @@ class SyntheticStream(IterableDataset):
 
     def _augment(self, image: torch.Tensor, sample_id: int, use: int) -> torch.Tensor:
         # A per-(sample, use) seed makes augmentation part of the sample's pure function, so resume is exact.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, "augment", sample_id, use))
-            return self.transform(image)
+        return seeded(derive_seed(self.seed, "augment", sample_id, use), self.transform, image)
 
     def __iter__(self) -> Iterator[tuple]:
         start = self._start_position()
