@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_checks.sh loop OUT         # loader-bench: SD1.5 synthesis workers on the GPU feeding a consumer
 #   DRY=1 bash benchmarks/gpu_checks.sh all OUT    # every step on the CPU with tiny models: try the script here first
 #
-# Planned from shared/perf/anchors.md (H200), not measured: synthesis about 7 min, captioning about 4, loop about 2,
+# Planned from shared/perf/anchors.md (H200), not measured: synthesis about 8 min, captioning about 4, loop about 2,
 # synthesis-extra about 6. In a 15-minute device session run synthesis and captioning; the rest in the next one.
 # Every step has its own time limit, writes its results under OUT as it goes and logs to OUT/<step>.log; a failed
 # or timed-out step does not stop the next. OUT/steps.tsv gets one line per step: name, exit status, seconds.
@@ -52,6 +52,7 @@ PY
 }
 
 if [[ -n ${DRY:-} ]]; then
+  kernel_bench=(--device cpu --dtype fp32 --warmup 0 --repeats 1)
   sd15=(--arch tiny --dry --device cpu)
   # No --compile on the CPU: Inductor takes minutes there. tests/test_kernels.py compiles a patched UNet instead.
   profile_compiled=(--no-ablation)
@@ -62,6 +63,7 @@ if [[ -n ${DRY:-} ]]; then
   caption_static=(--arch tiny --device cpu --num-images 32 --batch-size 16 --num-workers 1)
   loop=(--device cpu --batches 2 --workers 1 --replay 1,2)
 else
+  kernel_bench=(--device cuda --dtype fp16 --batch 8)
   sd15=(--arch sd15 --device cuda --dtype fp16 --batch 32 --steps 50 --guidance 1.5 --size 224 --repeats 2
         --model-dir /tmp/sd15-random)
   profile_compiled=(--no-ablation --channels-last --fuse-qkv --compile)
@@ -78,6 +80,8 @@ fi
 
 environment
 case $what in synthesis|all)
+  # First, in about a minute: each kernel's output and time against its reference, call by call, at SD1.5's shapes.
+  step kernel-bench 150 "$py" -m kernels.bench "${kernel_bench[@]}" --json "$OUT/kernel-bench.json"
   # The acceptance run: streamsynth's default fast path (Triton kernels, fused step and post-processing, probed
   # attention) against plain diffusers, and each kernel switched off alone. Builds /tmp/sd15-random first.
   step profile-eager 330 "${cli[@]}" profile "${sd15[@]}" --out "$OUT/profile-eager"

@@ -7,7 +7,9 @@ Modules:
 - `postprocess`: VAE output in [-1, 1] to classifier input (antialiased bilinear resize, uint8 or normalised).
 - `patch`: swaps the fused modules into a loaded diffusers UNet or VAE, reversibly.
 - `dispatch`: switches each kernel on or off and decides where it can run.
+- `workloads`: every call SD1.5's fast path makes to a kernel, at SD1.5's shapes, runnable with or without the kernel.
 - `compile_check`: compiles every kernel for a GPU on a machine without one (`python -m kernels.compile_check`).
+- `bench`: each kernel against its reference on a device, call by call: error, time, GB/s (`python -m kernels.bench`).
 
 Import the submodules directly; nothing here imports Triton, so `import kernels` works on any machine.
 """

@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import dispatch
+from .workloads import sd15_workloads
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -112,66 +113,6 @@ def _kernel_functions() -> dict:
             "postprocess": _postprocess_kernel}
 
 
-def sd15_launches(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]]:
-    """(description, launch) for every way the fast path calls a kernel on SD1.5 at 512², batch 1.
-
-    Shapes come from SD1.5's configuration: they decide the block sizes, so these are the variants a real run compiles.
-    """
-    from streamsynth.synth.sd15 import UNET, VAE
-
-    from .geglu import geglu
-    from .group_norm import group_norm
-    from .guided_step import DDIM, PLMS_2, PLMS_3, PLMS_4, PLMS_FIRST, PLMS_SECOND, fused_update
-    from .postprocess import postprocess
-
-    def tensor(*shape: int, channels_last: bool = False) -> torch.Tensor:
-        x = torch.empty(shape, dtype=dtype)
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-    latent = UNET["sample_size"]
-    unet_levels = [(c, latent >> i) for i, c in enumerate(UNET["block_out_channels"])]
-    vae_levels = [(c, VAE["sample_size"] >> i) for i, c in enumerate(VAE["block_out_channels"])]
-    for where, groups, levels in (("unet", UNET["norm_num_groups"], unet_levels),
-                                  ("vae", VAE["norm_num_groups"], vae_levels)):
-        for channels, side in levels:
-            affine = (tensor(channels), tensor(channels))
-            for layout in ("nchw", "channels_last"):
-                x = tensor(1, channels, side, side, channels_last=layout == "channels_last")
-                for silu in (True, False):
-                    yield (f"group_norm {where} {channels}x{side}² {layout} silu={silu}",
-                           lambda x=x, g=groups, a=affine, s=silu: group_norm(x, g, *a, silu=s))
-            # the attention blocks' GroupNorm on a (batch, channels, tokens) transposed view
-            tokens = tensor(1, side * side, channels).transpose(1, 2)
-            yield (f"group_norm {where} {channels}x{side}² tokens-view",
-                   lambda x=tokens, g=groups, a=affine: group_norm(x, g, *a))
-    yield "group_norm without affine", lambda: group_norm(tensor(1, 320, 64, 64), 32)
-
-    for channels, side in unet_levels[:3]:  # the levels with transformer blocks; GEGLU's inner width is 4x
-        yield (f"geglu {channels}x{side}²",
-               lambda c=channels, s=side: geglu(tensor(1, s * s, 8 * c), tensor(8 * c)))
-    yield "geglu without bias", lambda: geglu(tensor(1, 64 * 64, 8 * 320))
-
-    sample = tensor(1, UNET["in_channels"], latent, latent)
-    history = [tensor(*sample.shape) for _ in range(3)]
-    for guided in (True, False):
-        noise = tensor(2 * sample.shape[0], *sample.shape[1:]) if guided else tensor(*sample.shape)
-        scale = 1.5 if guided else None
-        for clip in (None, 1.0):
-            yield (f"guided_step ddim guided={guided} clip={clip is not None}",
-                   lambda n=noise, s=scale, c=clip: fused_update(n, sample, [], DDIM, (0.5, 0.9, 0.8, 0.6), s,
-                                                                 store_eps=False, clip_range=c))
-        for rule, previous in ((PLMS_FIRST, 0), (PLMS_SECOND, 1), (PLMS_2, 1), (PLMS_3, 2), (PLMS_4, 3)):
-            yield (f"guided_step plms rule={rule} guided={guided}",
-                   lambda n=noise, s=scale, r=rule, p=previous: fused_update(
-                       n, sample, history[:p], r, (1.1, 0.01, 0.5), s, store_eps=r != PLMS_SECOND))
-
-    decoded = tensor(1, VAE["out_channels"], VAE["sample_size"], VAE["sample_size"])
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-    for size in (224, 128, None):
-        yield f"postprocess 512²->{size} uint8", lambda s=size: postprocess(decoded, s)
-        yield f"postprocess 512²->{size} normalised", lambda s=size: postprocess(decoded, s, mean, std)
-
-
 _RESOURCES = re.compile(r"REG:(\d+) STACK:\d+ SHARED:(\d+) LOCAL:(\d+)")
 
 
@@ -211,10 +152,10 @@ def check(archs: list[int], dtypes: list[str]) -> CheckReport:
 
         with compile_only(arch, record):
             for dtype_name in dtypes:
-                for description, launch in sd15_launches(DTYPES[dtype_name]):
-                    current = f"{dtype_name} {description}"
+                for workload in sd15_workloads(DTYPES[dtype_name], random=False):
+                    current = f"{dtype_name} {workload.kernel} {workload.description}"
                     try:
-                        launch()
+                        workload.run()
                     except Exception as err:  # noqa: BLE001 - every failure is reported, the check goes on
                         report.failures.append({"arch": arch, "launch": current,
                                                 "error": f"{type(err).__name__}: {err}"})

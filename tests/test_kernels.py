@@ -285,3 +285,22 @@ def test_patched_unet_compiles_as_one_graph(tiny_model):
     with disabled("group_norm", "geglu"):  # read when tracing: the compiled model follows the switch
         unfused = unet(latents, 10, encoder_hidden_states=text).sample
         torch.testing.assert_close(compiled(latents, 10, encoder_hidden_states=text).sample, unfused, atol=0, rtol=0)
+
+
+def test_kernel_bench_compares_each_workload_with_its_reference(monkeypatch):
+    from kernels import bench, guided_step
+
+    results = bench.bench("cpu", torch.float32, warmup=0, repeats=1, only="guided_step")
+    assert len(results) == 14 and {r.kernel for r in results} == {"guided_step"}
+    assert all(r.within_tolerance and r.max_abs_error == 0 for r in results)  # bit-exact on the CPU interpreter
+    assert all(r.kernel_ms > 0 and r.reference_ms > 0 and r.kernel_gb_per_s > 0 for r in results)
+
+    fused_update = guided_step.fused_update
+
+    def off_by_a_little(*args, **kwargs):
+        prev, eps = fused_update(*args, **kwargs)
+        return prev + 1e-3, eps
+
+    monkeypatch.setattr(guided_step, "fused_update", off_by_a_little)
+    results = bench.bench("cpu", torch.float32, warmup=0, repeats=1, only="guided_step")
+    assert not any(r.within_tolerance for r in results) and "14 outside tolerance" in bench.format_results(results)

@@ -1,0 +1,123 @@
+"""Every way Stable Diffusion 1.5's fast path calls a kernel, as repeatable calls on tensors of SD1.5's shapes.
+
+Each `Workload` calls the kernel through its public, switchable entry point, so the same call runs the Triton kernel
+or, inside `kernels.disabled(workload.kernel)`, its PyTorch reference. `kernels.compile_check` compiles them for a
+GPU without launching; `kernels.bench` runs both sides on a device and compares their outputs and times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+
+@dataclass
+class Workload:
+    kernel: str  # a name of kernels.KERNEL_NAMES
+    description: str
+    run: Callable[[], torch.Tensor]  # repeatable: any state the call changes is reset first
+    bytes_moved: int  # what the kernel must read and write at least: inputs and output, once each
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def sd15_workloads(dtype: torch.dtype, device: str | torch.device = "cpu", batch: int = 1,
+                   random: bool = True) -> Iterator[Workload]:
+    """The workloads of SD1.5 at 512² for `batch` images (the UNet sees 2 x batch with guidance).
+
+    Shapes come from SD1.5's configuration: they decide the block sizes, so these are the variants a real run
+    compiles. `random=False` leaves the tensors uninitialised (enough for compiling).
+    """
+    from streamsynth.synth.sd15 import SCHEDULER, UNET, VAE
+
+    from .geglu import geglu
+    from .group_norm import group_norm
+    from .postprocess import postprocess
+
+    generator = torch.Generator(device).manual_seed(0) if random else None
+
+    def tensor(*shape: int, channels_last: bool = False, scale: float = 1.0) -> torch.Tensor:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if not random:
+            return torch.empty(shape, dtype=dtype, device=device).contiguous(memory_format=memory_format)
+        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale
+        return x.to(dtype).contiguous(memory_format=memory_format)
+
+    latent, unet_batch = UNET["sample_size"], 2 * batch
+    unet_levels = [(c, latent >> i) for i, c in enumerate(UNET["block_out_channels"])]
+    vae_levels = [(c, VAE["sample_size"] >> i) for i, c in enumerate(VAE["block_out_channels"])]
+    for where, rows, groups, levels in (("unet", unet_batch, UNET["norm_num_groups"], unet_levels),
+                                        ("vae", batch, VAE["norm_num_groups"], vae_levels)):
+        for channels, side in levels:
+            weight, bias = tensor(channels), tensor(channels)
+            for layout in ("nchw", "channels_last"):
+                x = tensor(rows, channels, side, side, channels_last=layout == "channels_last")
+                for silu in (True, False):
+                    yield Workload("group_norm", f"{where} {channels}x{side}² {layout} silu={silu}",
+                                   lambda x=x, g=groups, w=weight, b=bias, s=silu: group_norm(x, g, w, b, silu=s),
+                                   2 * _nbytes(x) + _nbytes(weight, bias))
+            # the attention blocks' GroupNorm on a (batch, channels, tokens) transposed view
+            tokens = tensor(rows, side * side, channels).transpose(1, 2)
+            yield Workload("group_norm", f"{where} {channels}x{side}² tokens-view",
+                           lambda x=tokens, g=groups, w=weight, b=bias: group_norm(x, g, w, b), 2 * _nbytes(tokens))
+    plain = tensor(unet_batch, 320, latent, latent)
+    yield Workload("group_norm", "without affine", lambda: group_norm(plain, 32), 2 * _nbytes(plain))
+
+    for channels, side in unet_levels[:3]:  # the levels with transformer blocks; GEGLU's inner width is 4x
+        projected, proj_bias = tensor(unet_batch, side * side, 8 * channels), tensor(8 * channels)
+        yield Workload("geglu", f"{channels}x{side}²", lambda p=projected, b=proj_bias: geglu(p, b),
+                       _nbytes(projected) * 3 // 2)
+    projected = tensor(unet_batch, latent * latent, 8 * 320)
+    yield Workload("geglu", "without bias", lambda: geglu(projected), _nbytes(projected) * 3 // 2)
+
+    yield from _guided_step_workloads(tensor, batch, SCHEDULER)
+
+    decoded = tensor(batch, VAE["out_channels"], VAE["sample_size"], VAE["sample_size"]).clamp(-1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device)
+    for size in (224, 128, None):
+        out = (size or VAE["sample_size"]) ** 2 * batch * 3
+        yield Workload("postprocess", f"512²->{size} uint8", lambda s=size: postprocess(decoded, s),
+                       _nbytes(decoded) + out)
+        yield Workload("postprocess", f"512²->{size} normalised", lambda s=size: postprocess(decoded, s, mean, std),
+                       _nbytes(decoded) + 4 * out)
+
+
+def _guided_step_workloads(tensor, batch: int, scheduler_config: dict) -> Iterator[Workload]:
+    """Every update rule of the fused step, each from the scheduler state that selects it, reset before each call."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    from .guided_step import FusedGuidedStep
+
+    sample = tensor(batch, 4, 64, 64)
+    history = [tensor(batch, 4, 64, 64, scale=0.1) for _ in range(3)]
+    pndm_states = {  # rule: (counter, ets); the second step also re-reads the sample the first step kept
+        "plms first": (0, []), "plms second": (1, history[:1]), "plms 2-term": (2, history[:1]),
+        "plms 3-term": (3, history[:2]), "plms 4-term": (4, history[:3]),
+    }
+    for guided in (True, False):
+        noise = tensor(2 * batch if guided else batch, 4, 64, 64)
+        scale = 1.5 if guided else None
+        moved = _nbytes(noise) + 2 * _nbytes(sample)
+        for clip in (False, True):
+            ddim = DDIMScheduler.from_config(scheduler_config, clip_sample=clip)
+            ddim.set_timesteps(50)
+            step = FusedGuidedStep(ddim)
+            yield Workload("guided_step", f"ddim guided={guided} clip={clip}",
+                           lambda step=step, n=noise, s=scale: step(n, 501, sample, s), moved)
+        for rule, (counter, ets) in pndm_states.items():
+            pndm = PNDMScheduler.from_config(scheduler_config)
+            pndm.set_timesteps(50)
+            step = FusedGuidedStep(pndm)
+
+            def run(step=step, n=noise, s=scale, counter=counter, ets=ets) -> torch.Tensor:
+                state = step.scheduler
+                state.counter, state.ets, state.cur_sample = counter, list(ets), sample if counter == 1 else None
+                return step(n, 501, sample, s)
+
+            yield Workload("guided_step", f"{rule} guided={guided}", run,
+                           moved + _nbytes(*ets) + _nbytes(sample))
