@@ -7,7 +7,6 @@ The fused guidance + scheduler step must equal `scheduler.step` bit for bit on t
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
