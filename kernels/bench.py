@@ -92,8 +92,9 @@ def format_results(results: list[KernelTiming]) -> str:
     for kernel in dict.fromkeys(r.kernel for r in results):
         rows = [r for r in results if r.kernel == kernel]
         total_ref, total_kernel = sum(r.reference_ms for r in rows), sum(r.kernel_ms for r in rows)
+        outside = sum(not r.within_tolerance for r in rows)
         lines.append(f"{kernel}: {len(rows)} workloads, {total_ref:.3f} ms -> {total_kernel:.3f} ms summed "
-                     f"({total_ref / total_kernel:.2f}x), {sum(not r.within_tolerance for r in rows)} outside tolerance")
+                     f"({total_ref / total_kernel:.2f}x), {outside} outside tolerance")
     return "\n".join(lines)
 
 

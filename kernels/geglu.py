@@ -72,7 +72,7 @@ def geglu(projected: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Te
 
 
 # As `streamsynth::group_norm`: an opaque operator for torch.compile and CUDA graphs.
-@torch.library.custom_op("streamsynth::geglu", mutates_args=())
+@torch.library.custom_op("streamsynth::geglu", mutates_args=(), schema="(Tensor projected, Tensor? bias) -> Tensor")
 def geglu_op(projected: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return geglu(projected, bias)
 

@@ -153,7 +153,10 @@ def group_norm(
 
 # The kernel as a PyTorch operator: torch.compile (fullgraph included) and CUDA graphs see one opaque call with known
 # output shape, instead of tracing into Triton's launcher, which Dynamo cannot trace and would break the graph at.
-@torch.library.custom_op("streamsynth::group_norm", mutates_args=())
+# The schema is written out: inferring it from string annotations depends on the PyTorch version.
+@torch.library.custom_op("streamsynth::group_norm", mutates_args=(),
+                         schema="(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu) "
+                                "-> Tensor")
 def group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   eps: float, silu: bool) -> torch.Tensor:
     return group_norm(x, num_groups, weight, bias, eps, silu)
