@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from streamsynth import SynthesisConfig, SyntheticStream
-from streamsynth.captions import CaptionStoreError
+from streamsynth.captions import CaptionStore, CaptionStoreError
 from streamsynth.classifier import build_classifier, classifier_checkpoint
 from streamsynth.defaults import embedded_captions, embedded_model
 from streamsynth.evaluate import (LabelledImageFolder, class_folders, eval_transform, evaluate_suites, format_results,
@@ -239,15 +239,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {err}") from None
 
     # ----- data: fresh synthetic batches, cached ones, real ones, mixed by fixed weights ---------------------------
-    synthetic_classes = args.online_synthesis or args.from_cache or not args.train_dir
     stream = loader = feedback = None
-    if synthetic_classes:
+    if args.online_synthesis:
         devices = synthesis_devices(args.synth_devices, str(device), local_rank, local_world)
         stream = build_stream(args, devices)
         class_ids = [c.id for c in stream.store.classes]
         feedback = ClassFeedback(stream.num_classes, floor=args.feedback_floor) if args.feedback_sampling else None
         loader = stream.loader(args.batch_size, num_workers=args.workers, prefetch_factor=args.prefetch,
                                pin_memory=device.type == "cuda", feedback=feedback, timeout=args.worker_timeout)
+    elif args.from_cache:  # cached labels index the caption store's classes; no generator is needed
+        class_ids = [c.id for c in CaptionStore(args.captions or str(embedded_captions())).classes]
     else:
         class_ids = class_folders(args.train_dir)
     sources = {}
