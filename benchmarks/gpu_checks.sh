@@ -9,13 +9,14 @@
 #
 # Planned from shared/perf/anchors.md (H200), not measured: synthesis about 8 min, captioning about 4, loop about 2,
 # synthesis-extra about 6. In a 15-minute device session run synthesis and captioning; the rest in the next one.
-# Every step has its own time limit, writes its results under OUT as it goes and logs to OUT/<step>.log; a failed
+# A group's limits add up to under 600 s, the device tool's limit for one command. Every step has its own time limit, writes its results under OUT as it goes and logs to OUT/<step>.log; a failed
 # or timed-out step does not stop the next. OUT/steps.tsv gets one line per step: name, exit status, seconds.
 # On the device machine run it from the repository root after the wheel install line (shared/device/README.md).
 set -uo pipefail
 usage="usage: gpu_checks.sh synthesis|synthesis-extra|captioning|loop|all OUT"
 what=${1:?$usage}
 OUT=${2:?$usage}
+case $what in synthesis|synthesis-extra|captioning|loop|all) ;; *) echo "$usage" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 py=${PYTHON:-python3}
 cli=("$py" -m streamsynth.cli)
@@ -29,6 +30,7 @@ step() {  # step NAME SECONDS COMMAND...
   rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" | tee -a "$OUT/steps.tsv"
   tail -n 12 "$OUT/$name.log"
+  return "$rc"
 }
 
 environment() {
@@ -81,17 +83,17 @@ fi
 environment
 case $what in synthesis|all)
   # First, in about a minute: each kernel's output and time against its reference, call by call, at SD1.5's shapes.
-  step kernel-bench 150 "$py" -m kernels.bench "${kernel_bench[@]}" --json "$OUT/kernel-bench.json"
+  step kernel-bench 120 "$py" -m kernels.bench "${kernel_bench[@]}" --json "$OUT/kernel-bench.json"
   # The acceptance run: streamsynth's default fast path (Triton kernels, fused step and post-processing, probed
   # attention) against plain diffusers, and each kernel switched off alone. Builds /tmp/sd15-random first.
-  step profile-eager 330 "${cli[@]}" profile "${sd15[@]}" --out "$OUT/profile-eager"
+  step profile-eager 270 "${cli[@]}" profile "${sd15[@]}" --out "$OUT/profile-eager"
   # The same plus channels_last, fused QKV and torch.compile of the UNet (anchors: compiling took about 65 s).
-  step profile-compiled 300 "${cli[@]}" profile "${sd15[@]}" "${profile_compiled[@]}" --out "$OUT/profile-compiled"
+  step profile-compiled 200 "${cli[@]}" profile "${sd15[@]}" "${profile_compiled[@]}" --out "$OUT/profile-compiled"
 esac
 case $what in synthesis-extra|all)
   # Does Inductor alone beat Inductor around the kernels (which it cannot fuse into)? And what do CUDA graphs add?
   step profile-compiled-no-kernels 300 "${cli[@]}" profile "${sd15[@]}" "${compiled_variants[@]}" \
-    "${compile_flag[@]}" --no-kernels --out "$OUT/profile-compiled-no-kernels"
+    ${compile_flag[@]+"${compile_flag[@]}"} --no-kernels --out "$OUT/profile-compiled-no-kernels"
   step profile-cuda-graphs 360 "${cli[@]}" profile "${sd15[@]}" "${compiled_variants[@]}" --cuda-graphs \
     --out "$OUT/profile-cuda-graphs"
 esac
@@ -101,8 +103,7 @@ case $what in captioning|all)
     rm -rf "${jpegs[0]}.partial"
     step caption-jpegs 120 "$py" -c \
       "import sys; from streamsynth.captions.bench import write_sample_jpegs as w; w(sys.argv[1], int(sys.argv[2]))" \
-      "${jpegs[0]}.partial" "${jpegs[1]}"
-    mv "${jpegs[0]}.partial" "${jpegs[0]}"
+      "${jpegs[0]}.partial" "${jpegs[1]}" && mv "${jpegs[0]}.partial" "${jpegs[0]}"
   fi
   step caption-bench 240 "${cli[@]}" caption-bench "${captions[@]}" --images "${jpegs[0]}" \
     --out "$OUT/caption-bench.json"

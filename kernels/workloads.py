@@ -48,25 +48,20 @@ def sd15_workloads(dtype: torch.dtype, device: str | torch.device = "cpu", batch
         return x.to(dtype).contiguous(memory_format=memory_format)
 
     latent, unet_batch = UNET["sample_size"], 2 * batch
-    unet_levels = [(c, latent >> i) for i, c in enumerate(UNET["block_out_channels"])]
-    vae_levels = [(c, VAE["sample_size"] >> i) for i, c in enumerate(VAE["block_out_channels"])]
-    for where, rows, groups, levels in (("unet", unet_batch, UNET["norm_num_groups"], unet_levels),
-                                        ("vae", batch, VAE["norm_num_groups"], vae_levels)):
-        for channels, side in levels:
-            weight, bias = tensor(channels), tensor(channels)
-            for layout in ("nchw", "channels_last"):
-                x = tensor(rows, channels, side, side, channels_last=layout == "channels_last")
-                for silu in (True, False):
-                    yield Workload("group_norm", f"{where} {channels}x{side}² {layout} silu={silu}",
-                                   lambda x=x, g=groups, w=weight, b=bias, s=silu: group_norm(x, g, w, b, silu=s),
-                                   2 * _nbytes(x) + _nbytes(weight, bias))
-            # the attention blocks' GroupNorm on a (batch, channels, tokens) transposed view
-            tokens = tensor(rows, side * side, channels).transpose(1, 2)
-            yield Workload("group_norm", f"{where} {channels}x{side}² tokens-view",
-                           lambda x=tokens, g=groups, w=weight, b=bias: group_norm(x, g, w, b), 2 * _nbytes(tokens))
+    for where, groups, shape in sd15_group_norm_inputs():
+        rows = (unet_batch if where == "unet" else batch) * shape[0]
+        channels, size = shape[1], "x".join(map(str, shape[2:]))
+        weight, bias = tensor(channels), tensor(channels)
+        for layout in ("nchw", "channels_last") if len(shape) == 4 else ("contiguous",):
+            x = tensor(rows, channels, *shape[2:], channels_last=layout == "channels_last")
+            for silu in (True, False):
+                yield Workload("group_norm", f"{where} {channels}x{size} {layout} silu={silu}",
+                               lambda x=x, g=groups, w=weight, b=bias, s=silu: group_norm(x, g, w, b, silu=s),
+                               2 * _nbytes(x) + _nbytes(weight, bias))
     plain = tensor(unet_batch, 320, latent, latent)
     yield Workload("group_norm", "without affine", lambda: group_norm(plain, 32), 2 * _nbytes(plain))
 
+    unet_levels = [(c, latent >> i) for i, c in enumerate(UNET["block_out_channels"])]
     for channels, side in unet_levels[:3]:  # the levels with transformer blocks; GEGLU's inner width is 4x
         projected, proj_bias = tensor(unet_batch, side * side, 8 * channels), tensor(8 * channels)
         yield Workload("geglu", f"{channels}x{side}²", lambda p=projected, b=proj_bias: geglu(p, b),
@@ -85,6 +80,42 @@ def sd15_workloads(dtype: torch.dtype, device: str | torch.device = "cpu", batch
                        _nbytes(decoded) + out)
         yield Workload("postprocess", f"512²->{size} normalised", lambda s=size: postprocess(decoded, s, mean, std),
                        _nbytes(decoded) + 4 * out)
+
+
+def sd15_group_norm_inputs() -> list[tuple[str, int, tuple[int, ...]]]:
+    """(model, groups, input shape for one image) of every distinct GroupNorm call of SD1.5's UNet and VAE decoder at
+    512², found by running them on the meta device (no memory, no weights).
+
+    Reading the shapes off the models, rather than off `block_out_channels`, catches the up-blocks' GroupNorms of
+    concatenated skip connections (960 to 2560 channels), which have their own block sizes.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from streamsynth.synth.sd15 import TEXT_ENCODER, UNET, VAE
+
+    calls: dict[tuple, None] = {}
+
+    def record(where: str):
+        def hook(module: torch.nn.GroupNorm, args: tuple) -> None:
+            x = args[0]
+            channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            if not (x.is_contiguous() or channels_last):  # the workloads make these two layouts only
+                raise NotImplementedError(f"{where}: a GroupNorm input with strides {x.stride()}: add its layout")
+            calls[(where, module.num_groups, (1, *x.shape[1:]))] = None
+        return hook
+
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**UNET), AutoencoderKL(**VAE)
+    for where, model in (("unet", unet), ("vae", vae)):
+        for module in model.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.register_forward_pre_hook(record(where))
+    latent = UNET["sample_size"]
+    with torch.no_grad():
+        unet(torch.empty(1, 4, latent, latent, device="meta"), 500,
+             encoder_hidden_states=torch.empty(1, TEXT_ENCODER["max_position_embeddings"], UNET["cross_attention_dim"],
+                                               device="meta"))
+        vae.decode(torch.empty(1, 4, latent, latent, device="meta"))
+    return list(calls)
 
 
 def _guided_step_workloads(tensor, batch: int, scheduler_config: dict) -> Iterator[Workload]:

@@ -24,6 +24,6 @@ def test_gpu_checks_dry_run_completes_every_step(tmp_path):
         ("profile-cuda-graphs", "0"), ("caption-jpegs", "0"), ("caption-bench", "0"), ("caption-bench-static", "0"), ("loader-bench", "0"),
     ]
     assert json.loads((tmp_path / "profile-eager" / "profile.json").read_text())["ablation"]
-    assert len(json.loads((tmp_path / "kernel-bench.json").read_text())["results"]) == 65
+    assert len(json.loads((tmp_path / "kernel-bench.json").read_text())["results"]) == 107
     assert json.loads((tmp_path / "caption-bench-static.json").read_text())["streamsynth"]["kv_cache"] == "static"
     assert (tmp_path / "loader-bench.json").is_file() and "python" in (tmp_path / "environment.txt").read_text()

@@ -300,6 +300,12 @@ def test_kernel_bench_compares_each_workload_with_its_reference(monkeypatch):
         prev, eps = fused_update(*args, **kwargs)
         return prev + 1e-3, eps
 
+    image = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    assert bench.within_tolerance(image, image) and not bench.within_tolerance(image // 2, image)
+    one_off = image.clone()
+    one_off.view(-1)[:3] = one_off.view(-1)[:3] ^ 1  # 3 of 384 pixels one level away: within
+    assert bench.within_tolerance(one_off, image) and not bench.within_tolerance(image ^ 1, image)
+
     monkeypatch.setattr(guided_step, "fused_update", off_by_a_little)
     results = bench.bench("cpu", torch.float32, warmup=0, repeats=1, only="guided_step")
     assert not any(r.within_tolerance for r in results) and "14 outside tolerance" in bench.format_results(results)
