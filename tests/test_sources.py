@@ -81,10 +81,23 @@ def test_a_changed_cache_or_setting_is_a_clear_resume_error(tmp_path, write_cach
     state = source.state_dict()
     with pytest.raises(ResumeError, match="batch_size was 4, now 2. Resume with the saved settings"):
         CachedBatches(cache, _random_crop_and_flip(), 2).load_state_dict(state)
-    write_cache(cache, [2], first_id=100)
-    with pytest.raises(ResumeError, match="now has 3 shards, the checkpoint was written with 2: resume with the "
-                                          "same cache folder, or start a new run without --resume"):
+    sorted(cache.glob("*.tar"))[0].unlink()
+    with pytest.raises(ResumeError, match="has lost 1 of the shards the checkpoint was written with .*: resume with "
+                                          "the same cache folder, or start a new run without --resume"):
         CachedBatches(cache, _random_crop_and_flip(), 4).load_state_dict(state)
+
+
+def test_a_cache_that_grew_resumes_exactly_over_the_shards_it_had(tmp_path, write_cache):
+    cache = write_cache(tmp_path / "cache", [3, 5])
+    uninterrupted = _take(CachedBatches(cache, _random_crop_and_flip(), 2, seed=1), 10)
+    source = CachedBatches(cache, _random_crop_and_flip(), 2, seed=1)
+    _take(source, 4)
+    state = source.state_dict()
+    write_cache(cache, [4], first_id=100)  # a job still filling the cache added a shard
+    resumed = CachedBatches(cache, _random_crop_and_flip(), 2, seed=1)
+    assert len(resumed.shards) == 3
+    resumed.load_state_dict(state)
+    assert len(resumed.shards) == 2 and _same_batches(_take(resumed, 6), uninterrupted[4:])
 
 
 @pytest.fixture

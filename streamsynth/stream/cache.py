@@ -15,6 +15,7 @@ import bisect
 import glob
 import io
 import json
+import logging
 import os
 import tarfile
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from ..captions.store import CaptionStore
 from ..synth.sampler import derive_seed
 from .resumable import ResumableBatches, seeded
 from .sampling import SampleSpec, keyed_permutation
+
+log = logging.getLogger(__name__)
 
 
 def shard_name(seed: int, first_sample_id: int) -> str:
@@ -216,16 +219,31 @@ class CachedBatches(ResumableBatches):
     def __init__(self, cache: str | os.PathLike, transform: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
                  *, seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 0, shuffle_window: int = 1000):
         self.folder = cache
-        self.shards = cache_shards(cache)
-        counts = [shard_sample_count(s) for s in self.shards]
-        self.order = CacheOrder(counts, seed, shuffle_window)
         self.transform = transform
         self.batch_size, self.rank, self.world, self.num_workers = batch_size, rank, world, num_workers
         super().__init__(
             layout={"seed": seed, "batch_size": batch_size, "world_size": world, "rank": rank,
                     "shuffle_window": shuffle_window},
-            fingerprint={"shards": [Path(s).name for s in self.shards], "counts": counts},
+            fingerprint={},
         )
+        self._read_shards(cache_shards(cache))
+
+    def _read_shards(self, shards: list[str]) -> None:
+        self.shards = shards
+        counts = [shard_sample_count(s) for s in shards]
+        self.order = CacheOrder(counts, self.layout["seed"], self.layout["shuffle_window"])
+        self.fingerprint = {"shards": [Path(s).name for s in shards], "counts": counts}
+
+    def load_state_dict(self, state: dict) -> None:
+        """As `ResumableBatches.load_state_dict`; a cache that has only grown since (a job still filling it) resumes
+        exactly over the shards the checkpoint knew, and leaves the new ones to the next run."""
+        known, now = state["fingerprint"]["shards"], self.fingerprint["shards"]
+        if len(known) < len(now) and set(known) <= set(now):
+            log.warning("the cache folder %s has %d shards more than when the checkpoint was written; this run goes on "
+                        "over the %d it knew, so that it resumes exactly (a new run reads them all)", self.folder,
+                        len(now) - len(known), len(known))
+            self._read_shards([os.path.join(str(self.folder), name) for name in known])
+        super().load_state_dict(state)
 
     def _loader_from(self, batch: int) -> DataLoader:
         stream = CacheStream(self.shards, self.order, self.transform, self.batch_size, self.rank, self.world, batch)
@@ -233,13 +251,10 @@ class CachedBatches(ResumableBatches):
 
     def _data_change(self, saved: dict) -> str | None:
         names, counts = self.fingerprint["shards"], self.fingerprint["counts"]
-        if len(saved["shards"]) != len(names):
-            return (f"the cache folder {self.folder} now has {len(names)} shards, the checkpoint was written with "
-                    f"{len(saved['shards'])}")
-        if saved["shards"] != names:
-            new, gone = sorted(set(names) - set(saved["shards"])), sorted(set(saved["shards"]) - set(names))
-            return (f"the cache folder {self.folder} holds other shards than when the checkpoint was written "
-                    f"({new[0]} is new, {gone[0]} is gone)")
+        if saved["shards"] != names:  # a shard is gone or renamed (a cache that only grew is handled on loading)
+            gone = sorted(set(saved["shards"]) - set(names))
+            return (f"the cache folder {self.folder} has lost {len(gone)} of the shards the checkpoint was written "
+                    f"with (e.g. {gone[0]})")
         for name, was, now in zip(names, saved["counts"], counts):
             if was != now:
                 return f"cache shard {name} now holds {now} samples, the checkpoint was written when it held {was}"
