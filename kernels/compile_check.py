@@ -92,6 +92,7 @@ def compile_only(arch: int, on_compiled: Callable[[object, object, dict], None])
         on_compiled(self, compiled, kwargs)
         return compiled
 
+    previous = getattr(driver, "_active", None)  # restored exactly: older Triton does not rebuild a None driver
     driver.set_active(_CompileOnlyDriver(arch))
     JITFunction.run = compile_instead_of_launch
     dispatch._compile_only = True
@@ -100,7 +101,7 @@ def compile_only(arch: int, on_compiled: Callable[[object, object, dict], None])
     finally:
         dispatch._compile_only = False
         JITFunction.run = launch
-        driver.set_active(None)  # the real driver is found again on next use (reset_active would demand one now)
+        driver.set_active(previous)
 
 
 def _kernel_functions() -> dict:

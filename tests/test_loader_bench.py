@@ -16,7 +16,7 @@ def test_loader_bench_reports_baseline_and_configurations(tmp_path, caption_stor
     configs = [r["config"] for r in report["results"]]
     assert configs == ["plain diffusers loop", "streamsynth, 1 worker(s), replay 1", "streamsynth, 1 worker(s), replay 2"]
     assert all(r["images_delivered_per_s"] > 0 and 0 <= r["consumer_wait_share"] <= 1 for r in report["results"])
-    assert all(r["peak_memory_bytes"] > 10 * 2**20 and "peak RSS" in r["peak_memory_kind"] for r in report["results"])
+    assert all(r["peak_memory_bytes"] > 10 * 2**20 and "peak resident set" in r["peak_memory_kind"] for r in report["results"])
     assert report["random_weights"] is True
     printed = capsys.readouterr().out
     assert "plain diffusers loop" in printed and "RANDOM WEIGHTS" in printed and "peak MiB" in printed

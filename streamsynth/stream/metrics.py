@@ -11,15 +11,21 @@ _FIELDS = ("images", "busy_s", "batches", "peak_memory_bytes")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """This process's peak memory on `device`: tensors allocated on a GPU, resident memory on the CPU."""
+    """This process's peak memory for `device`: what the CUDA allocator reserved, or the peak resident set."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
+        return torch.cuda.max_memory_reserved(device)
+    try:  # VmHWM belongs to this process's address space; ru_maxrss would carry a spawning parent's peak over
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def peak_memory_kind(device: str | torch.device) -> str:
     """What `peak_memory_bytes` measures on `device` (without touching the device)."""
-    return "cuda max_memory_allocated" if torch.device(device).type == "cuda" else "process peak RSS"
+    if torch.device(device).type == "cuda":
+        return "cuda max_memory_reserved (the CUDA context, about 0.5 GiB a process, comes on top)"
+    return "peak resident set (a forked process also counts the pages it shares with its parent)"
 
 
 class WorkerStats:
