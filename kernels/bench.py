@@ -20,9 +20,8 @@ from typing import Callable
 import torch
 
 from .dispatch import disabled, runs_triton
-from .workloads import sd15_workloads
+from .workloads import DTYPES, sd15_workloads
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Kernel output against reference output, both on the device (as in tests/test_kernels.py): atol = rtol per dtype.
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # uint8 images: every pixel within one level (a value one rounding from .5) and at least 99% of them equal.

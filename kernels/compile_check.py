@@ -26,12 +26,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
-import torch
-
 from . import dispatch
-from .workloads import sd15_workloads
+from .workloads import DTYPES, sd15_workloads
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass

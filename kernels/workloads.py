@@ -13,6 +13,10 @@ from typing import Callable, Iterator
 import torch
 
 
+# The dtypes the workloads come in, by the names the command lines take.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 @dataclass
 class Workload:
     kernel: str  # a name of kernels.KERNEL_NAMES

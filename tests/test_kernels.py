@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import disabled, set_enabled
+from kernels.bench import TOLERANCES
 from kernels.dispatch import is_interpreted
 from kernels.geglu import FusedGEGLU, _geglu_kernel, geglu, geglu_reference
 from kernels.group_norm import FusedGroupNorm, _group_norm_kernel, group_norm, group_norm_reference
@@ -23,7 +24,6 @@ from kernels.guided_step import FusedGuidedStep, guided_step_reference, unsuppor
 from kernels.patch import is_patched, patch, unpatch
 from kernels.postprocess import postprocess, postprocess_reference
 
-TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                       steps_offset=1, set_alpha_to_one=False)
 

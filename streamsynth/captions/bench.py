@@ -67,6 +67,11 @@ def write_sample_jpegs(folder: str | Path, count: int, num_classes: int = 10, se
     return folder
 
 
+def _blank_batch(captioner: Captioner, size: int) -> torch.Tensor:
+    """`size` preprocessed blank images: warm-up input of one batch shape."""
+    return torch.stack([captioner.preprocessor(Image.new("RGB", _SAMPLE_IMAGE_SIZE))] * size)
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -119,9 +124,8 @@ def _streamsynth_run(
     device = captioner.device
     # Every batch shape of the run first (a full one, and the last if shorter): CUDA kernel selection and, with a
     # static KV cache, compilation for that shape stay out of the timing.
-    blank = captioner.preprocessor(Image.new("RGB", _SAMPLE_IMAGE_SIZE))
     for shape in {min(batch_size, len(collection.images)), len(collection.images) % batch_size} - {0}:
-        captioner.caption(torch.stack([blank] * shape))
+        captioner.caption(_blank_batch(captioner, shape))
     _reset_peak(device)
     start = time.perf_counter()
     report = caption_images(
@@ -187,9 +191,7 @@ def run_benchmark(
         collection = find_images(source)
         collection.images = collection.images[:num_images]
         # Warm-up (CUDA context, kernel selection) outside the baseline's timing.
-        captioner.caption(
-            torch.stack([captioner.preprocessor(Image.new("RGB", _SAMPLE_IMAGE_SIZE))] * baseline_batch_size)
-        )
+        captioner.caption(_blank_batch(captioner, baseline_batch_size))
         baseline = _reference_loop(collection, captioner, baseline_batch_size)
         runs = []
         for kv_cache in kv_caches:
