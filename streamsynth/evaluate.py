@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .classifier import DEFAULT_IMAGE_SIZE
 from .prompts.classnames import imagenet_classes
-from .stream.dataset import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 

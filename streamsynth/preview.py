@@ -20,7 +20,7 @@ from .captions.store import CaptionStore
 from .prompts.templates import PromptTemplate
 from .stream.dataset import SyntheticStream
 from .stream.sampling import SampleSpec
-from .synth.sampler import SynthesisConfig
+from .synth.config import GeneratorConfig, SynthesisConfig
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -144,17 +144,18 @@ def preview_grid(
 
     if samples_per_class < 1:
         raise ValueError(f"samples per class must be at least 1, got {samples_per_class}")
-    stream = SyntheticStream(
-        captions or embedded_captions(), model or embedded_model(), prompt=prompt, seed=seed, image_size=image_size,
-        devices=[device], dtype=dtype, synthesis=SynthesisConfig(num_inference_steps=steps, guidance_scale=guidance),
-    )
+    generator = GeneratorConfig(model or embedded_model(), image_size=image_size, devices=(device,), dtype=dtype,
+                                synthesis=SynthesisConfig(num_inference_steps=steps, guidance_scale=guidance))
+    stream = SyntheticStream(captions or embedded_captions(), generator, prompt=prompt, seed=seed)
     labels = resolve_classes(stream, classes)
     specs = first_samples(stream, labels, samples_per_class)
     flat = [spec for row in specs for spec in row]
-    images = [image for start in range(0, len(flat), stream.synth_batch_size)
-              for image in stream.generate(flat[start:start + stream.synth_batch_size])]
+    synth, chunk = stream.synthesizer(), generator.batch_size
+    images = [image for start in range(0, len(flat), chunk)
+              for image in synth.generate_uint8([s.prompt for s in flat[start:start + chunk]],
+                                                [s.seed for s in flat[start:start + chunk]], image_size).cpu()]
     title_lines = [
-        f"generator: {stream.model}",
+        f"generator: {generator.model}",
         f"prompt: {_strategy_line(stream.sampler.template.templates)}",
         f"seed {seed}, {steps} steps, guidance {guidance}, first samples of each class in training order",
     ]
@@ -166,4 +167,4 @@ def preview_grid(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
-    return Preview(out, stream.model, stream.random_weights, specs, fig)
+    return Preview(out, generator.model, stream.random_weights, specs, fig)

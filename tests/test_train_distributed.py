@@ -88,7 +88,7 @@ def test_killed_mixed_run_resumes_every_source_exactly(tmp_path, isolated_cache,
                                                         write_cache, write_image_folder):
     """Synthetic, cache and real batches mixed, two micro-batches a step, killed and resumed: the same batches."""
     class_ids = [c.id for c in caption_store.classes]
-    cache = write_cache(tmp_path / "cache", [2] * 8, num_classes=len(class_ids))
+    cache = write_cache(tmp_path / "cache", [2] * 8, class_ids=class_ids)
     real = write_image_folder(tmp_path / "train", dict.fromkeys(class_ids[:3], 2))
     command = [sys.executable, str(ROOT / "train.py"), "--online-synthesis", "--from-cache", str(cache),
                "--train-dir", str(real), "--mix", "synthetic=1,cache=2,real=2", "--sd-model", str(tiny_model),
@@ -123,7 +123,7 @@ def test_two_ranks_resume_cache_and_real_exactly(tmp_path, isolated_cache, capti
                                                  write_image_folder):
     """Under torchrun each rank resumes its own cache and real positions, and the ranks read disjoint cache samples."""
     class_ids = [c.id for c in caption_store.classes]
-    cache = write_cache(tmp_path / "cache", [2] * 8, num_classes=len(class_ids))
+    cache = write_cache(tmp_path / "cache", [2] * 8, class_ids=class_ids)
     real = write_image_folder(tmp_path / "train", dict.fromkeys(class_ids[:3], 2))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "train.py"), "--from-cache", str(cache), "--train-dir", str(real),

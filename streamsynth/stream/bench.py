@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..synth.sampler import SynthesisConfig
+from ..synth.config import GeneratorConfig, SynthesisConfig
 from .metrics import peak_memory_bytes, peak_memory_kind
 
 
@@ -99,14 +99,14 @@ def _consumer(kind: str, num_classes: int):
 
 def _stream_run(model: str, captions: str, args, workers: int, replay: int) -> dict:
     from .dataset import SyntheticStream
+    from .loader import StreamLoader
 
     needed = (args.batches + 1) * args.batch_size
-    stream = SyntheticStream(
-        captions, model, devices=[args.device], dtype=args.dtype, image_size=args.image_size, replay=replay,
-        synthesis=SynthesisConfig(args.steps, args.guidance), synth_batch_size=args.batch_size,
-        epoch_size=needed * workers * 2,
-    )
-    loader = stream.loader(args.batch_size, num_workers=workers)
+    generator = GeneratorConfig(model, synthesis=SynthesisConfig(args.steps, args.guidance), image_size=args.image_size,
+                                devices=(args.device,), dtype=args.dtype, batch_size=args.batch_size)
+    stream = SyntheticStream(captions, generator, replay=replay, batch_size=args.batch_size,
+                             epoch_size=needed * workers * 2)
+    loader = StreamLoader(stream, workers)
     consume = _consumer(args.consumer, stream.num_classes)
     started = time.perf_counter()
     batches = iter(loader)
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.sd_model or str(embedded_model())
     captions = args.captions or str(embedded_captions())
-    probe = SyntheticStream(captions, model, devices=[args.device], epoch_size=10**6)
+    probe = SyntheticStream(captions, GeneratorConfig(model, devices=(args.device,)), epoch_size=10**6)
     specs = [probe.spec(i) for i in range((args.batches + 1) * args.batch_size)]
     results = [_plain_diffusers(model, args, specs, _consumer(args.consumer, probe.num_classes))]
     for workers in (int(w) for w in args.workers.split(",")):

@@ -28,10 +28,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..captions.store import CaptionStore
-from ..synth.sampler import derive_seed
-from .resumable import ResumableBatches, seeded
-from .sampling import SampleSpec, keyed_permutation
+from ..seeding import derive_seed, keyed_permutation, seeded
+from .resumable import ResumableBatches
+from .sampling import SampleSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +39,39 @@ def shard_name(seed: int, first_sample_id: int) -> str:
     return f"seed{seed}-{first_sample_id:012d}.tar"
 
 
+CLASSES_FILE = "classes.json"
+
+
+def write_cache_classes(cache: str | os.PathLike, class_ids: Sequence[str]) -> None:
+    """Record the class ids the cached labels index, once per cache folder, so that training from the cache needs
+    no caption store; a cache already filled for other classes is an error (its labels would mean other things)."""
+    folder = Path(cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CLASSES_FILE
+    if path.exists():
+        known = cache_classes(folder)
+        if known != list(class_ids):
+            raise ValueError(f"the cache folder {folder} holds images of other classes ({len(known)} classes, "
+                             f"starting {known[:3]}): give this run another --cache folder")
+        return
+    partial = folder / f".{CLASSES_FILE}.{os.getpid()}.tmp"
+    partial.write_text(json.dumps({"class_ids": list(class_ids)}))
+    os.replace(partial, path)
+
+
+def cache_classes(cache: str | os.PathLike) -> list[str] | None:
+    """The class ids of a cache folder's labels (None for a cache written before they were recorded)."""
+    path = Path(cache) / CLASSES_FILE
+    if not path.is_file():
+        return None
+    try:
+        return list(json.loads(path.read_text())["class_ids"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is damaged ({err}): restore it, or delete it and give --captions") from None
+
+
 def write_group(
-    cache: str | os.PathLike, store: CaptionStore, specs: Sequence[SampleSpec], images: torch.Tensor, seed: int
+    cache: str | os.PathLike, class_ids: Sequence[str], specs: Sequence[SampleSpec], images: torch.Tensor, seed: int
 ) -> Path | None:
     """Write one group's samples as a shard; returns its path, or None when that shard already exists."""
     import webdataset as wds
@@ -60,7 +90,7 @@ def write_group(
                 "cls": spec.label,
                 "json": {
                     "sample_id": spec.sample_id, "seed": spec.seed, "prompt": spec.prompt, "caption": spec.caption,
-                    "class_id": store.classes[spec.label].id, "label": spec.label,
+                    "class_id": class_ids[spec.label], "label": spec.label,
                 },
             })
         stream.flush()
@@ -206,6 +236,30 @@ class CacheStream(IterableDataset):
             yield image, int(sample["cls"]), f"{Path(self.shards[shard]).stem}/{sample['__key__']}"
 
 
+def _labelled_classes(cache: str | os.PathLike, class_ids: Sequence[str] | None) -> list[str]:
+    """The classes a cache's labels index: those it recorded, which `class_ids` (if given) must equal."""
+    recorded = cache_classes(cache)
+    if recorded is None and class_ids is None:
+        raise ValueError(f"the cache folder {cache} does not record its classes (it predates {CLASSES_FILE}): give "
+                         "the caption store it was made from with --captions")
+    if recorded is not None and class_ids is not None and list(class_ids) != recorded:
+        raise ValueError(f"the cache folder {cache} holds images of other classes than the caption store "
+                         f"({len(recorded)} classes starting {recorded[:3]}, against {len(class_ids)} starting "
+                         f"{list(class_ids)[:3]}): give the caption store it was made from")
+    return list(recorded if recorded is not None else class_ids)
+
+
+def _check_labels(shard: str, class_ids: Sequence[str]) -> None:
+    """For a cache that records no classes: its first shard's labels must name the classes given for it."""
+    for record in read_metadata(shard):
+        label, class_id = record.get("label"), record.get("class_id")
+        expected = class_ids[label] if isinstance(label, int) and 0 <= label < len(class_ids) else None
+        if class_id is not None and expected != class_id:
+            raise ValueError(f"{shard} labels sample {record.get('sample_id')} as {label} = {class_id!r}, but label "
+                             f"{label} of the given caption store is {expected!r}: give the caption store the cache "
+                             "was made from")
+
+
 class CachedBatches(ResumableBatches):
     """The cache as an endless, exactly resumable source of (images, labels, keys) batches for one rank.
 
@@ -217,9 +271,13 @@ class CachedBatches(ResumableBatches):
     data_name = "cache folder"
 
     def __init__(self, cache: str | os.PathLike, transform: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
-                 *, seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 0, shuffle_window: int = 1000):
+                 *, seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 0, shuffle_window: int = 1000,
+                 class_ids: Sequence[str] | None = None):
         self.folder = cache
         self.transform = transform
+        self.class_ids = _labelled_classes(cache, class_ids)
+        if cache_classes(cache) is None:
+            _check_labels(cache_shards(cache)[0], self.class_ids)
         self.batch_size, self.rank, self.world, self.num_workers = batch_size, rank, world, num_workers
         super().__init__(
             layout={"seed": seed, "batch_size": batch_size, "world_size": world, "rank": rank,

@@ -1,4 +1,4 @@
-"""Counters that loader workers share with the trainer's process: images made, busy time, batches, peak memory."""
+"""Counters that loader workers share with the trainer's process: images made, busy time, peak memory."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import resource
 
 import torch
 
-_FIELDS = ("images", "busy_s", "batches", "peak_memory_bytes")
+_FIELDS = ("images", "busy_s", "peak_memory_bytes")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -44,14 +44,11 @@ class WorkerStats:
         row = worker * len(_FIELDS)
         self._values[row] += images
         self._values[row + 1] += busy_s
-        self._values[row + 3] = max(self._values[row + 3], peak_memory_bytes)
-
-    def record_batch(self, worker: int) -> None:
-        self._values[worker * len(_FIELDS) + 2] += 1
+        self._values[row + 2] = max(self._values[row + 2], peak_memory_bytes)
 
     def rows(self) -> list[dict[str, float]]:
         n = len(_FIELDS)
         return [dict(zip(_FIELDS, self._values[w * n:(w + 1) * n])) for w in range(self.num_workers)]
 
-    def batches_made(self) -> int:
-        return int(sum(row["batches"] for row in self.rows()))
+    def images_made(self) -> int:
+        return int(sum(row["images"] for row in self.rows()))
