@@ -150,7 +150,7 @@ def test_worker_fault_is_survived_without_repeat_or_gap(caption_store, small_gen
     reference = _uninterrupted(caption_store, small_generator)
     stream = _stream(caption_store, small_generator, cls=FailOnce, epoch_size=32)
     stream.marker, stream.how = str(tmp_path / "failed"), how
-    loader = StreamLoader(stream, num_workers=2, timeout=5 if how in ("hang", "stop") else 1800)
+    loader = StreamLoader(stream, num_workers=2, timeout=15 if how in ("hang", "stop") else 1800)
     seen = _ids(list(loader)) + _ids(list(loader))
     assert seen == reference
     assert loader.restarts == 1 and loader.metrics()["restarts"] == 1

@@ -8,8 +8,9 @@ Faults are survived where the trainer is, not only while it waits for data:
 - PyTorch's DataLoader raises from its SIGCHLD handler the moment a worker dies, wherever the trainer happens to be
   (in `backward()`, in `torch.save`); this loader takes its workers off that handler, notices a dead worker when it
   next waits for a group, and rebuilds its workers at the next undelivered group;
-- a worker that delivers nothing for `timeout` seconds (hung, or stopped with SIGSTOP, which also blocks the
-  hand-over of a batch already queued) is killed by a watchdog and replaced the same way;
+- a worker that makes no progress for `timeout` seconds while the trainer waits for its group (hung, or stopped
+  with SIGSTOP, which also blocks the hand-over of a batch already queued) is killed by a watchdog and replaced
+  the same way; progress is the worker's heartbeat when it starts, while its model loads and after each group;
 - a worker reports its own errors as values: a deterministic one (the model does not load, the transform fails,
   the caption store is damaged) ends the run at once with its one-line cause and no worker traceback; any other
   (a CUDA out-of-memory, an I/O error) is retried, and a group that fails `max_restarts` times in a row ends the run.
@@ -77,9 +78,12 @@ class GroupView(IterableDataset):
         stream, layout = self.stream, self.stream.layout
         device = torch.device(stream.generator.device(worker))
         epoch_weights: tuple[int, list[float] | None] | None = None
+        self.stats.beat(worker)
         for index in worker_groups(self.first, worker, num_workers):
             epoch, group = layout.group_at(index)
             try:
+                with self.stats.beating(worker):  # the model loads once, in one long call
+                    stream.synthesizer(worker)
                 if epoch_weights is None or epoch_weights[0] != epoch:
                     epoch_weights = epoch, self.weights.wait(epoch)
                 started = time.perf_counter()
@@ -88,6 +92,7 @@ class GroupView(IterableDataset):
                 if not stream.return_sample_ids:
                     batches = [(images, labels) for images, labels, _ in batches]
                 self.stats.record(worker, len(made.specs), time.perf_counter() - started, peak_memory_bytes(device))
+                self.stats.beat(worker)
             except Exception as err:  # handed over as a value, so the trainer sees the cause, not a traceback
                 yield WorkerFailure(isinstance(err, DETERMINISTIC_ERRORS), _one_line(err))
                 return
@@ -130,8 +135,9 @@ class StreamLoader:
     trainer's process generates (no fault handling: a failure there is the trainer's own).
 
     Args:
-        timeout: seconds the trainer may wait for one group before its workers count as hung and are replaced;
-            the default leaves room for a slow first model load or compilation.
+        timeout: seconds without progress (start-up, model loading, a group) of the worker the trainer waits for,
+            after which the workers count as hung and are replaced; the default leaves room for a slow model load
+            or compilation.
         max_restarts: how often in a row the same group may fail before the run ends.
         feedback: per-class losses turned into the class weights of each next epoch.
     """
@@ -278,18 +284,26 @@ class StreamLoader:
             self._wait_s += time.perf_counter() - waited
             return item
 
-        def kill_hung_workers() -> None:
-            self._hung = (f"no group for {self.timeout:g} s: a synthesis worker hung or was stopped "
-                          "(it was killed)")
-            _kill(iterator)
+        owed_by = (self._next_index - self._first_index) % self.num_workers  # the worker whose group is next
+        done = threading.Event()
 
-        watchdog = threading.Timer(self.timeout, kill_hung_workers)
-        watchdog.daemon = True
+        def watch() -> None:
+            # Hung: the trainer has waited `timeout` seconds and the worker it waits for made no progress as long.
+            started = time.monotonic()
+            while not done.wait(0.5):
+                quiet = time.monotonic() - max(started, self.stats.last_beat(owed_by))
+                if quiet > self.timeout:
+                    self._hung = (f"worker {owed_by} made no progress for {self.timeout:g} s: it hung or was "
+                                  "stopped (it was killed)")
+                    _kill(iterator)
+                    return
+
+        watchdog = threading.Thread(target=watch, daemon=True)
         watchdog.start()
         try:
             return next(iterator)
         finally:
-            watchdog.cancel()
+            done.set()
             self._wait_s += time.perf_counter() - waited
 
     def _stop(self) -> None:

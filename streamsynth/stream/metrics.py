@@ -1,13 +1,17 @@
-"""Counters that loader workers share with the trainer's process: images made, busy time, peak memory."""
+"""Counters that loader workers share with the trainer's process: images made, busy time, peak memory, heartbeat."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import resource
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
-_FIELDS = ("images", "busy_s", "peak_memory_bytes")
+_FIELDS = ("images", "busy_s", "peak_memory_bytes", "heartbeat")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -45,6 +49,33 @@ class WorkerStats:
         self._values[row] += images
         self._values[row + 1] += busy_s
         self._values[row + 2] = max(self._values[row + 2], peak_memory_bytes)
+
+    def beat(self, worker: int) -> None:
+        """Worker `worker` made progress (started, loaded its model, finished a group)."""
+        self._values[worker * len(_FIELDS) + 3] = time.monotonic()
+
+    @contextmanager
+    def beating(self, worker: int, every_s: float = 1.0) -> Iterator[None]:
+        """Beat for `worker` every `every_s` seconds while the block runs: for one long library call (a model load)
+        that makes progress the worker cannot report. A stopped process stops beating too."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(every_s):
+                self.beat(worker)
+
+        thread = threading.Thread(target=beat, daemon=True)
+        self.beat(worker)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            self.beat(worker)
+
+    def last_beat(self, worker: int) -> float:
+        return self._values[worker * len(_FIELDS) + 3]
 
     def rows(self) -> list[dict[str, float]]:
         n = len(_FIELDS)
