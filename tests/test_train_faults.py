@@ -44,9 +44,9 @@ def uninterrupted(tmp_path_factory, isolated_cache, models) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", [
-    ("--during", "backward", "--call", "3", "--signal", "KILL"),
-    ("--during", "checkpoint", "--call", "1", "--signal", "KILL"),
-    ("--during", "backward", "--call", "2", "--signal", "STOP"),
+    ("--fault-during", "backward", "--fault-call", "3", "--fault-signal", "KILL"),
+    ("--fault-during", "checkpoint", "--fault-call", "1", "--fault-signal", "KILL"),
+    ("--fault-during", "backward", "--fault-call", "2", "--fault-signal", "STOP"),
 ], ids=["killed-in-backward", "killed-in-checkpoint-write", "stopped"])
 def test_a_worker_fault_inside_the_training_loop_is_survived(tmp_path, isolated_cache, models, uninterrupted, fault):
     result = _train(tmp_path, isolated_cache, models, *fault)
