@@ -192,6 +192,63 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+class RunLog:
+    """What the run reports: the progress bar, OUT/log.csv and TensorBoard on rank 0, and every rank's sample ids."""
+
+    COLUMNS = ["step", "loss", "lr", "images_per_s", "data_wait_share", "queue_depth", "synth_images_per_s",
+               "restarts"]
+
+    def __init__(self, args: argparse.Namespace, out: Path, rank: int, first_step: int):
+        is_main = rank == 0
+        self.progress = tqdm(initial=first_step, total=args.steps, desc="train", disable=not is_main,
+                             dynamic_ncols=True)
+        self.csv_file = open(out / "log.csv", "a", newline="") if is_main else None
+        self.csv = csv.writer(self.csv_file) if self.csv_file else None
+        if self.csv and self.csv_file.tell() == 0:
+            self.csv.writerow(self.COLUMNS)
+        self.tb = None
+        if args.tensorboard and is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(out / "tensorboard")
+        self.ids = open(out / f"sample_ids-rank{rank}.csv", "a") if args.log_sample_ids else None
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self.window_start, self.window_images, self.window_wait = time.perf_counter(), 0, 0.0
+
+    def batch(self, step: int, micro: int, source: str, keys, images: int, waited: float) -> None:
+        self.window_images, self.window_wait = self.window_images + images, self.window_wait + waited
+        if self.ids:
+            keys = keys.tolist() if isinstance(keys, torch.Tensor) else keys
+            self.ids.write(f"{step},{micro},{source}," + " ".join(map(str, keys)) + "\n")
+
+    def step(self, step: int, loss: torch.Tensor, lr: float, metrics: dict, report: bool) -> None:
+        self.progress.update(1)
+        if self.ids:
+            self.ids.flush()
+        if not report:
+            return
+        elapsed = time.perf_counter() - self.window_start
+        values = {"loss": loss.mean().item(), "lr": lr, "images_per_s": self.window_images / elapsed,
+                  "data_wait_share": self.window_wait / elapsed, "queue_depth": metrics["queue_depth"],
+                  "synth_images_per_s": sum(w["images_per_s"] for w in metrics["workers"])}
+        self.progress.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{values['images_per_s']:.1f}",
+                                  wait=f"{values['data_wait_share']:.0%}", queue=metrics["queue_depth"])
+        if self.csv:
+            self.csv.writerow([step, *(f"{values[c]:.4g}" for c in self.COLUMNS[1:-1]), metrics["restarts"]])
+            self.csv_file.flush()
+        for key, value in values.items() if self.tb else ():
+            self.tb.add_scalar(f"train/{key}", value, step)
+        self._reset_window()
+
+    def close(self) -> None:
+        self.progress.close()
+        for handle in (self.csv_file, self.tb, self.ids):
+            if handle:
+                handle.close()
+
+
 def resume(path: Path, state_holders: dict, class_ids: list[str], data: MixedBatches, rank: int, world: int,
            device: torch.device) -> int:
     """Restore the model, optimizer and scaler (`state_holders`) and this rank's data from a checkpoint; its step."""
@@ -243,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
               f"classifier {args.arch} at {args.image_size}px on {device}, amp {args.amp}", flush=True)
         (out / "run.json").write_text(json.dumps(
             {"args": vars(args), "stream": stream.describe() if stream else None, "class_ids": data.class_ids},
-            indent=2, default=str))
+            indent=2))
 
     # ----- model, optimizer, resume ---------------------------------------------------------------------------------
     try:
@@ -270,18 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     raw_model = model.module if world > 1 else model
     feedback = loader.feedback if loader is not None else None
 
-    # ----- logs -----------------------------------------------------------------------------------------------------
-    log_file = open(out / "log.csv", "a", newline="") if is_main else None
-    log_writer = csv.writer(log_file) if log_file else None
-    if log_writer and log_file.tell() == 0:
-        log_writer.writerow(["step", "loss", "lr", "images_per_s", "data_wait_share", "queue_depth",
-                             "synth_images_per_s", "restarts"])
-    tb = None
-    if args.tensorboard and is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(out / "tensorboard")
-    ids_file = open(out / f"sample_ids-rank{rank}.csv", "a") if args.log_sample_ids else None
+    # ----- logs, checkpoints, evaluation --------------------------------------------------------------------------
+    run_log = RunLog(args, out, rank, step)
+    no_synthesis = {"queue_depth": 0, "workers": [], "restarts": 0}
 
     def checkpoint() -> None:
         states = [None] * world
@@ -293,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
             save_checkpoint(checkpoint_path, classifier_checkpoint(
                 raw_model, args.arch, data.class_ids, image_size=args.image_size, step=step, format=CHECKPOINT_FORMAT,
                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), data=states, args=vars(args),
-                stream=json.loads(json.dumps(stream.describe(), default=str)) if stream else None))
+                stream=stream.describe() if stream else None))
 
     def evaluate(tag: str) -> None:
         if is_main and suites:
@@ -302,14 +350,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"evaluation at step {step}:\n{format_results(results)}", flush=True)
             write_results(results, out / f"results-{tag}", metadata={"step": step, "arch": args.arch})
             for r in results:
-                if r.top1 is not None and tb:
-                    tb.add_scalar(f"eval/{r.suite}/top1", r.top1, step)
+                if r.top1 is not None and run_log.tb:
+                    run_log.tb.add_scalar(f"eval/{r.suite}/top1", r.top1, step)
         if world > 1 and suites:
             dist.barrier()  # the other ranks wait here instead of in the next gradient all-reduce
 
     # ----- the loop -------------------------------------------------------------------------------------------------
-    progress = tqdm(initial=step, total=args.steps, desc="train", disable=not is_main, dynamic_ncols=True)
-    window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
     while step < args.steps:
         lr = learning_rate(step, args, peak_lr)
         for group in optimizer.param_groups:
@@ -317,13 +363,10 @@ def main(argv: list[str] | None = None) -> None:
         for micro in range(args.accum_steps):
             wait_start = time.perf_counter()
             source, (images, targets, keys) = next(data)
-            window_wait += time.perf_counter() - wait_start
+            run_log.batch(step, micro, source, keys, len(images) * world, time.perf_counter() - wait_start)
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            if ids_file:
-                keys = keys.tolist() if isinstance(keys, torch.Tensor) else keys
-                ids_file.write(f"{step},{micro},{source}," + " ".join(map(str, keys)) + "\n")
             sync = micro == args.accum_steps - 1 or world == 1
             with autocast, (nullcontext() if sync else model.no_sync()):
                 losses = F.cross_entropy(model(images), targets, label_smoothing=args.label_smoothing,
@@ -331,43 +374,21 @@ def main(argv: list[str] | None = None) -> None:
                 scaler.scale(losses.mean() / args.accum_steps).backward()
             if feedback is not None and source == "synthetic":
                 feedback.update(losses.float(), targets)
-            window_images += len(images) * world
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        progress.update(1)
-        if step % args.log_every == 0 or step == args.steps:
-            loss = losses.mean().item()
-            elapsed = time.perf_counter() - window_start
-            rate, wait_share = window_images / elapsed, window_wait / elapsed
-            metrics = loader.metrics() if loader is not None else {"queue_depth": 0, "workers": [], "restarts": 0}
-            synth_rate = sum(w["images_per_s"] for w in metrics["workers"])
-            progress.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.1f}", wait=f"{wait_share:.0%}",
-                                 queue=metrics["queue_depth"])
-            if log_writer:
-                log_writer.writerow([step, f"{loss:.4f}", f"{lr:.5f}", f"{rate:.2f}", f"{wait_share:.3f}",
-                                     metrics["queue_depth"], f"{synth_rate:.2f}", metrics["restarts"]])
-                log_file.flush()
-            if tb:
-                for key, value in {"loss": loss, "lr": lr, "images_per_s": rate, "data_wait_share": wait_share,
-                                   "synth_images_per_s": synth_rate, "queue_depth": metrics["queue_depth"]}.items():
-                    tb.add_scalar(f"train/{key}", value, step)
-            window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
-        if ids_file:
-            ids_file.flush()
+        run_log.step(step, losses, lr, loader.metrics() if loader is not None else no_synthesis,
+                     report=step % args.log_every == 0 or step == args.steps)
         if step % args.checkpoint_every == 0 and step < args.steps:
             checkpoint()
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             evaluate(f"step{step}")
-    progress.close()
+    run_log.close()
     checkpoint()
     if is_main:
         print(f"saved {checkpoint_path} after {step} steps", flush=True)
     evaluate("final")
-    for handle in (log_file, tb, ids_file):
-        if handle:
-            handle.close()
     if world > 1:
         dist.destroy_process_group()
 

@@ -78,3 +78,30 @@ def test_feedback_reaches_loader_workers_and_survives_resume(caption_store, smal
     assert state["epoch_weights"] is not None and state["batch"] == 3
     tail = [labels.tolist() for _, labels, _ in restored_at(state)]
     assert head + tail == [labels.tolist() for _, labels, _ in restored_at({**state, "batch": 0})]
+
+
+def test_class_weights_set_by_hand_reach_running_workers_and_resume(caption_store, small_generator):
+    """Without feedback: weights set between epochs reach workers that are already running (StreamLoader's and a
+    persistent DataLoader's), and a resumed StreamLoader draws the same epoch."""
+    from torch.utils.data import DataLoader
+
+    only_three = [0.0] * 10
+    only_three[3] = 1.0
+    stream = SyntheticStream(caption_store, small_generator, epoch_size=16, batch_size=8, return_sample_ids=True)
+    loader = StreamLoader(stream, num_workers=2)
+    first = [label for _, labels, _ in loader for label in labels.tolist()]
+    stream.set_class_weights(only_three)
+    state = loader.state_dict()
+    second = [label for _, labels, _ in loader for label in labels.tolist()]
+    assert set(first) != {3} and second == [3] * 16
+    restored = StreamLoader(SyntheticStream(caption_store, small_generator, epoch_size=16, batch_size=8,
+                                            return_sample_ids=True), num_workers=1)
+    restored.load_state_dict(state)
+    restored.stream.set_class_weights(only_three)  # the run's own setting, made again after the restart
+    assert [label for _, labels, _ in restored for label in labels.tolist()] == second
+
+    plain_stream = SyntheticStream(caption_store, small_generator, epoch_size=16, batch_size=8)
+    plain = DataLoader(plain_stream, batch_size=8, num_workers=2, persistent_workers=True)
+    assert set(label for _, labels in plain for label in labels.tolist()) != {3}
+    plain_stream.set_class_weights(only_three)
+    assert [label for _, labels in plain for label in labels.tolist()] == [3] * 16
