@@ -31,10 +31,12 @@ from tqdm import tqdm
 
 from streamsynth import SynthesisConfig, SyntheticStream
 from streamsynth.captions import CaptionStore, CaptionStoreError
+from streamsynth.checkpoints import check_checkpoint_room, load_resume_checkpoint, save_checkpoint
 from streamsynth.classifier import build_classifier, classifier_checkpoint
 from streamsynth.defaults import embedded_captions, embedded_model
-from streamsynth.evaluate import (LabelledImageFolder, class_folders, eval_transform, evaluate_suites, format_results,
-                                  suite_folder_labels, write_results)
+from streamsynth.errors import StreamsynthError, one_line
+from streamsynth.evaluate import (LabelledImageFolder, check_eval_folder, class_folders, eval_transform, evaluate_suites,
+                                  format_results, suite_folder_labels, write_results)
 from streamsynth.stream import CachedBatches, RealBatches, ResumableBatches
 from streamsynth.stream.dataset import IMAGENET_MEAN, IMAGENET_STD
 from streamsynth.stream.devices import synthesis_devices
@@ -216,13 +218,6 @@ def learning_rate(step: int, args: argparse.Namespace, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * progress))
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Written aside and renamed, so a crash mid-write never destroys the previous checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -234,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     suites = {suite: getattr(args, flag) for flag, suite in EVAL_SUITES.items() if getattr(args, flag)}
     try:
         for suite, folder in [*suites.items(), *([("--train-dir", args.train_dir)] if args.train_dir else [])]:
-            class_folders(folder, suite)  # a wrong path fails now, not after training
+            check_eval_folder(folder, suite)  # a wrong path or an empty class folder fails now, not after training
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -277,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
             {"args": vars(args), "stream": stream.describe() if stream else None, "class_ids": class_ids}, indent=2))
 
     # ----- model, optimizer, resume ---------------------------------------------------------------------------------
+    for suite, folder in suites.items():  # every evaluation folder scores some class of this classifier
+        check_eval_folder(folder, suite, class_ids)
     try:
         model = build_classifier(args.arch, len(class_ids)).to(device)
     except ValueError as err:
@@ -292,12 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint_path = out / "checkpoint.pt"
     step = 0
     if args.resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if state["class_ids"] != class_ids:
-            raise SystemExit(f"{checkpoint_path} was trained on other classes than this run's data")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        state = load_resume_checkpoint(checkpoint_path, args.arch, args.image_size, class_ids, map_location=device,
+                                       model=model, optimizer=optimizer, scaler=scaler)
         step = state["step"]
         if len(state["loaders"]) != world:
             raise SystemExit(f"{checkpoint_path} was written by {len(state['loaders'])} ranks, this run has "
@@ -316,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: cannot resume from {checkpoint_path}: {err}") from None
         if is_main:
             print(f"resumed from {checkpoint_path} at step {step}", flush=True)
+    if is_main:  # two checkpoints must fit while one replaces the other: say so now, not at the first checkpoint
+        check_checkpoint_room(checkpoint_path, model, optimizer)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     raw_model = model.module if world > 1 else model
@@ -430,5 +425,5 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (CaptionStoreError, ModelLoadError) as err:  # a wrong path or input: the message says what to do
-        raise SystemExit(f"train.py: error: {err}") from None
+    except (CaptionStoreError, ModelLoadError, StreamsynthError, OSError) as err:  # the message says what to do
+        raise SystemExit(f"train.py: error: {one_line(err)}") from None
