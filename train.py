@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     suites = {suite: getattr(args, flag) for flag, suite in EVAL_SUITES.items() if getattr(args, flag)}
     try:
         for suite, folder in [*suites.items(), *([("--train-dir", args.train_dir)] if args.train_dir else [])]:
-            check_eval_folder(folder, suite)  # a wrong path or an empty class folder fails now, not after training
+            class_folders(folder, suite)  # a wrong path fails now, not after training
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
 

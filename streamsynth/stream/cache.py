@@ -376,7 +376,7 @@ class CachedBatches(ResumableBatches):
 
 
 def read_metadata(shard: str | os.PathLike) -> list[dict]:
-    """The json records of one shard, in order (for audits and tests)."""
-    import webdataset as wds
-
-    return [json.loads(sample["json"]) for sample in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False)]
+    """The json records of one shard, in order (for audits and tests); of a damaged shard, those of its whole
+    samples."""
+    index = index_shard(shard, ("json",))
+    return [json.loads(index.read(sample, "json")) for sample in index.samples]
