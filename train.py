@@ -28,16 +28,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from streamsynth import FastPathOptions, GeneratorConfig, StreamLoader, SynthesisConfig, SyntheticStream
-from streamsynth.captions import CaptionStore, CaptionStoreError
+from streamsynth.captions import CaptionStore
+from streamsynth.checkpoints import check_checkpoint_room, load_resume_checkpoint, save_checkpoint
 from streamsynth.classifier import build_classifier, classifier_checkpoint
 from streamsynth.defaults import embedded_captions, embedded_model
-from streamsynth.evaluate import (LabelledImageFolder, class_folders, eval_transform, evaluate_suites, format_results,
-                                  suite_folder_labels, write_results)
-from streamsynth.stream import (CachedBatches, EpochsInARow, MixedBatches, RealBatches, SynthesisError,
-                                mix_weights)
+from streamsynth.errors import StreamsynthError, one_line
+from streamsynth.evaluate import (LabelledImageFolder, check_eval_folder, class_folders, eval_transform, evaluate_suites,
+                                  format_results, suite_folder_labels, write_results)
+from streamsynth.stream import CachedBatches, EpochsInARow, MixedBatches, RealBatches, mix_weights
 from streamsynth.stream.devices import synthesis_devices
 from streamsynth.stream.feedback import ClassFeedback
-from streamsynth.synth import ModelLoadError
 from streamsynth.transforms import train_transform
 
 log = logging.getLogger("train")
@@ -185,13 +185,6 @@ def learning_rate(step: int, args: argparse.Namespace, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * progress))
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Written aside and renamed, so a crash mid-write never destroys the previous checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 class RunLog:
     """What the run reports: the progress bar, OUT/log.csv and TensorBoard on rank 0, and every rank's sample ids."""
 
@@ -249,17 +242,17 @@ class RunLog:
                 handle.close()
 
 
-def resume(path: Path, state_holders: dict, class_ids: list[str], data: MixedBatches, rank: int, world: int,
+def resume(path: Path, args: argparse.Namespace, holders: dict, data: MixedBatches, rank: int, world: int,
            device: torch.device) -> int:
-    """Restore the model, optimizer and scaler (`state_holders`) and this rank's data from a checkpoint; its step."""
-    state = torch.load(path, map_location=device, weights_only=True)
+    """Restore the model, optimizer and scaler (`holders`) and this rank's data from a checkpoint; return its step.
+
+    The checkpoint is checked against this run first (damaged, another --arch, --image-size or classes: one line)."""
+    state = load_resume_checkpoint(path, args.arch, args.image_size, data.class_ids, map_location=device,
+                                   required=("model", "arch", "num_classes", "class_ids", "step", "optimizer"),
+                                   **holders)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"error: {path} was written by an older streamsynth and cannot be resumed exactly: "
-                         "start a new run (its weights still load with streamsynth evaluate)")
-    if state["class_ids"] != class_ids:
-        raise SystemExit(f"error: {path} was trained on other classes than this run's data")
-    for name, holder in state_holders.items():
-        holder.load_state_dict(state[name])
+                         "start a new run in another --out (its weights still load with streamsynth evaluate)")
     data_states = state["data"]
     if len(data_states) != world and set(data.names) != {"synthetic"}:
         raise SystemExit(f"error: {path} was written by {len(data_states)} rank(s), this run has {world}: the cache "
@@ -283,12 +276,14 @@ def main(argv: list[str] | None = None) -> None:
     suites = {suite: getattr(args, flag) for flag, suite in EVAL_SUITES.items() if getattr(args, flag)}
 
     # ----- data: fresh synthetic batches, cached ones, real ones, mixed by fixed weights ---------------------------
-    try:
+    try:  # a wrong path or an empty or unmatched class folder fails now, not after training
         for suite, folder in [*suites.items(), *([("--train-dir", args.train_dir)] if args.train_dir else [])]:
-            class_folders(folder, suite)  # a wrong path fails now, not after training
+            check_eval_folder(folder, suite)
         data, loader = build_data(args, rank, world, local_rank, local_world, device)
+        for suite, folder in suites.items():
+            check_eval_folder(folder, suite, data.class_ids)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+        raise SystemExit(f"error: {one_line(err)}") from None
     stream = loader.stream if loader is not None else None
     if is_main:
         if stream is not None:
@@ -318,10 +313,12 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint_path = out / "checkpoint.pt"
     step = 0
     if args.resume and checkpoint_path.exists():
-        step = resume(checkpoint_path, {"model": model, "optimizer": optimizer, "scaler": scaler}, data.class_ids,
-                      data, rank, world, device)
+        step = resume(checkpoint_path, args, {"model": model, "optimizer": optimizer, "scaler": scaler}, data, rank,
+                      world, device)
         if is_main:
             print(f"resumed from {checkpoint_path} at step {step}", flush=True)
+    if is_main:  # two checkpoints must fit while one replaces the other: say so now, not at the first checkpoint
+        check_checkpoint_room(checkpoint_path, model, optimizer)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     raw_model = model.module if world > 1 else model
@@ -396,5 +393,5 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (CaptionStoreError, ModelLoadError, SynthesisError) as err:  # the message says what to do
-        raise SystemExit(f"train.py: error: {err}") from None
+    except (StreamsynthError, OSError) as err:  # the message names the thing and says what to do
+        raise SystemExit(f"train.py: error: {one_line(err)}") from None

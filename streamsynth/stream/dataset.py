@@ -21,12 +21,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..captions.store import CaptionStore
+from ..errors import StreamsynthError
 from ..prompts.templates import PromptTemplate, prompt_template
 from ..seeding import derive_seed, seeded
 from ..synth.config import GeneratorConfig
@@ -42,7 +43,7 @@ from .shared import PassClock, SharedClassWeights
 log = logging.getLogger(__name__)
 
 
-class TransformError(ValueError):
+class TransformError(StreamsynthError, ValueError):
     """The stream's transform failed on a synthetic image; the message says what it was given and how to adapt."""
 
 

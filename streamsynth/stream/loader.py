@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..captions.store import CaptionStoreError
+from ..errors import StreamsynthError
 from ..synth.loading import ModelLoadError
 from .dataset import SyntheticStream, TransformError, worker_index_and_count
 from .feedback import ClassFeedback
@@ -45,7 +46,7 @@ DETERMINISTIC_ERRORS = (ModelLoadError, CaptionStoreError, TransformError, Value
                         AttributeError, NotImplementedError, ImportError)
 
 
-class SynthesisError(RuntimeError):
+class SynthesisError(StreamsynthError, RuntimeError):
     """Synthesis cannot go on: a deterministic error in a worker, or a group that kept failing."""
 
 
