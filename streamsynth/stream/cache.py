@@ -79,8 +79,10 @@ def cache_classes(cache: str | os.PathLike) -> list[str] | None:
         return None
     try:
         return list(json.loads(path.read_text())["class_ids"])
+    except OSError as err:
+        raise CacheReadError(f"cannot read {path}: {err.strerror or err}") from None
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is damaged ({err}): restore it, or delete it and give --captions") from None
+        raise CacheReadError(f"{path} is damaged ({err}): restore it, or delete it and give --captions") from None
 
 
 def write_group(
@@ -360,9 +362,10 @@ class CachedBatches(ResumableBatches):
                  class_ids: Sequence[str] | None = None):
         self.folder = cache
         self.transform = transform
+        shards = cache_shards(cache)  # an unreadable or empty folder is said first
         self.class_ids = _labelled_classes(cache, class_ids)
         if cache_classes(cache) is None:
-            _check_labels(cache_shards(cache)[0], self.class_ids)
+            _check_labels(shards[0], self.class_ids)
         self.batch_size, self.rank, self.world, self.num_workers = batch_size, rank, world, num_workers
         super().__init__(
             layout={"seed": seed, "batch_size": batch_size, "world_size": world, "rank": rank,
