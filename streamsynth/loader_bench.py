@@ -5,19 +5,19 @@ The baseline is what a user would write without streamsynth: a loop in the train
 (loader workers x replay) is timed over the same number of batches after its first batch (model loading and worker
 start-up are reported apart), optionally with a classifier step per batch as the consumer, and reports delivered
 images/s, generated images/s, the share of time the consumer waited, and the metrics of `StreamLoader`.
+
+Times are wall-clock (`benchtools.Timer()`): the trainer waits on other processes. Peak memory is benchtools'
+one measure: the trainer's process for the plain loop, the largest worker for the stream.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
 
 import torch
 
-from ..synth.config import GeneratorConfig, SynthesisConfig
-from .metrics import peak_memory_bytes, peak_memory_kind
+from . import benchtools
+from .synth.config import GeneratorConfig, SynthesisConfig
 
 
 def add_commands(subparsers) -> None:
@@ -38,25 +38,24 @@ def add_commands(subparsers) -> None:
     p.add_argument("--replay", default="1,4", help="comma-separated replay factors to try")
     p.add_argument("--consumer", choices=["none", "resnet18"], default="none",
                    help="what eats the batches: nothing, or a resnet18 training step on the CPU")
-    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--out", help="write the results as JSON here (and a chart of delivered images/s beside it, .png)")
     p.set_defaults(func=run)
 
 
 def _plain_diffusers(model: str, args, specs: list, consume) -> dict:
     from diffusers import StableDiffusionPipeline
 
-    from ..synth.loading import quiet_hf_progress, resolve_dtype
-    from ..synth.postprocess import resize_to_uint8
+    from .synth.loading import loading_options, quiet_hf_progress, resolve_dtype
+    from .synth.postprocess import resize_to_uint8
 
     quiet_hf_progress()
     device = torch.device(args.device)
-    started = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=resolve_dtype(args.dtype, device),
-                                                   safety_checker=None, requires_safety_checker=False).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    startup_s = time.perf_counter() - started
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    with benchtools.Timer() as startup:
+        pipe = StableDiffusionPipeline.from_pretrained(model, dtype=resolve_dtype(args.dtype, device),
+                                                       safety_checker=None, requires_safety_checker=False,
+                                                       **loading_options()).to(device)
+        pipe.set_progress_bar_config(disable=True)
+    benchtools.reset_peak_memory(device)
 
     def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         part = specs[i * args.batch_size:(i + 1) * args.batch_size]
@@ -66,18 +65,24 @@ def _plain_diffusers(model: str, args, specs: list, consume) -> dict:
         return resize_to_uint8(images, args.image_size).float().cpu(), torch.tensor([s.label for s in part])
 
     consume(*batch(0))  # warm-up, as the stream's first batch is excluded too
-    waited, started = 0.0, time.perf_counter()
-    for i in range(1, args.batches + 1):
-        wait_start = time.perf_counter()
-        images, labels = batch(i)
-        waited += time.perf_counter() - wait_start
-        consume(images, labels)
-    seconds = time.perf_counter() - started
+    seconds, waited = _consume_loop(lambda i: batch(i + 1), consume, args.batches)
     images = args.batches * args.batch_size
-    return {"config": "plain diffusers loop", "startup_s": startup_s, "images_delivered_per_s": images / seconds,
+    peak = benchtools.peak_memory(device)
+    return {"config": "plain diffusers loop", "startup_s": startup.seconds, "images_delivered_per_s": images / seconds,
             "images_generated_per_s": images / waited, "consumer_wait_share": waited / seconds,
-            "peak_memory_bytes": peak_memory_bytes(device),
-            "peak_memory_kind": peak_memory_kind(device) + " (the trainer's process)"}
+            "peak_memory_bytes": peak.bytes, "peak_memory_kind": peak.kind + " (the trainer's process)"}
+
+
+def _consume_loop(next_batch, consume, batches: int) -> tuple[float, float]:
+    """(seconds, seconds waited for batches) of `batches` rounds of `next_batch(i)` then `consume(images, labels)`."""
+    waited = 0.0
+    with benchtools.Timer() as total:
+        for i in range(batches):
+            with benchtools.Timer() as wait:
+                images, labels = next_batch(i)
+            waited += wait.seconds
+            consume(images, labels)
+    return total.seconds, waited
 
 
 def _consumer(kind: str, num_classes: int):
@@ -98,8 +103,8 @@ def _consumer(kind: str, num_classes: int):
 
 
 def _stream_run(model: str, captions: str, args, workers: int, replay: int) -> dict:
-    from .dataset import SyntheticStream
-    from .loader import StreamLoader
+    from .stream.dataset import SyntheticStream
+    from .stream.loader import StreamLoader
 
     needed = (args.batches + 1) * args.batch_size
     generator = GeneratorConfig(model, synthesis=SynthesisConfig(args.steps, args.guidance), image_size=args.image_size,
@@ -108,32 +113,25 @@ def _stream_run(model: str, captions: str, args, workers: int, replay: int) -> d
                              epoch_size=needed * workers * 2)
     loader = StreamLoader(stream, workers)
     consume = _consumer(args.consumer, stream.num_classes)
-    started = time.perf_counter()
-    batches = iter(loader)
-    images, labels = next(batches)
-    startup_s = time.perf_counter() - started
-    consume(images, labels)
-    waited, started = 0.0, time.perf_counter()
-    for _ in range(args.batches):
-        wait_start = time.perf_counter()
+    with benchtools.Timer() as startup:
+        batches = iter(loader)
         images, labels = next(batches)
-        waited += time.perf_counter() - wait_start
-        consume(images, labels)
-    seconds = time.perf_counter() - started
+    consume(images, labels)
+    seconds, waited = _consume_loop(lambda i: next(batches), consume, args.batches)
     metrics = loader.metrics()
     generated = sum(w["images_per_s"] for w in metrics["workers"])
-    del batches
+    batches = None  # ends the loader's workers
     return {"config": f"streamsynth, {workers} worker(s), replay {replay}", "workers": workers, "replay": replay,
-            "startup_s": startup_s, "images_delivered_per_s": args.batches * args.batch_size / seconds,
+            "startup_s": startup.seconds, "images_delivered_per_s": args.batches * args.batch_size / seconds,
             "images_generated_per_s": generated, "consumer_wait_share": waited / seconds,
             "peak_memory_bytes": max(w["peak_memory_bytes"] for w in metrics["workers"]),
             "peak_memory_kind": metrics["workers"][0]["peak_memory_kind"] + " (largest worker)", "loader": metrics}
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..defaults import embedded_captions, embedded_model
-    from ..synth.tiny import RANDOM_WEIGHTS_NOTICE, has_random_weights
-    from .dataset import SyntheticStream
+    from .defaults import embedded_captions, embedded_model
+    from .stream.dataset import SyntheticStream
+    from .synth.tiny import RANDOM_WEIGHTS_NOTICE, has_random_weights
 
     model = args.sd_model or str(embedded_model())
     captions = args.captions or str(embedded_captions())
@@ -143,9 +141,11 @@ def run(args: argparse.Namespace) -> int:
     for workers in (int(w) for w in args.workers.split(",")):
         for replay in (int(r) for r in args.replay.split(",")):
             results.append(_stream_run(model, captions, args, workers, replay))
-    device_name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "cpu"
-    report = {"device": device_name, "model": model, "random_weights": has_random_weights(model),
-              "settings": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}
+    device_name = benchtools.device_name(args.device)
+    report = {"benchmark": "loader-bench", "device": device_name, "model": model,
+              "random_weights": has_random_weights(model),
+              "settings": {k: v for k, v in vars(args).items() if k != "func"},
+              "environment": benchtools.environment(args.device), "results": results}
     print(f"{'configuration':<40}{'start-up s':>11}{'delivered img/s':>17}{'generated img/s':>17}{'wait':>7}"
           f"{'peak MiB':>10}")
     for r in results:
@@ -157,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
     if report["random_weights"]:
         print(f"NOTE: {RANDOM_WEIGHTS_NOTICE}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.out}")
+        benchtools.write_json(args.out, report)
+        chart = benchtools.bar_chart(str(args.out).removesuffix(".json") + ".png", [r["config"] for r in results],
+                                     [r["images_delivered_per_s"] for r in results], "images/s delivered",
+                                     f"loader-bench on {device_name}: {args.batches} batches of {args.batch_size}, "
+                                     f"{args.steps} steps, consumer {args.consumer}")
+        print(f"wrote {args.out} and {chart}")
     return 0
