@@ -333,7 +333,7 @@ def _image_size(pipe) -> int:
 def _default_peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    name = benchtools.device_name(device)
     return next((tflops for part, tflops in PEAK_TFLOPS if part in name), None)
 
 
