@@ -108,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     out.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     out.add_argument("--log-every", type=int, default=10)
+    out.add_argument("-v", "--verbose", action="store_true",
+                     help="streamsynth's debug log: what each synthesis worker's fast path chose, kernel fallbacks")
     out.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
     out.add_argument("--log-sample-ids", action="store_true",
                      help="write what every micro-batch held to OUT/sample_ids-rankR.csv as step,micro,source,keys: "
@@ -269,6 +271,8 @@ def resume(path: Path, args: argparse.Namespace, holders: dict, data: MixedBatch
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("streamsynth").setLevel(logging.DEBUG)
     rank, world, local_rank, local_world, device = setup_distributed(args.device)
     is_main = rank == 0
     out = Path(args.out)

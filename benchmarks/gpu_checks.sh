@@ -34,18 +34,9 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 environment() {
+  # GPU, driver, CUDA, CPU and package versions: benchtools' environment capture, as every benchmark's JSON has it.
   { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
-    "$py" - <<'PY'
-import importlib, platform
-print("python", platform.python_version())
-for name in ("torch", "triton", "diffusers", "transformers", "xformers", "webdataset", "lmdb"):
-    try:
-        print(name, importlib.import_module(name).__version__)
-    except Exception as err:  # an optional package may be absent or broken; say which
-        print(name, "unavailable:", type(err).__name__, str(err)[:120])
-import torch
-print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
-PY
+    "$py" -m streamsynth.benchtools --device "$env_device"
   } >"$OUT/environment.txt" 2>&1
   cat "$OUT/environment.txt"
   # Stop at once, before any device time goes to model building, if a wheel is missing.
@@ -54,6 +45,7 @@ PY
 }
 
 if [[ -n ${DRY:-} ]]; then
+  env_device=cpu
   kernel_bench=(--device cpu --dtype fp32 --warmup 0 --repeats 1)
   sd15=(--arch tiny --dry --device cpu)
   # No --compile on the CPU: Inductor takes minutes there. tests/test_kernels.py compiles a patched UNet instead.
@@ -65,6 +57,7 @@ if [[ -n ${DRY:-} ]]; then
   caption_static=(--arch tiny --device cpu --num-images 32 --batch-size 16 --num-workers 1)
   loop=(--device cpu --batches 2 --workers 1 --replay 1,2)
 else
+  env_device=cuda
   kernel_bench=(--device cuda --dtype fp16 --batch 8)
   sd15=(--arch sd15 --device cuda --dtype fp16 --batch 32 --steps 50 --guidance 1.5 --size 224 --repeats 2
         --model-dir /tmp/sd15-random)
@@ -83,7 +76,7 @@ fi
 environment
 case $what in synthesis|all)
   # First, in about a minute: each kernel's output and time against its reference, call by call, at SD1.5's shapes.
-  step kernel-bench 120 "$py" -m kernels.bench "${kernel_bench[@]}" --json "$OUT/kernel-bench.json"
+  step kernel-bench 120 "$py" -m streamsynth.kernel_bench "${kernel_bench[@]}" --json "$OUT/kernel-bench.json"
   # The acceptance run: streamsynth's default fast path (Triton kernels, fused step and post-processing, probed
   # attention) against plain diffusers, and each kernel switched off alone. Builds /tmp/sd15-random first.
   step profile-eager 270 "${cli[@]}" profile "${sd15[@]}" --out "$OUT/profile-eager"

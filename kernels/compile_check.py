@@ -7,28 +7,27 @@ arguments exactly as for a launch, and compiles them for the target GPU through 
 Triton ships; only the launch itself is skipped. For every compiled variant it reports registers, local memory (spills)
 and shared memory, read from the cubin with Triton's `cuobjdump`.
 
-    python -m kernels.compile_check                 # sm_90: H100, H200
-    python -m kernels.compile_check --arch 80 90    # and sm_80: A100
+    python -m streamsynth.kernel_compile_check                 # SD1.5's launches for sm_90: H100, H200
+    python -m streamsynth.kernel_compile_check --arch 80 90    # and sm_80: A100
 
-`TRITON_INTERPRET` must be unset: Triton decides when a kernel is decorated whether it will be interpreted.
+`check(archs, dtypes, workloads)` takes the workloads to compile (`kernels.workloads.model_workloads` of a model's
+configurations); the command above passes SD1.5's. `TRITON_INTERPRET` must be unset: Triton decides when a kernel is
+decorated whether it will be interpreted.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import re
 import subprocess
-import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
 
 from . import dispatch
-from .workloads import DTYPES, sd15_workloads
-
+from .workloads import DTYPES, Workload
 
 
 @dataclass
@@ -102,13 +101,7 @@ def compile_only(arch: int, on_compiled: Callable[[object, object, dict], None])
 
 
 def _kernel_functions() -> dict:
-    from .geglu import _geglu_kernel
-    from .group_norm import _group_norm_kernel
-    from .guided_step import _guided_step_kernel
-    from .postprocess import _postprocess_kernel
-
-    return {"group_norm": _group_norm_kernel, "geglu": _geglu_kernel, "guided_step": _guided_step_kernel,
-            "postprocess": _postprocess_kernel}
+    return {name: dispatch.triton_kernel(name) for name in dispatch.KERNEL_NAMES}
 
 
 _RESOURCES = re.compile(r"REG:(\d+) STACK:\d+ SHARED:(\d+) LOCAL:(\d+)")
@@ -127,8 +120,10 @@ def cubin_resources(cubin: bytes) -> tuple[int, int, int] | None:
     return tuple(int(v) for v in match.groups()) if match else None
 
 
-def check(archs: list[int], dtypes: list[str]) -> CheckReport:
-    """Compiles every SD1.5 launch of every kernel for each architecture and dtype; never launches anything."""
+def check(archs: list[int], dtypes: list[str],
+          workloads: Callable[[torch.dtype], Iterable[Workload]]) -> CheckReport:
+    """Compiles every launch of `workloads(dtype)` (uninitialised CPU tensors will do) for each architecture and
+    dtype name of `DTYPES`; never launches anything."""
     report = CheckReport()
     for arch in archs:
         seen: set[int] = set()
@@ -150,7 +145,7 @@ def check(archs: list[int], dtypes: list[str]) -> CheckReport:
 
         with compile_only(arch, record):
             for dtype_name in dtypes:
-                for workload in sd15_workloads(DTYPES[dtype_name], random=False):
+                for workload in workloads(DTYPES[dtype_name]):
                     current = f"{dtype_name} {workload.kernel} {workload.description}"
                     try:
                         workload.run()
@@ -171,23 +166,3 @@ def format_report(report: CheckReport) -> str:
     for failure in report.failures:
         lines.append(f"FAILED sm{failure['arch']} {failure['launch']}: {failure['error']}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 80 90")
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    parser.add_argument("--json", help="also write the report here")
-    args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    report = check(args.arch, args.dtype)
-    print(format_report(report))
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(asdict(report), file, indent=2)
-    return 1 if report.failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,14 +3,19 @@
 Every kernel can be switched off alone (for ablations and for bisecting a numerical difference): with
 `set_enabled(name, False)`, with the context manager `disabled(name, ...)`, or for a whole process with
 `STREAMSYNTH_DISABLE_KERNELS=group_norm,geglu`. A switched-off kernel runs its plain-PyTorch reference.
+
+Triton is an optional extra: each kernel's Triton code sits in `<name>_triton.py` beside its module and is imported
+only when the kernel runs (a CUDA tensor, or a CPU tensor under `TRITON_INTERPRET=1`), so the references run, and
+everything here imports, on a machine without Triton.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager, Iterator
 
 import torch
 
@@ -72,24 +77,45 @@ def is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
-def runs_triton(name: str, kernel, tensor: torch.Tensor) -> bool:
+def triton_kernel(name: str):
+    """Kernel `name`'s Triton function (`_<name>_kernel` of `<name>_triton.py`); this imports Triton."""
+    _check_name(name)
+    module = importlib.import_module(f"{__package__}.{name}_triton")
+    return getattr(module, f"_{name}_kernel")
+
+
+def interpreter_requested() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's CPU interpreter (read as Triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def runs_triton(name: str, tensor: torch.Tensor) -> bool:
     """Whether kernel `name` runs its Triton version on `tensor`: it is switched on and can run there.
 
-    Triton runs on CUDA tensors, and on CPU tensors only under the interpreter (slow; for tests). Anywhere else the
-    reference runs, and that is logged once per kernel and device type.
+    Triton runs on CUDA tensors, and on CPU tensors only under the interpreter (slow; for tests), which needs
+    TRITON_INTERPRET=1 set before the kernel's first run in the process. Anywhere else the reference runs, without
+    importing Triton, and that is logged (at debug level) once per kernel and device type.
     """
     if not is_enabled(name):
         return False
-    if tensor.is_cuda or (tensor.device.type == "cpu" and (is_interpreted(kernel) or _compile_only)):
+    if tensor.is_cuda:
+        return True
+    if tensor.device.type == "cpu" and (_compile_only or (interpreter_requested()
+                                                           and is_interpreted(triton_kernel(name)))):
         return True
     key = (name, tensor.device.type)
     if key not in _fallbacks_logged:
         _fallbacks_logged.add(key)
-        log.info(
-            "kernel %s: Triton needs a CUDA tensor (or TRITON_INTERPRET=1 set before import for CPU debugging); "
-            "running the PyTorch reference on %s", name, tensor.device.type,
+        log.debug(
+            "kernel %s: Triton needs a CUDA tensor (or TRITON_INTERPRET=1 set before the kernel first runs, for CPU "
+            "debugging); running the PyTorch reference on %s", name, tensor.device.type,
         )
     return False
+
+
+def on_device(tensor: torch.Tensor) -> ContextManager:
+    """Makes `tensor`'s GPU the current device for a launch: Triton launches on the current device."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else nullcontext()
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:

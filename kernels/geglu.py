@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from diffusers.models.activations import GEGLU
 
 from .dispatch import check_float_dtype, check_same_device, is_enabled, runs_triton
-
-BLOCK_COLUMNS = 1024
 
 
 def geglu_reference(projected: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -25,21 +21,6 @@ def geglu_reference(projected: torch.Tensor, bias: torch.Tensor | None = None) -
         projected = projected + bias
     h, gate = projected.chunk(2, dim=-1)
     return h * F.gelu(gate)
-
-
-@triton.jit
-def _geglu_kernel(P, B, Y, row_stride, width, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = columns < width
-    h = tl.load(P + row * row_stride + columns, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(P + row * row_stride + width + columns, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        h += tl.load(B + columns, mask=mask, other=0.0).to(tl.float32)
-        gate += tl.load(B + width + columns, mask=mask, other=0.0).to(tl.float32)
-    # Exact (erf) GELU, as F.gelu's default.
-    y = h * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
-    tl.store(Y + row * width + columns, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def _check_inputs(projected: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -58,17 +39,11 @@ def _check_inputs(projected: torch.Tensor, bias: torch.Tensor | None) -> None:
 def geglu(projected: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`h * gelu(gate)` for `h, gate = (projected + bias).chunk(2, -1)`, computed in fp32, rounded once."""
     _check_inputs(projected, bias)
-    if not runs_triton("geglu", _geglu_kernel, projected):
+    if not runs_triton("geglu", projected):
         return geglu_reference(projected, bias)
-    width = projected.shape[-1] // 2
-    y = projected.new_empty(*projected.shape[:-1], width)
-    rows = projected.numel() // projected.shape[-1]
-    block = min(BLOCK_COLUMNS, triton.next_power_of_2(width))
-    _geglu_kernel[(rows, triton.cdiv(width, block))](
-        projected, bias if bias is not None else projected, y, projected.shape[-1], width,
-        HAS_BIAS=bias is not None, BLOCK=block,
-    )
-    return y
+    from .geglu_triton import launch
+
+    return launch(projected, bias)
 
 
 # As `streamsynth::group_norm`: an opaque operator for torch.compile and CUDA graphs.

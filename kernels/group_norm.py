@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from .dispatch import check_float_dtype, check_same_device, is_enabled, runs_triton
-
-# Elements of one (channels x positions) tile; a group is visited in tiles of this size.
-TILE_ELEMENTS = 4096
 
 
 def group_norm_reference(
@@ -27,63 +22,6 @@ def group_norm_reference(
     if silu:
         y = F.silu(y)
     return y.to(x.dtype)
-
-
-@triton.jit
-def _group_norm_kernel(
-    X, Y, W, B,
-    stride_b, stride_c, stride_s, out_stride_b, out_stride_c, out_stride_s,
-    num_channels, num_positions, channels_per_group, eps,
-    HAS_AFFINE: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    # One program normalises one (sample, group). The tile is positions x channels, so the same code reads NCHW
-    # (stride_s == 1) and channels_last (stride_c == 1) memory; Triton specialises unit strides.
-    pid = tl.program_id(0)
-    num_groups = num_channels // channels_per_group
-    batch = pid // num_groups
-    group = pid % num_groups
-    channels = group * channels_per_group + tl.arange(0, BLOCK_C)
-    channel_mask = tl.arange(0, BLOCK_C) < channels_per_group
-    base = batch.to(tl.int64) * stride_b
-    out_base = batch.to(tl.int64) * out_stride_b
-
-    # Statistics tile by tile, merged with Chan's parallel formula: stable where sum-of-squares would cancel.
-    mean = 0.0
-    m2 = 0.0
-    count = 0.0
-    for start in range(0, num_positions, BLOCK_S):
-        positions = start + tl.arange(0, BLOCK_S)
-        mask = (positions < num_positions)[:, None] & channel_mask[None, :]
-        offsets = base + positions.to(tl.int64)[:, None] * stride_s + channels.to(tl.int64)[None, :] * stride_c
-        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        tile_count = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
-        tile_mean = tl.sum(tl.sum(x, axis=1), axis=0) / tile_count
-        centred = tl.where(mask, x - tile_mean, 0.0)
-        tile_m2 = tl.sum(tl.sum(centred * centred, axis=1), axis=0)
-        total = count + tile_count
-        delta = tile_mean - mean
-        mean += delta * (tile_count / total)
-        m2 += tile_m2 + delta * delta * (count * tile_count / total)
-        count = total
-    rstd = 1.0 / tl.sqrt(m2 / count + eps)
-
-    if HAS_AFFINE:
-        scale = tl.load(W + channels, mask=channel_mask, other=0.0).to(tl.float32) * rstd
-        shift = tl.load(B + channels, mask=channel_mask, other=0.0).to(tl.float32) - mean * scale
-    else:
-        scale = tl.zeros((BLOCK_C,), tl.float32) + rstd
-        shift = tl.zeros((BLOCK_C,), tl.float32) - mean * rstd
-    for start in range(0, num_positions, BLOCK_S):
-        positions = start + tl.arange(0, BLOCK_S)
-        mask = (positions < num_positions)[:, None] & channel_mask[None, :]
-        offsets = base + positions.to(tl.int64)[:, None] * stride_s + channels.to(tl.int64)[None, :] * stride_c
-        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        y = x * scale[None, :] + shift[None, :]
-        if SILU:
-            y = y / (1.0 + tl.exp(-y))
-        out_offsets = (out_base + positions.to(tl.int64)[:, None] * out_stride_s
-                       + channels.to(tl.int64)[None, :] * out_stride_c)
-        tl.store(Y + out_offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def _position_stride(x: torch.Tensor) -> int | None:
@@ -134,20 +72,12 @@ def group_norm(
 ) -> torch.Tensor:
     """`F.group_norm` (then `F.silu` when `silu`) with fp32 statistics; the output keeps x's dtype and layout."""
     _check_inputs(x, num_groups, weight, bias)
-    if not runs_triton("group_norm", _group_norm_kernel, x):
+    if not runs_triton("group_norm", x):
         return group_norm_reference(x, num_groups, weight, bias, eps, silu)
+    from .group_norm_triton import launch
+
     y = torch.empty_like(x)  # x's strides where x is dense, else contiguous
-    channels_per_group = x.shape[1] // num_groups
-    num_positions = x[0, 0].numel()
-    block_c = triton.next_power_of_2(channels_per_group)
-    block_s = min(triton.next_power_of_2(num_positions), max(1, TILE_ELEMENTS // block_c))
-    has_affine = weight is not None
-    _group_norm_kernel[(x.shape[0] * num_groups,)](
-        x, y, weight if has_affine else x, bias if has_affine else x,
-        x.stride(0), x.stride(1), _position_stride(x), y.stride(0), y.stride(1), _position_stride(y),
-        x.shape[1], num_positions, channels_per_group, eps,
-        HAS_AFFINE=has_affine, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s,
-    )
+    launch(x, y, num_groups, weight, bias, eps, silu, _position_stride(x), _position_stride(y))
     return y
 
 

@@ -15,12 +15,8 @@ bit (e.g. division as a reciprocal product), which is why the tests allow a few 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from .dispatch import check_float_dtype, check_same_device, runs_triton
-
-BLOCK = 1024
 
 # Update rules; the PLMS ones are named by how many noise predictions they combine.
 DDIM = 0
@@ -38,62 +34,6 @@ def guided_step_reference(scheduler, noise: torch.Tensor, t, sample: torch.Tenso
         uncond, cond = noise.chunk(2)
         noise = uncond + guidance_scale * (cond - uncond)
     return scheduler.step(noise, t, sample, return_dict=False)[0]
-
-
-@triton.jit
-def _rounded(x, DTYPE: tl.constexpr):
-    # PyTorch rounds each elementwise op's result to the tensor dtype; doing the same keeps equality with diffusers.
-    return x.to(DTYPE).to(tl.float32)
-
-
-@triton.jit
-def _guided_step_kernel(
-    NOISE, SAMPLE, E1, E2, E3, PREV, EPS, n, scale,
-    c0, c1, c2, c3, clip_range,
-    GUIDED: tl.constexpr, RULE: tl.constexpr, STORE_EPS: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
-):
-    DTYPE: tl.constexpr = PREV.dtype.element_ty
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    if GUIDED:  # torch.cat([uncond, cond]) puts the unconditional half first
-        uncond = tl.load(NOISE + offsets, mask=mask, other=0.0).to(tl.float32)
-        cond = tl.load(NOISE + n + offsets, mask=mask, other=0.0).to(tl.float32)
-        eps = _rounded(uncond + _rounded(scale * _rounded(cond - uncond, DTYPE), DTYPE), DTYPE)
-    else:
-        eps = tl.load(NOISE + offsets, mask=mask, other=0.0).to(tl.float32)
-    if STORE_EPS:
-        tl.store(EPS + offsets, eps.to(DTYPE), mask=mask)
-    x = tl.load(SAMPLE + offsets, mask=mask, other=0.0).to(tl.float32)
-
-    if RULE == 0:  # DDIM, eta=0: c0 = sqrt(1 - a_t), c1 = sqrt(a_t), c2 = sqrt(a_prev), c3 = sqrt(1 - a_prev)
-        x0 = _rounded(_rounded(x - _rounded(c0 * eps, DTYPE), DTYPE) / c1, DTYPE)
-        if CLIP:
-            x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
-        prev = _rounded(c2 * x0, DTYPE) + _rounded(c3 * eps, DTYPE)
-    else:  # PLMS: c0 = sqrt(a_prev / a_t), c1 = a_prev - a_t, c2 = the denominator of PNDM's formula (9)
-        if RULE == 1:
-            combined = eps
-        elif RULE == 2:
-            e1 = tl.load(E1 + offsets, mask=mask, other=0.0).to(tl.float32)
-            combined = _rounded(_rounded(eps + e1, DTYPE) / 2, DTYPE)
-        elif RULE == 3:
-            e1 = tl.load(E1 + offsets, mask=mask, other=0.0).to(tl.float32)
-            combined = _rounded(_rounded(_rounded(3 * eps, DTYPE) - e1, DTYPE) / 2, DTYPE)
-        elif RULE == 4:
-            e1 = tl.load(E1 + offsets, mask=mask, other=0.0).to(tl.float32)
-            e2 = tl.load(E2 + offsets, mask=mask, other=0.0).to(tl.float32)
-            combined = _rounded(_rounded(23 * eps, DTYPE) - _rounded(16 * e1, DTYPE), DTYPE)
-            combined = _rounded(_rounded(combined + _rounded(5 * e2, DTYPE), DTYPE) / 12, DTYPE)
-        else:
-            e1 = tl.load(E1 + offsets, mask=mask, other=0.0).to(tl.float32)
-            e2 = tl.load(E2 + offsets, mask=mask, other=0.0).to(tl.float32)
-            e3 = tl.load(E3 + offsets, mask=mask, other=0.0).to(tl.float32)
-            combined = _rounded(_rounded(55 * eps, DTYPE) - _rounded(59 * e1, DTYPE), DTYPE)
-            combined = _rounded(combined + _rounded(37 * e2, DTYPE), DTYPE)
-            combined = _rounded(combined - _rounded(9 * e3, DTYPE), DTYPE)
-            combined = _rounded((1 / 24) * combined, DTYPE)
-        prev = _rounded(c0 * x, DTYPE) - _rounded(_rounded(c1 * combined, DTYPE) / c2, DTYPE)
-    tl.store(PREV + offsets, prev.to(DTYPE), mask=mask)
 
 
 def _check_inputs(noise: torch.Tensor, sample: torch.Tensor, previous: list[torch.Tensor], guided: bool) -> None:
@@ -128,12 +68,11 @@ def fused_update(noise: torch.Tensor, sample: torch.Tensor, previous: list[torch
     dummy = sample
     e1, e2, e3 = (previous + [dummy] * 3)[:3]
     c0, c1, c2, c3 = (tuple(coefficients) + (0.0,) * 4)[:4]
-    n = sample.numel()
-    _guided_step_kernel[(triton.cdiv(n, BLOCK),)](
-        noise, sample, e1, e2, e3, prev, eps if store_eps else dummy, n,
-        float(guidance_scale or 0.0), c0, c1, c2, c3, float(clip_range or 0.0),
-        GUIDED=guidance_scale is not None, RULE=rule, STORE_EPS=store_eps, CLIP=clip_range is not None, BLOCK=BLOCK,
-    )
+    from .guided_step_triton import launch
+
+    launch(noise, sample, e1, e2, e3, prev, eps if store_eps else dummy, float(guidance_scale or 0.0),
+           (c0, c1, c2, c3), float(clip_range or 0.0), guided=guidance_scale is not None, rule=rule,
+           store_eps=store_eps, clip=clip_range is not None)
     return prev, eps
 
 
@@ -177,7 +116,7 @@ class FusedGuidedStep:
         self.scheduler = scheduler
 
     def __call__(self, noise: torch.Tensor, t, sample: torch.Tensor, guidance_scale: float | None) -> torch.Tensor:
-        if not runs_triton("guided_step", _guided_step_kernel, sample):
+        if not runs_triton("guided_step", sample):
             return guided_step_reference(self.scheduler, noise, t, sample, guidance_scale)
         if self.scheduler.num_inference_steps is None:
             raise ValueError("fused guided step: call scheduler.set_timesteps(...) before stepping")

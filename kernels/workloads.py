@@ -1,8 +1,10 @@
-"""Every way Stable Diffusion 1.5's fast path calls a kernel, as repeatable calls on tensors of SD1.5's shapes.
+"""Every way a Stable Diffusion model's fast path calls a kernel, as repeatable calls on tensors of its shapes.
 
 Each `Workload` calls the kernel through its public, switchable entry point, so the same call runs the Triton kernel
-or, inside `kernels.disabled(workload.kernel)`, its PyTorch reference. `kernels.compile_check` compiles them for a
-GPU without launching; `kernels.bench` runs both sides on a device and compares their outputs and times.
+or, inside `disabled(workload.kernel)`, its PyTorch reference. The model is given by its component configurations
+(`ModelConfigs`; streamsynth passes SD1.5's, `streamsynth.synth.sd15.kernel_workloads`). `compile_check` compiles the
+workloads for a GPU without launching; `python -m streamsynth.kernel_bench` runs both sides on a device and compares
+their outputs (`within_tolerance`) and times.
 """
 
 from __future__ import annotations
@@ -16,10 +18,34 @@ import torch
 # The dtypes the workloads come in, by the names the command lines take.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# Kernel output against reference output, both on the device (as in tests/test_kernels.py): atol = rtol per dtype.
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# uint8 images: every pixel within one level (a value one rounding from .5) and at least 99% of them equal.
+UINT8_MIN_EQUAL = 0.99
+
+
+def within_tolerance(output: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether a kernel's output agrees with its reference's within the tolerances above."""
+    error = (output.float() - reference.float()).abs()
+    if output.dtype == torch.uint8:
+        return bool(error.max() <= 1) and (error == 0).float().mean().item() >= UINT8_MIN_EQUAL
+    tolerance = TOLERANCES[output.dtype]
+    return bool((error <= tolerance + tolerance * reference.float().abs()).all())
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """A Stable Diffusion model's component configurations, as diffusers' and transformers' constructors take them."""
+
+    unet: dict  # UNet2DConditionModel
+    vae: dict  # AutoencoderKL
+    text_encoder: dict  # CLIPTextConfig
+    scheduler: dict  # DDIMScheduler / PNDMScheduler
+
 
 @dataclass
 class Workload:
-    kernel: str  # a name of kernels.KERNEL_NAMES
+    kernel: str  # a name of KERNEL_NAMES
     description: str
     run: Callable[[], torch.Tensor]  # repeatable: any state the call changes is reset first
     bytes_moved: int  # what the kernel must read and write at least: inputs and output, once each
@@ -29,14 +55,14 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def sd15_workloads(dtype: torch.dtype, device: str | torch.device = "cpu", batch: int = 1,
-                   random: bool = True) -> Iterator[Workload]:
-    """The workloads of SD1.5 at 512² for `batch` images (the UNet sees 2 x batch with guidance).
+def model_workloads(model: ModelConfigs, dtype: torch.dtype, device: str | torch.device = "cpu", batch: int = 1,
+                    random: bool = True) -> Iterator[Workload]:
+    """The workloads of `model` at its native size for `batch` images (the UNet sees 2 x batch with guidance).
 
-    Shapes come from SD1.5's configuration: they decide the block sizes, so these are the variants a real run
+    Shapes come from the model's configuration: they decide the block sizes, so these are the variants a real run
     compiles. `random=False` leaves the tensors uninitialised (enough for compiling).
     """
-    from streamsynth.synth.sd15 import SCHEDULER, UNET, VAE
+    UNET, VAE, SCHEDULER = model.unet, model.vae, model.scheduler  # noqa: N806 - the configurations, as data
 
     from .geglu import geglu
     from .group_norm import group_norm
@@ -52,7 +78,7 @@ def sd15_workloads(dtype: torch.dtype, device: str | torch.device = "cpu", batch
         return x.to(dtype).contiguous(memory_format=memory_format)
 
     latent, unet_batch = UNET["sample_size"], 2 * batch
-    for where, groups, shape in sd15_group_norm_inputs():
+    for where, groups, shape in group_norm_inputs(model):
         rows = (unet_batch if where == "unet" else batch) * shape[0]
         channels, size = shape[1], "x".join(map(str, shape[2:]))
         weight, bias = tensor(channels), tensor(channels)
@@ -86,15 +112,16 @@ def sd15_workloads(dtype: torch.dtype, device: str | torch.device = "cpu", batch
                        _nbytes(decoded) + 4 * out)
 
 
-def sd15_group_norm_inputs() -> list[tuple[str, int, tuple[int, ...]]]:
-    """(model, groups, input shape for one image) of every distinct GroupNorm call of SD1.5's UNet and VAE decoder at
-    512², found by running them on the meta device (no memory, no weights).
+def group_norm_inputs(model: ModelConfigs) -> list[tuple[str, int, tuple[int, ...]]]:
+    """(component, groups, input shape for one image) of every distinct GroupNorm call of the model's UNet and VAE
+    decoder at its native size, found by running them on the meta device (no memory, no weights).
 
     Reading the shapes off the models, rather than off `block_out_channels`, catches the up-blocks' GroupNorms of
     concatenated skip connections (960 to 2560 channels), which have their own block sizes.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from streamsynth.synth.sd15 import TEXT_ENCODER, UNET, VAE
+
+    UNET, VAE, TEXT_ENCODER = model.unet, model.vae, model.text_encoder  # noqa: N806
 
     calls: dict[tuple, None] = {}
 

@@ -12,7 +12,7 @@ import sys
 COMMANDS = [
     "streamsynth.captions.commands",
     "streamsynth.profile",
-    "streamsynth.stream.bench",
+    "streamsynth.loader_bench",
     "streamsynth.commands",
 ]
 

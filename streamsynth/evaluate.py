@@ -39,7 +39,7 @@ from .classifier import DEFAULT_IMAGE_SIZE
 from .errors import StreamsynthError
 from .imagefiles import plain_rgb, read_image_file
 from .safeio import atomic_write_text
-from .prompts.classnames import imagenet_classes
+from .captions.classnames import imagenet_classes
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)

@@ -5,23 +5,26 @@ same product: uint8 images of the classifier's size on the CPU. Reported per pat
 achieved TFLOP/s (FLOPs counted with FlopCounterMode on one UNet call, one VAE decode and the text encoder, not
 assumed), its share of the GPU's peak, peak memory; then the PSNR between the two paths' images and, for each
 kernel switched off alone, the fast path's images/s (the ablation). Writes profile.json and profile.png.
+
+Both paths run their own code, unchanged, and are timed by hooks: diffusers' pipeline by forward hooks on its text
+encoder and VAE, streamsynth by wrapping the `Synthesizer`'s own methods (`encode_text`, `denoise`, `decode`) on the
+instance around `generate_uint8`, the call the stream's workers make. Timing, peak memory, device names, the
+environment and the report come from `streamsynth.benchtools`, as in the other benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import math
-import platform
-import resource
 import statistics
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from . import benchtools
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ def add_commands(subparsers) -> None:
     source.add_argument("--model", help="a diffusers folder or hub id to profile instead")
     p.add_argument("--out", required=True, help="folder for profile.json and profile.png (created)")
     p.add_argument("--model-dir", help="where --arch sd15 saves its random weights (default: OUT/sd15-random)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=benchtools.default_device(), help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--batch", type=int, help="images per batch (default 32; 2 with --dry)")
     p.add_argument("--steps", type=int, help="denoising steps (default 50; 3 with --dry)")
@@ -77,7 +80,13 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
+    device = benchtools.as_device(args.device)
+    # Events, synchronisation, memory statistics and Triton launches all follow the current device: make it ours.
+    with benchtools.on_device(device):
+        return _profile(args, settings, out, device)
+
+
+def _profile(args: argparse.Namespace, settings: dict, out: Path, device: torch.device) -> int:
     model = _model_folder(args, out, device)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(settings["batch"])]
     from .seeding import derive_seed
@@ -90,20 +99,19 @@ def run(args: argparse.Namespace) -> int:
     ref_result, ref_images = _measure(lambda: _diffusers_batch(reference, prompts, seeds, settings, args), settings,
                                       device)
     scheduler_name = type(reference.scheduler).__name__
-    del reference
+    reference = None  # frees the pipeline (the lambda above holds the name, not the object)
     _free(device)
 
-    fast_pipe = _load(model, args, device)
-    fast = _apply_fast_path(fast_pipe, args)
-    synth = _synthesizer(fast_pipe, fast, settings, args)
-    fast_result, fast_images = _measure(lambda: _fast_batch(synth, fast, prompts, seeds, args), settings, device)
-    fast_result["fast_path"], fast_result["skipped"] = fast.applied, fast.skipped
+    synth = _synthesizer(_load(model, args, device), settings, args)
+    fast_result, fast_images = _measure(lambda: _streamsynth_batch(synth, prompts, seeds, args), settings, device)
+    fast_result["fast_path"], fast_result["skipped"] = synth.fast_path.applied, synth.fast_path.skipped
+    fast_pipe = synth.pipe
 
     peak = args.peak_tflops or _default_peak_tflops(device)
     for result in (ref_result, fast_result):
         _add_rates(result, flops["per_batch"], peak)
     report = {
-        "device": _device_name(device), "torch": torch.__version__, "diffusers": _diffusers_version(),
+        "benchmark": "profile", "device": benchtools.device_name(device), "environment": benchtools.environment(device),
         "model": str(model), "random_weights": has_random_weights(model), "arch": args.arch, "dtype": str(fast_pipe.unet.dtype).replace("torch.", ""),
         "scheduler": scheduler_name, "guidance_scale": args.guidance, "image_size": _image_size(fast_pipe),
         "classifier_size": args.size, **settings, "dry": args.dry, "flops": flops,
@@ -114,10 +122,10 @@ def run(args: argparse.Namespace) -> int:
         **image_agreement(fast_images, ref_images), "ablation": {},
     }
     # Written before the ablation too, so a run stopped during the ablation keeps the main comparison.
-    (out / "profile.json").write_text(json.dumps(report, indent=2))
+    benchtools.write_json(out / "profile.json", report)
     if not (args.no_ablation or args.no_kernels):
-        report["ablation"] = _ablation(synth, fast, prompts, seeds, args, settings, device, ref_images)
-        (out / "profile.json").write_text(json.dumps(report, indent=2))
+        report["ablation"] = _ablation(synth, prompts, seeds, args, settings, device, ref_images)
+        benchtools.write_json(out / "profile.json", report)
     plot(report, out / "profile.png")
     _print_summary(report, out)
     return 0
@@ -159,70 +167,65 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _apply_fast_path(pipe, args):
-    from .synth.fast import FastPathOptions, apply
+def _fast_path_options(args):
+    from .synth.fast import FastPathOptions
 
     use_kernels = not args.no_kernels
-    return apply(pipe, FastPathOptions(
+    return FastPathOptions(
         triton_kernels=use_kernels, fused_step=use_kernels, fused_postprocess=use_kernels, attention=args.attention,
         channels_last=args.channels_last, fuse_qkv=args.fuse_qkv, compile_unet=args.compile,
         cuda_graphs=args.cuda_graphs,
-    ))
+    )
 
 
-def _synthesizer(pipe, fast, settings, args):
+def _synthesizer(pipe, settings, args):
+    """streamsynth's Synthesizer on `pipe`, with the fast path switched on as the stream's workers switch it on."""
     from .synth import SynthesisConfig, Synthesizer
 
     config = SynthesisConfig(num_inference_steps=settings["steps"], guidance_scale=args.guidance)
-    return Synthesizer(pipe, config, fused_step=fast.fused_step)
+    return Synthesizer.from_pipeline(pipe, config, fast=_fast_path_options(args))
 
 
-class StageClock:
-    """Marks the end of each stage; on CUDA with events on the current stream, read after one synchronisation."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list[tuple[str, object]] = []
-        self.mark("start")
-
-    def mark(self, stage: str) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append((stage, event))
-        else:
-            self.marks.append((stage, time.perf_counter()))
-
-    def seconds(self) -> dict[str, float]:
-        """Seconds per stage: each interval is charged to the stage whose mark ends it."""
-        if self.cuda:
-            torch.cuda.synchronize()
-        totals = dict.fromkeys(STAGES, 0.0)
-        for (_, begin), (stage, end) in zip(self.marks, self.marks[1:]):
-            totals[stage] += begin.elapsed_time(end) / 1000 if self.cuda else end - begin
-        return totals
+def _clock(device: torch.device) -> benchtools.StageClock:
+    return benchtools.StageClock(device, STAGES)
 
 
-def _fast_batch(synth, fast, prompts, seeds, args) -> tuple[StageClock, torch.Tensor]:
-    clock = StageClock(synth.device)
-    with torch.no_grad():
-        text = synth.encode_text(prompts)
-        clock.mark("text_encoding")
-        synth.pipe.scheduler.set_timesteps(synth.config.num_inference_steps, device=synth.device)
-        latents, generators = synth.initial_latents(seeds)
-        latents = synth.denoise(latents, text, generators)
-        clock.mark("unet_steps")
-        decoded = synth.decode(latents)
-        clock.mark("vae_decode")
-        images = fast.postprocess(decoded, args.size)
-        clock.mark("postprocess")
-        images = images.cpu()
-        clock.mark("to_cpu")
+# The Synthesizer's methods whose return ends a stage; wrapped on the instance, so the class's code runs unchanged.
+SYNTHESIZER_STAGES = (("encode_text", "text_encoding"), ("denoise", "unet_steps"), ("decode", "vae_decode"))
+
+
+@contextmanager
+def _method_marks(synth, clock: benchtools.StageClock):
+    """Marks stage ends when the Synthesizer's own methods return, by wrapping them on the instance."""
+    def marking(method, stage):
+        def wrapper(*args, **kwargs):
+            result = method(*args, **kwargs)
+            clock.mark(stage)
+            return result
+        return wrapper
+
+    for name, stage in SYNTHESIZER_STAGES:
+        setattr(synth, name, marking(getattr(synth, name), stage))
+    try:
+        yield
+    finally:
+        for name, _ in SYNTHESIZER_STAGES:
+            delattr(synth, name)  # the class's method shows through again
+
+
+def _streamsynth_batch(synth, prompts, seeds, args) -> tuple[benchtools.StageClock, torch.Tensor]:
+    """One batch the way the stream's workers make it: `generate_uint8`, then the copy to the CPU."""
+    clock = _clock(synth.device)
+    with _method_marks(synth, clock):
+        images = synth.generate_uint8(prompts, seeds, args.size)
+    clock.mark("postprocess")
+    images = images.cpu()
+    clock.mark("to_cpu")
     return clock, images
 
 
 @contextmanager
-def _stage_hooks(pipe, clock: StageClock):
+def _stage_hooks(pipe, clock: benchtools.StageClock):
     """Marks stage ends from inside diffusers' own __call__ with module hooks, without touching its code."""
     vae_entry = pipe.vae.post_quant_conv if pipe.vae.post_quant_conv is not None else pipe.vae.decoder
     handles = [
@@ -237,10 +240,10 @@ def _stage_hooks(pipe, clock: StageClock):
             handle.remove()
 
 
-def _diffusers_batch(pipe, prompts, seeds, settings, args) -> tuple[StageClock, torch.Tensor]:
+def _diffusers_batch(pipe, prompts, seeds, settings, args) -> tuple[benchtools.StageClock, torch.Tensor]:
     from .synth import resize_to_uint8
 
-    clock = StageClock(pipe.unet.device)
+    clock = _clock(pipe.unet.device)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     with torch.no_grad(), _stage_hooks(pipe, clock):
         images = pipe(prompt=prompts, num_inference_steps=settings["steps"], guidance_scale=args.guidance,
@@ -253,43 +256,30 @@ def _diffusers_batch(pipe, prompts, seeds, settings, args) -> tuple[StageClock, 
 
 
 def _measure(run_batch, settings, device: torch.device) -> tuple[dict, torch.Tensor]:
-    """Warm-up batches, then timed ones: median seconds per stage, images/s, peak memory; and the last images."""
-    for _ in range(settings["warmup"]):
-        run_batch()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    timings = []
-    for _ in range(settings["repeats"]):
-        clock, images = run_batch()
-        timings.append(clock.seconds())
+    """Warm-up batches, then timed ones (`benchtools.measure`): median seconds per stage, images/s, peak memory;
+    and the last batch's images."""
+    measured = benchtools.measure(run_batch, device, settings["warmup"], settings["repeats"])
+    timings = [clock.seconds() for clock, _ in measured.results]
     stages = {stage: statistics.median(t[stage] for t in timings) for stage in STAGES}
     total = statistics.median(sum(t.values()) for t in timings)
-    result = {"stages_s": stages, "total_s": total, "images_per_s": settings["batch"] / total, **_peak_memory(device)}
-    return result, images
+    result = {"stages_s": stages, "total_s": total, "images_per_s": settings["batch"] / total,
+              **measured.peak_memory.as_dict()}
+    return result, measured.results[-1][1]
 
 
-def _peak_memory(device: torch.device) -> dict:
-    if device.type == "cuda":
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(), "peak_memory_kind": "cuda max_memory_allocated"}
-    # ru_maxrss is KiB on Linux; it is the whole process's peak so far, not this path's alone.
-    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "peak_memory_kind": "process peak RSS (cumulative over the run)"}
-
-
-def _ablation(synth, fast, prompts, seeds, args, settings, device, ref_images: torch.Tensor) -> dict:
+def _ablation(synth, prompts, seeds, args, settings, device, ref_images: torch.Tensor) -> dict:
     """The fast path's images/s with each kernel switched off alone, and its images' agreement with diffusers'.
 
     The agreement localises a numerical problem: the kernel whose switching off raises the PSNR is the one to look at.
     """
-    from kernels import KERNEL_NAMES, disabled
+    from .kernels import KERNEL_NAMES, disabled
 
     # Eager, everything an ablation runs has run already; a compiled UNet recompiles when a kernel is switched off.
     settings = {**settings, "warmup": settings["warmup"] if args.compile or args.cuda_graphs else 0}
     results = {}
     for name in KERNEL_NAMES:
         with disabled(name):
-            result, images = _measure(lambda: _fast_batch(synth, fast, prompts, seeds, args), settings, device)
+            result, images = _measure(lambda: _streamsynth_batch(synth, prompts, seeds, args), settings, device)
         results[name] = {"images_per_s": result["images_per_s"], "stages_s": result["stages_s"],
                          **image_agreement(images, ref_images)}
     return results
@@ -343,59 +333,38 @@ def _image_size(pipe) -> int:
 def _default_peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    name = benchtools.device_name(device)
     return next((tflops for part, tflops in PEAK_TFLOPS if part in name), None)
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
-
-
-def _diffusers_version() -> str:
-    import diffusers
-
-    return diffusers.__version__
-
-
 def _kernels_ran_triton(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    from kernels.dispatch import is_interpreted
-    from kernels.group_norm import _group_norm_kernel
+    from .kernels.dispatch import runs_triton
 
-    return is_interpreted(_group_norm_kernel)
+    return runs_triton("group_norm", torch.empty(0, device=device))
 
 
 def plot(report: dict, path: Path) -> None:
     """Left: milliseconds per image by stage for both paths. Right: images/s, with each kernel switched off."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     batch = report["batch"]
     paths = report["paths"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    bottoms = [0.0] * len(paths)
-    for stage in STAGES:
-        heights = [1000 * result["stages_s"][stage] / batch for result in paths.values()]
-        left.bar(list(paths), heights, bottom=bottoms, label=stage)
-        bottoms = [b + h for b, h in zip(bottoms, heights)]
-    left.set_ylabel("ms per image")
-    left.set_title("time per stage")
-    left.legend(fontsize="small")
-    labels = list(paths) + [f"without {name}" for name in report["ablation"]]
-    rates = [r["images_per_s"] for r in paths.values()] + [r["images_per_s"] for r in report["ablation"].values()]
-    right.bar(labels, rates, color=["tab:gray", "tab:blue"] + ["tab:orange"] * len(report["ablation"]))
-    right.set_ylabel("images/s")
-    right.set_title("throughput (streamsynth with each kernel off alone)")
-    right.tick_params(axis="x", labelrotation=30)
-    fig.suptitle(f"{report['arch'] or report['model']} on {report['device']}, {report['dtype']}, batch {batch}, "
-                 f"{report['steps']} steps, guidance {report['guidance_scale']}"
-                 + (" (dry run: a smoke test, not a measurement)" if report["dry"] else ""), fontsize="medium")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = (f"{report['arch'] or report['model']} on {report['device']}, {report['dtype']}, batch {batch}, "
+             f"{report['steps']} steps, guidance {report['guidance_scale']}"
+             + (" (dry run: a smoke test, not a measurement)" if report["dry"] else ""))
+    with benchtools.figure(path, 2, figsize=(12, 4.5), title=title) as (left, right):
+        bottoms = [0.0] * len(paths)
+        for stage in STAGES:
+            heights = [1000 * result["stages_s"][stage] / batch for result in paths.values()]
+            left.bar(list(paths), heights, bottom=bottoms, label=stage)
+            bottoms = [b + h for b, h in zip(bottoms, heights)]
+        left.set_ylabel("ms per image")
+        left.set_title("time per stage")
+        left.legend(fontsize="small")
+        labels = list(paths) + [f"without {name}" for name in report["ablation"]]
+        rates = [r["images_per_s"] for r in paths.values()] + [r["images_per_s"] for r in report["ablation"].values()]
+        right.bar(labels, rates, color=["tab:gray", "tab:blue"] + ["tab:orange"] * len(report["ablation"]))
+        right.set_ylabel("images/s")
+        right.set_title("throughput (streamsynth with each kernel off alone)")
+        right.tick_params(axis="x", labelrotation=30)
 
 
 def _agreement(result: dict) -> str:

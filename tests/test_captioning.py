@@ -456,4 +456,6 @@ def test_caption_bench_tiny_writes_json(tmp_path):
     assert [(r["kv_cache"], r["batch_size"]) for r in runs] == [(k, b) for k in ("dynamic", "static") for b in (4, 8)]
     assert all(r["captioned"] == 10 and r["images_per_s"] > 0 for r in runs)
     assert result["streamsynth"] == max(runs, key=lambda r: r["images_per_s"])
-    assert {"device_name", "peak_host_rss_bytes"} <= set(result)
+    assert {"device_name", "peak_host_memory_bytes", "environment"} <= set(result)
+    assert all("peak resident set" in r["peak_memory_kind"] for r in [result["baseline"], *runs])
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +83,22 @@ def test_fast_path_options_reject_conflicts():
         FastPathOptions(fuse_qkv=True, attention="xformers")
     with pytest.raises(ValueError, match="unknown attention backend"):
         FastPathOptions(attention="flash")
+
+
+def test_the_fast_path_needs_no_triton_where_the_references_run(tiny_model):
+    """Triton is an optional extra: on the CPU (no interpreter) the fast path runs its references without it."""
+    script = (
+        "import sys\n"
+        "sys.modules['triton'] = None  # as on a machine without Triton: importing it raises ImportError\n"
+        "from streamsynth import FastPathOptions, SynthesisConfig, Synthesizer\n"
+        "synth = Synthesizer.from_pretrained(sys.argv[1], config=SynthesisConfig(num_inference_steps=2),\n"
+        "                                    fast=FastPathOptions())\n"
+        "assert synth.fast_path.fused_step is not None and 'group_norm' in str(synth.fast_path.applied)\n"
+        "print(synth.generate_uint8(['a photo of tench'], [1], 16).shape)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", script, str(tiny_model)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.Size([1, 3, 16, 16])" in result.stdout

@@ -26,7 +26,7 @@ def _run(args: list[str], interpret: bool = False) -> subprocess.CompletedProces
 
 
 def test_every_kernel_compiles_for_sm90_in_every_dtype_without_spills(tmp_path):
-    result = _run(["-m", "kernels.compile_check", "--arch", "90", "--json", str(tmp_path / "report.json")])
+    result = _run(["-m", "streamsynth.kernel_compile_check", "--arch", "90", "--json", str(tmp_path / "report.json")])
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["failures"] == []
@@ -41,7 +41,7 @@ def test_every_kernel_compiles_for_sm90_in_every_dtype_without_spills(tmp_path):
 
 BROKEN_KERNEL = textwrap.dedent("""
     import torch, triton, triton.language as tl
-    from kernels.compile_check import compile_only
+    from streamsynth.kernels.compile_check import compile_only
 
     @triton.jit
     def _sum_kernel(X, Y, n, BLOCK: tl.constexpr):
@@ -71,5 +71,5 @@ def test_the_compiler_rejects_what_the_interpreter_accepts(tmp_path):
 
 
 def test_the_check_refuses_to_run_under_the_interpreter():
-    result = _run(["-m", "kernels.compile_check"], interpret=True)
+    result = _run(["-m", "streamsynth.kernel_compile_check"], interpret=True)
     assert result.returncode == 2 and "unset TRITON_INTERPRET" in result.stderr

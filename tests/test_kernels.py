@@ -15,14 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import disabled, set_enabled
-from kernels.bench import TOLERANCES
-from kernels.dispatch import is_interpreted
-from kernels.geglu import FusedGEGLU, _geglu_kernel, geglu, geglu_reference
-from kernels.group_norm import FusedGroupNorm, _group_norm_kernel, group_norm, group_norm_reference
-from kernels.guided_step import FusedGuidedStep, guided_step_reference, unsupported_reason
-from kernels.patch import is_patched, patch, unpatch
-from kernels.postprocess import postprocess, postprocess_reference
+from streamsynth.kernels import disabled, set_enabled
+from streamsynth.kernels.dispatch import is_interpreted, triton_kernel
+from streamsynth.kernels.geglu import FusedGEGLU, geglu, geglu_reference
+from streamsynth.kernels.group_norm import FusedGroupNorm, group_norm, group_norm_reference
+from streamsynth.kernels.guided_step import FusedGuidedStep, guided_step_reference, unsupported_reason
+from streamsynth.kernels.patch import is_patched, patch, unpatch
+from streamsynth.kernels.postprocess import postprocess, postprocess_reference
+from streamsynth.kernels.workloads import TOLERANCES
 
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                       steps_offset=1, set_alpha_to_one=False)
@@ -35,7 +35,7 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
 
 
 def test_kernels_run_under_the_interpreter():
-    assert is_interpreted(_group_norm_kernel) and is_interpreted(_geglu_kernel)
+    assert is_interpreted(triton_kernel("group_norm")) and is_interpreted(triton_kernel("geglu"))
 
 
 # GroupNorm (+ SiLU)
@@ -202,8 +202,8 @@ def test_switched_off_kernel_runs_reference():
 def test_cpu_without_interpreter_falls_back_and_logs_once(tmp_path):
     script = (
         "import logging, torch\n"
-        "logging.basicConfig(level=logging.INFO)\n"
-        "from kernels.group_norm import group_norm, group_norm_reference\n"
+        "logging.basicConfig(level=logging.DEBUG)\n"
+        "from streamsynth.kernels.group_norm import group_norm, group_norm_reference\n"
         "x = torch.randn(2, 40, 5, 5)\n"
         "for _ in range(2): assert torch.equal(group_norm(x, 8), group_norm_reference(x, 8, None, None, 1e-5, False))\n"
     )
@@ -287,7 +287,8 @@ def test_patched_unet_compiles_as_one_graph(tiny_model):
 
 
 def test_kernel_bench_compares_each_workload_with_its_reference(monkeypatch):
-    from kernels import bench, guided_step
+    from streamsynth import kernel_bench as bench
+    from streamsynth.kernels import guided_step
 
     results = bench.bench("cpu", torch.float32, warmup=0, repeats=1, only="guided_step")
     assert len(results) == 14 and {r.kernel for r in results} == {"guided_step"}

@@ -1,4 +1,5 @@
-"""`streamsynth loader-bench` runs every configuration and the plain diffusers baseline in one run."""
+"""`streamsynth loader-bench` runs every configuration, the plain diffusers baseline and the in-memory limit in one
+run."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ def test_loader_bench_reports_baseline_and_configurations(tmp_path, caption_stor
     out = tmp_path / "bench.json"
     assert cli(["loader-bench", "--sd-model", str(tiny_model), "--captions", str(caption_store.path), "--device",
                 "cpu", "--batch-size", "2", "--batches", "2", "--steps", "1", "--workers", "1", "--replay", "1,2",
-                "--consumer", "resnet18", "--out", str(out)]) == 0
+                "--augment", "batched,per-image", "--consumer", "resnet18", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     configs = [r["config"] for r in report["results"]]
-    assert configs == ["plain diffusers loop", "streamsynth, 1 worker(s), replay 1", "streamsynth, 1 worker(s), replay 2"]
+    assert configs == ["plain diffusers loop", "limit: in-memory DataLoader, 1 worker(s), per-image",
+                       *(f"streamsynth, 1 worker(s), replay {r}, {a}" for r in (1, 2) for a in ("batched", "per-image"))]
+    assert all(r["cpu_ms_per_image"] > 0 for r in report["results"])
     assert all(r["images_delivered_per_s"] > 0 and 0 <= r["consumer_wait_share"] <= 1 for r in report["results"])
     assert all(r["peak_memory_bytes"] > 10 * 2**20 and "peak resident set" in r["peak_memory_kind"] for r in report["results"])
     assert report["random_weights"] is True
     printed = capsys.readouterr().out
-    assert "plain diffusers loop" in printed and "RANDOM WEIGHTS" in printed and "peak MiB" in printed
+    assert "plain diffusers loop" in printed and "CPU ms/img" in printed and "RANDOM WEIGHTS" in printed and "peak MiB" in printed

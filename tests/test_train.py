@@ -26,6 +26,12 @@ def test_default_main_job(tmp_path, isolated_cache):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "RANDOM WEIGHTS" in result.stderr
     assert "train: 100%" in result.stderr and "20/20" in result.stderr
+    # Nothing but our own log lines and the progress bar: no third-party warning (diffusers' notice that accelerate
+    # is missing was one, in every worker) and no INFO line from the workers' fast path.
+    ours = ("train:", "WARNING streamsynth", "WARNING train", "INFO train")
+    foreign = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()
+               and not line.startswith(ours)]
+    assert foreign == [], foreign
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 20 and checkpoint["num_classes"] == 10 and checkpoint["arch"] == "resnet18"
     assert checkpoint["stream"]["random_weights"] is True

@@ -5,17 +5,15 @@ Both sides caption the same JPEG files with the same model, dtype and decoding (
   `model.generate`, then `batch_decode`;
 - streamsynth: `caption_images`, the code path of `streamsynth caption` (workers, large batches, LMDB writes), for
   each batch size and KV-cache kind asked for; `streamsynth` in the result is the fastest of them.
+Times are wall-clock with the device synchronised (`benchtools.Timer(device, "wall")`: decoding on the CPU is part of
+the cost); peak memory is benchtools' one measure, on the captioning device, per run.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
-import platform
-import resource
 import tempfile
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .. import benchtools
 from .architectures import BLIP2_ARCHITECTURES, random_blip2
 from .captioners import Captioner, default_device, load_captioner, resolve_dtype
 from .captioning import caption_images, default_batch_size, default_num_workers
@@ -72,20 +71,6 @@ def _blank_batch(captioner: Captioner, size: int) -> torch.Tensor:
     return torch.stack([captioner.preprocessor(Image.new("RGB", _SAMPLE_IMAGE_SIZE))] * size)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
 def _bytes_of(ref) -> bytes:
     data = ref.read_bytes()
     if isinstance(data, str):  # the reference loop has no skipping: an unreadable file ends it, named
@@ -99,29 +84,26 @@ def _reference_loop(collection: ImageCollection, captioner: Captioner, batch_siz
     image_processor = captioner.preprocessor.image_processor
     device = captioner.device
     generate_s = 0.0
-    _reset_peak(device)
-    start = time.perf_counter()
-    for first in range(0, len(collection.images), batch_size):
-        refs = collection.images[first : first + batch_size]
-        pictures = [Image.open(io.BytesIO(_bytes_of(ref))).convert("RGB") for ref in refs]
-        pixels = image_processor(images=pictures, return_tensors="pt")["pixel_values"].to(device, captioner.dtype)
-        _synchronize(device)
-        generate_start = time.perf_counter()
-        output = captioner.model.generate(
-            pixel_values=pixels, max_new_tokens=captioner.max_new_tokens, do_sample=False, num_beams=1
-        )
-        _synchronize(device)
-        generate_s += time.perf_counter() - generate_start
-        captioner.tokenizer.batch_decode(output, skip_special_tokens=True)
-    elapsed = time.perf_counter() - start
+    benchtools.reset_peak_memory(device)
+    with benchtools.Timer(device, "wall") as total:
+        for first in range(0, len(collection.images), batch_size):
+            refs = collection.images[first : first + batch_size]
+            pictures = [Image.open(io.BytesIO(_bytes_of(ref))).convert("RGB") for ref in refs]
+            pixels = image_processor(images=pictures, return_tensors="pt")["pixel_values"].to(device, captioner.dtype)
+            with benchtools.Timer(device, "wall") as generate:
+                output = captioner.model.generate(
+                    pixel_values=pixels, max_new_tokens=captioner.max_new_tokens, do_sample=False, num_beams=1
+                )
+            generate_s += generate.seconds
+            captioner.tokenizer.batch_decode(output, skip_special_tokens=True)
     n = len(collection.images)
     return {
         "method": f"PIL decode in the main process + processor + model.generate, batches of {batch_size}",
         "batch_size": batch_size,
-        "images_per_s": round(n / elapsed, 2),
+        "images_per_s": round(n / total.seconds, 2),
         "generate_only_images_per_s": round(n / generate_s, 2),
-        "seconds": round(elapsed, 3),
-        "peak_gpu_memory_bytes": _peak(device),
+        "seconds": round(total.seconds, 3),
+        **benchtools.peak_memory(device).as_dict(),
     }
 
 
@@ -133,24 +115,22 @@ def _streamsynth_run(
     # static KV cache, compilation for that shape stay out of the timing.
     for shape in {min(batch_size, len(collection.images)), len(collection.images) % batch_size} - {0}:
         captioner.caption(_blank_batch(captioner, shape))
-    _reset_peak(device)
-    start = time.perf_counter()
-    report = caption_images(
-        collection, workdir / f"bench-{batch_size}-{captioner.static_cache}.lmdb", captioner, batch_size=batch_size,
-        num_workers=num_workers, progress=False,
-    )
-    _synchronize(device)
-    elapsed = time.perf_counter() - start
+    benchtools.reset_peak_memory(device)
+    with benchtools.Timer(device, "wall") as total:
+        report = caption_images(
+            collection, workdir / f"bench-{batch_size}-{captioner.static_cache}.lmdb", captioner,
+            batch_size=batch_size, num_workers=num_workers, progress=False,
+        )
     n = len(collection.images)
     return {
         "method": "streamsynth caption: decode and preprocess in DataLoader workers, LMDB writes",
         "batch_size": batch_size,
         "kv_cache": "static" if captioner.static_cache else "dynamic",
         "num_workers": num_workers,
-        "images_per_s": round(n / elapsed, 2),
-        "seconds": round(elapsed, 3),
+        "images_per_s": round(n / total.seconds, 2),
+        "seconds": round(total.seconds, 3),
         "captioned": report.captions_in_store,
-        "peak_gpu_memory_bytes": _peak(device),
+        **benchtools.peak_memory(device).as_dict(),
     }
 
 
@@ -206,13 +186,14 @@ def run_benchmark(
             for batch_size in batch_sizes:
                 runs.append(_streamsynth_run(collection, captioner, batch_size, num_workers, workdir))
     best = max(runs, key=lambda run: run["images_per_s"])
+    host = benchtools.peak_memory("cpu")
     return {
+        "benchmark": "caption-bench",
         "model": captioner.name,
         "random_weights": model is None,
         "parameters": sum(p.numel() for p in captioner.model.parameters()),
         "device": str(captioner.device),
-        "device_name": torch.cuda.get_device_name(captioner.device) if captioner.device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": benchtools.device_name(captioner.device),
         "dtype": str(torch_dtype).removeprefix("torch."),
         "num_images": len(collection.images),
         "images": images or f"{num_images} generated {_SAMPLE_IMAGE_SIZE[0]}x{_SAMPLE_IMAGE_SIZE[1]} JPEGs",
@@ -222,19 +203,19 @@ def run_benchmark(
         "streamsynth": best,
         "streamsynth_runs": runs,
         "speedup": round(best["images_per_s"] / baseline["images_per_s"], 3),
-        "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+        # The main process's host memory over the whole benchmark, as benchtools measures it on the CPU.
+        "peak_host_memory_bytes": host.bytes,
+        "peak_host_memory_kind": host.kind,
+        "environment": benchtools.environment(captioner.device),
     }
 
 
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
-
-
 def write_result(result: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    """The JSON result, and beside it (.png) a chart of images/s: the baseline and each streamsynth run."""
+    path = benchtools.write_json(path, result)
+    labels = [f"generate, batch {result['baseline']['batch_size']}"] + [
+        f"streamsynth, batch {r['batch_size']}, {r['kv_cache']} cache" for r in result["streamsynth_runs"]]
+    values = [result["baseline"]["images_per_s"]] + [r["images_per_s"] for r in result["streamsynth_runs"]]
+    benchtools.bar_chart(path.with_suffix(".png"), labels, values, "images/s",
+                         f"caption-bench: {result['model']} on {result['device_name']}, {result['num_images']} images")
     return path

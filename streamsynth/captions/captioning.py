@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..prompts.classnames import readable_names
+from .classnames import readable_names
 from ..safeio import atomic_write_text
 from .captioners import Captioner, ImagePreprocessor
 from ..imagefiles import decode_image

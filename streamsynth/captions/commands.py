@@ -8,7 +8,7 @@ import logging
 import sys
 from itertools import islice
 
-from ..prompts.classnames import load_name_map
+from .classnames import load_name_map
 from .architectures import BLIP2_ARCHITECTURES
 from .bench import KV_CACHES, REFERENCE_BATCH_SIZE
 from .captioners import DEFAULT_MODEL, DTYPES, REFERENCE_MAX_NEW_TOKENS

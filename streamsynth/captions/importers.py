@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import DiskFullError, StreamsynthError
-from ..prompts.classnames import readable_names
+from .classnames import readable_names
 from ..safeio import disk_full_error, human_bytes, read_text, text_lines
 from .store import CaptionStore, CaptionStoreWriter
 

@@ -1,4 +1,5 @@
-from .classnames import imagenet_classes, load_name_map, readable_names
+# Class names are resolved when captions are stored (streamsynth.captions.classnames); re-exported here.
+from ..captions.classnames import imagenet_classes, load_name_map, readable_names
 from .templates import BUILTIN_TEMPLATES, PHOTO_TEMPLATES, PromptTemplate, prompt_template
 
 __all__ = [

@@ -4,33 +4,15 @@ heartbeat."""
 from __future__ import annotations
 
 import multiprocessing as mp
-import resource
 import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
+# Peak memory has one definition for the worker metrics and every benchmark report (see benchtools).
+from ..benchtools import peak_memory_bytes, peak_memory_kind  # noqa: F401 - re-exported for the stream
 
 _FIELDS = ("images", "busy_s", "peak_memory_bytes", "heartbeat", "cpu_s")
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """This process's peak memory for `device`: what the CUDA allocator reserved, or the peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_reserved(device)
-    try:  # VmHWM belongs to this process's address space; ru_maxrss would carry a spawning parent's peak over
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def peak_memory_kind(device: str | torch.device) -> str:
-    """What `peak_memory_bytes` measures on `device` (without touching the device)."""
-    if torch.device(device).type == "cuda":
-        return "cuda max_memory_reserved (the CUDA context, about 0.5 GiB a process, comes on top)"
-    return "peak resident set (a forked process also counts the pages it shares with its parent)"
 
 
 class WorkerStats:

@@ -7,7 +7,7 @@
 Precision (fp16/bf16) is chosen when the pipeline is loaded (`load_pipeline(..., dtype=...)`). Which options pay
 off is a GPU measurement (`streamsynth profile`); the defaults switch on only what changes no result beyond
 rounding and costs no compile time. `apply` changes the pipeline in place; only the kernel patch has an undo
-(`kernels.patch.unpatch`): load a fresh pipeline for a plain diffusers baseline.
+(`streamsynth.kernels.patch.unpatch`): load a fresh pipeline for a plain diffusers baseline.
 """
 
 from __future__ import annotations
@@ -47,27 +47,28 @@ class FastPath:
 
     options: FastPathOptions
     attention: AttentionChoice
-    fused_step: object | None = None  # a kernels.guided_step.FusedGuidedStep, or None where unsupported
+    fused_step: object | None = None  # a streamsynth.kernels.guided_step.FusedGuidedStep, or None where unsupported
     applied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
     def postprocess(self, decoded: torch.Tensor, size: int | None, mean: torch.Tensor | None = None,
                     std: torch.Tensor | None = None) -> torch.Tensor:
         """VAE output in [-1, 1] to uint8 (or `(x - mean) / std` fp32) images of `size` x `size`."""
-        from kernels import postprocess
+        from ..kernels import postprocess
 
         run = postprocess.postprocess if self.options.fused_postprocess else postprocess.postprocess_reference
         return run(decoded, size, mean, std)
 
 
 def apply(pipe, options: FastPathOptions | None = None) -> FastPath:
-    """Switches `options` on for a loaded `StableDiffusionPipeline`, in place, and logs what it did."""
+    """Switches `options` on for a loaded `StableDiffusionPipeline`, in place; what it did is logged at debug level
+    (every synthesis worker does this, again after each restart) and kept in the returned `FastPath`."""
     options = options or FastPathOptions()
     device = pipe.unet.device
     if options.fuse_qkv:
         pipe.fuse_qkv_projections(unet=True, vae=True)
         attention = AttentionChoice("sdpa", "fused QKV projections run on diffusers' FusedAttnProcessor2_0")
-        log.info("attention backend: sdpa (%s)", attention.reason)
+        log.debug("attention backend: sdpa (%s)", attention.reason)
     else:
         attention = apply_attention([pipe.unet, pipe.vae], device, options.attention)
     fast = FastPath(options, attention)
@@ -78,12 +79,12 @@ def apply(pipe, options: FastPathOptions | None = None) -> FastPath:
         pipe.vae.to(memory_format=torch.channels_last)
         fast.applied.append("channels_last")
     if options.triton_kernels:
-        from kernels.patch import patch
+        from ..kernels.patch import patch
 
         counts = {name: patch(model) for name, model in (("unet", pipe.unet), ("vae", pipe.vae))}
         fast.applied.append(f"triton kernels patched in: {counts}")
     if options.fused_step:
-        from kernels.guided_step import FusedGuidedStep, unsupported_reason
+        from ..kernels.guided_step import FusedGuidedStep, unsupported_reason
 
         reason = unsupported_reason(pipe.scheduler)
         if reason:
@@ -93,7 +94,7 @@ def apply(pipe, options: FastPathOptions | None = None) -> FastPath:
             fast.applied.append(f"fused guided step ({type(pipe.scheduler).__name__})")
     _compile(pipe, options, fast)
     for line in fast.applied:
-        log.info("fast path: %s", line)
+        log.debug("fast path: %s", line)
     for line in fast.skipped:
         log.warning("fast path: skipped %s", line)
     return fast

@@ -49,6 +49,16 @@ def quiet_hf_progress() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def loading_options() -> dict:
+    """Keyword arguments for diffusers' `from_pretrained`: with accelerate (a dependency of streamsynth), diffusers'
+    default, low-memory loading (no random initialisation of weights that are then overwritten); without it (an
+    install made without dependencies), the plain loading diffusers falls back to anyway, asked for by name so that
+    diffusers does not print its four-line warning in every synthesis worker at every start."""
+    from diffusers.utils import is_accelerate_available
+
+    return {} if is_accelerate_available() else {"low_cpu_mem_usage": False}
+
+
 def check_model_source(model: str | os.PathLike) -> None:
     """Fail early, with the fix, for a local path that cannot be a diffusers pipeline (hub ids are checked on load)."""
     path = Path(model)
@@ -83,7 +93,7 @@ def load_pipeline(
     check_model_source(model)
     kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=torch_dtype, **kwargs)
+        pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=torch_dtype, **kwargs, **loading_options())
     except OSError as err:
         raise ModelLoadError(
             f"could not load Stable Diffusion from {model!r}: {err}\n"

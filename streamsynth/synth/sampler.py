@@ -49,6 +49,7 @@ class Synthesizer:
             raise ValueError(f"height and width must be multiples of {scale}, got {self.height}x{self.width}")
         self._step_takes_generator = "generator" in inspect.signature(pipe.scheduler.step).parameters
         self._empty_prompt_embedding: torch.Tensor | None = None
+        self.fast_path = None  # the FastPath `from_pipeline` switched on, if any
 
     @classmethod
     def from_pretrained(
@@ -61,15 +62,24 @@ class Synthesizer:
         fast: "FastPathOptions | None" = None,
     ) -> "Synthesizer":
         """Load a pipeline with `from_pretrained`; with `fast`, switch the fast path's options on (see `fast.py`)."""
-        from .fast import apply
         from .loading import load_pipeline
 
         config = config or SynthesisConfig()
         pipe = load_pipeline(model, device, dtype, scheduler=scheduler, safety_checker=config.safety_check)
+        return cls.from_pipeline(pipe, config, fast)
+
+    @classmethod
+    def from_pipeline(cls, pipe, config: SynthesisConfig | None = None,
+                      fast: "FastPathOptions | None" = None) -> "Synthesizer":
+        """A Synthesizer on a loaded pipeline; with `fast`, the fast path switched on (what it did: `fast_path`)."""
         if fast is None:
             return cls(pipe, config)
+        from .fast import apply
+
         fast_path = apply(pipe, fast)
-        return cls(pipe, config, fused_step=fast_path.fused_step, postprocess=fast_path.postprocess)
+        synth = cls(pipe, config, fused_step=fast_path.fused_step, postprocess=fast_path.postprocess)
+        synth.fast_path = fast_path
+        return synth
 
     @classmethod
     def from_config(cls, config: GeneratorConfig, device: str | torch.device) -> "Synthesizer":

@@ -9,19 +9,20 @@ same augmentation and batch size: what any loader costs when generation is free.
 consumer. Reported: delivered and generated images/s, the CPU milliseconds spent per delivered image (process CPU
 time of the loader workers plus the trainer's own time inside the loader, not wall time), the share of time the
 consumer waited, and peak memory.
+
+Times are wall-clock (`benchtools.Timer(clock="wall")`): the trainer waits on other processes. Peak memory is
+benchtools' one measure: the trainer's process for the plain loop and the limit, the largest worker for the stream.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
-from ..synth.config import GeneratorConfig, SynthesisConfig
-from .metrics import peak_memory_bytes, peak_memory_kind
+from . import benchtools
+from .synth.config import GeneratorConfig, SynthesisConfig
 
 
 def add_commands(subparsers) -> None:
@@ -45,25 +46,24 @@ def add_commands(subparsers) -> None:
                    "per-image (torchvision v2 image by image, in the workers)")
     p.add_argument("--consumer", choices=["none", "resnet18"], default="none",
                    help="what eats the batches: nothing, or a resnet18 training step on the CPU")
-    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--out", help="write the results as JSON here (and a chart of delivered images/s beside it, .png)")
     p.set_defaults(func=run)
 
 
 def _plain_diffusers(model: str, args, specs: list, consume) -> dict:
     from diffusers import StableDiffusionPipeline
 
-    from ..synth.loading import quiet_hf_progress, resolve_dtype
-    from ..synth.postprocess import resize_to_uint8
+    from .synth.loading import loading_options, quiet_hf_progress, resolve_dtype
+    from .synth.postprocess import resize_to_uint8
 
     quiet_hf_progress()
     device = torch.device(args.device)
-    started = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=resolve_dtype(args.dtype, device),
-                                                   safety_checker=None, requires_safety_checker=False).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    startup_s = time.perf_counter() - started
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    with benchtools.Timer() as startup:
+        pipe = StableDiffusionPipeline.from_pretrained(model, dtype=resolve_dtype(args.dtype, device),
+                                                       safety_checker=None, requires_safety_checker=False,
+                                                       **loading_options()).to(device)
+        pipe.set_progress_bar_config(disable=True)
+    benchtools.reset_peak_memory(device)
 
     def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         part = specs[i * args.batch_size:(i + 1) * args.batch_size]
@@ -73,19 +73,29 @@ def _plain_diffusers(model: str, args, specs: list, consume) -> dict:
         return resize_to_uint8(images, args.image_size).float().cpu(), torch.tensor([s.label for s in part])
 
     consume(*batch(0))  # warm-up, as the stream's first batch is excluded too
-    waited, started, cpu_started = 0.0, time.perf_counter(), time.process_time()
-    for i in range(1, args.batches + 1):
-        wait_start = time.perf_counter()
-        images, labels = batch(i)
-        waited += time.perf_counter() - wait_start
-        consume(images, labels)
-    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    with benchtools.Timer(clock="wall") as total:
+        waited, cpu = _consume_loop(lambda i: batch(i + 1), consume, args.batches)
+    seconds = total.seconds
     images = args.batches * args.batch_size
-    return {"config": "plain diffusers loop", "startup_s": startup_s, "images_delivered_per_s": images / seconds,
+    peak = benchtools.peak_memory(device)
+    return {"config": "plain diffusers loop", "startup_s": startup.seconds, "images_delivered_per_s": images / seconds,
             "images_generated_per_s": images / waited, "consumer_wait_share": waited / seconds,
             "cpu_ms_per_image": 1000 * cpu / images,
-            "peak_memory_bytes": peak_memory_bytes(device),
-            "peak_memory_kind": peak_memory_kind(device) + " (the trainer's process)"}
+            "peak_memory_bytes": peak.bytes, "peak_memory_kind": peak.kind + " (the trainer's process)"}
+
+
+def _consume_loop(next_batch, consume, batches: int) -> tuple[float, float]:
+    """Run `batches` rounds of `next_batch(i)` then `consume(images, labels)`; return (seconds waited for batches,
+    the CPU seconds the trainer's process (all its threads) spent getting them)."""
+    waited = cpu = 0.0
+    for i in range(batches):
+        cpu_start = time.process_time()
+        with benchtools.Timer(clock="wall") as wait:
+            images, labels = next_batch(i)[:2]
+        cpu += time.process_time() - cpu_start
+        waited += wait.seconds
+        consume(images, labels)
+    return waited, cpu
 
 
 def _consumer(kind: str, num_classes: int):
@@ -107,7 +117,7 @@ def _consumer(kind: str, num_classes: int):
 
 def _augmentation(kind: str, size: int):
     """The same crop, flip and normalisation either way: batched (`BatchAugment`) or a torchvision v2 pipeline."""
-    from ..transforms import BatchAugment
+    from .transforms import BatchAugment
 
     augment = BatchAugment(size)
     if kind == "batched":
@@ -121,22 +131,9 @@ def _augmentation(kind: str, size: int):
                        v2.Normalize(augment.mean, augment.std)])
 
 
-def _timed(batches, consume, count: int) -> tuple[float, float, float]:
-    """(wall seconds, seconds waited on the loader, the trainer thread's CPU seconds inside the loader)."""
-    waited = cpu = 0.0
-    started = time.perf_counter()
-    for _ in range(count):
-        wait_start, cpu_start = time.perf_counter(), time.thread_time()
-        images, labels = next(batches)[:2]
-        cpu += time.thread_time() - cpu_start
-        waited += time.perf_counter() - wait_start
-        consume(images, labels)
-    return time.perf_counter() - started, waited, cpu
-
-
 def _stream_run(model: str, captions: str, args, workers: int, replay: int, augment: str) -> dict:
-    from .dataset import SyntheticStream
-    from .loader import StreamLoader
+    from .stream.dataset import SyntheticStream
+    from .stream.loader import StreamLoader
 
     needed = (-(-args.batches // replay) + 1) * replay * args.batch_size
     generator = GeneratorConfig(model, synthesis=SynthesisConfig(args.steps, args.guidance), image_size=args.image_size,
@@ -145,22 +142,23 @@ def _stream_run(model: str, captions: str, args, workers: int, replay: int, augm
                              epoch_size=needed * workers * 2, transform=_augmentation(augment, args.image_size))
     loader = StreamLoader(stream, workers, augment_device=args.device)
     consume = _consumer(args.consumer, stream.num_classes)
-    started = time.perf_counter()
-    batches = iter(loader)
-    images, labels = next(batches)
-    startup_s = time.perf_counter() - started
+    with benchtools.Timer(clock="wall") as startup:
+        batches = iter(loader)
+        images, labels = next(batches)[:2]
     consume(images, labels)
-    _timed(batches, consume, replay - 1)  # the rest of the first group: the timed window holds whole groups
+    _consume_loop(lambda i: next(batches), consume, replay - 1)  # the rest of the first group: time whole groups
     timed = -(-args.batches // replay) * replay
     cpu_before = sum(w["cpu_s"] for w in loader.metrics()["workers"])
-    seconds, waited, trainer_cpu = _timed(batches, consume, timed)
+    with benchtools.Timer(clock="wall") as total:
+        waited, trainer_cpu = _consume_loop(lambda i: next(batches), consume, timed)
+    seconds = total.seconds
     metrics = loader.metrics()
     worker_cpu = sum(w["cpu_s"] for w in metrics["workers"]) - cpu_before
     generated = sum(w["images_per_s"] for w in metrics["workers"])
-    del batches
+    batches = None  # ends the loader's workers
     delivered = timed * args.batch_size
     return {"config": f"streamsynth, {workers} worker(s), replay {replay}, {augment}", "workers": workers,
-            "replay": replay, "augment": augment, "startup_s": startup_s,
+            "replay": replay, "augment": augment, "startup_s": startup.seconds,
             "images_delivered_per_s": delivered / seconds, "images_generated_per_s": generated,
             "cpu_ms_per_image": 1000 * (worker_cpu + trainer_cpu) / delivered,
             "consumer_wait_share": waited / seconds,
@@ -199,24 +197,26 @@ def _in_memory_limit(args, images: torch.Tensor, labels: torch.Tensor, workers: 
             yield from loader
 
     batches = endless()
-    started = time.perf_counter()
-    consume(*next(batches))
-    startup_s = time.perf_counter() - started
+    with benchtools.Timer(clock="wall") as startup:
+        images, labels = next(batches)
+    consume(images, labels)
     cpu_before = sum(cpu_seconds)
-    seconds, waited, trainer_cpu = _timed(batches, consume, args.batches)
+    with benchtools.Timer(clock="wall") as total:
+        waited, trainer_cpu = _consume_loop(lambda i: next(batches), consume, args.batches)
+    seconds = total.seconds
+    peak = benchtools.peak_memory("cpu")
     delivered = args.batches * args.batch_size
     return {"config": f"limit: in-memory DataLoader, {workers} worker(s), per-image", "workers": workers,
-            "startup_s": startup_s, "images_delivered_per_s": delivered / seconds,
+            "startup_s": startup.seconds, "images_delivered_per_s": delivered / seconds,
             "images_generated_per_s": 0.0, "consumer_wait_share": waited / seconds,
             "cpu_ms_per_image": 1000 * (sum(cpu_seconds) - cpu_before + trainer_cpu) / delivered,
-            "peak_memory_bytes": peak_memory_bytes(torch.device("cpu")),
-            "peak_memory_kind": peak_memory_kind("cpu") + " (the trainer's process)"}
+            "peak_memory_bytes": peak.bytes, "peak_memory_kind": peak.kind + " (the trainer's process)"}
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..defaults import embedded_captions, embedded_model
-    from ..synth.tiny import RANDOM_WEIGHTS_NOTICE, has_random_weights
-    from .dataset import SyntheticStream
+    from .defaults import embedded_captions, embedded_model
+    from .stream.dataset import SyntheticStream
+    from .synth.tiny import RANDOM_WEIGHTS_NOTICE, has_random_weights
 
     model = args.sd_model or str(embedded_model())
     captions = args.captions or str(embedded_captions())
@@ -233,9 +233,11 @@ def run(args: argparse.Namespace) -> int:
         for replay in (int(r) for r in args.replay.split(",")):
             for augment in args.augment.split(","):
                 results.append(_stream_run(model, captions, args, workers, replay, augment))
-    device_name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "cpu"
-    report = {"device": device_name, "model": model, "random_weights": has_random_weights(model),
-              "settings": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}
+    device_name = benchtools.device_name(args.device)
+    report = {"benchmark": "loader-bench", "device": device_name, "model": model,
+              "random_weights": has_random_weights(model),
+              "settings": {k: v for k, v in vars(args).items() if k != "func"},
+              "environment": benchtools.environment(args.device), "results": results}
     print(f"{'configuration':<56}{'start-up s':>11}{'delivered img/s':>17}{'generated img/s':>17}"
           f"{'CPU ms/img':>12}{'wait':>7}{'peak MiB':>10}")
     for r in results:
@@ -248,7 +250,10 @@ def run(args: argparse.Namespace) -> int:
     if report["random_weights"]:
         print(f"NOTE: {RANDOM_WEIGHTS_NOTICE}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.out}")
+        benchtools.write_json(args.out, report)
+        chart = benchtools.bar_chart(str(args.out).removesuffix(".json") + ".png", [r["config"] for r in results],
+                                     [r["images_delivered_per_s"] for r in results], "images/s delivered",
+                                     f"loader-bench on {device_name}: {args.batches} batches of {args.batch_size}, "
+                                     f"{args.steps} steps, consumer {args.consumer}")
+        print(f"wrote {args.out} and {chart}")
     return 0

@@ -1,4 +1,8 @@
-"""Readable class names: the method prompts with "tench", never with "n01440764"."""
+"""Readable class names: the method prompts with "tench", never with "n01440764".
+
+The names are resolved when captions are imported or made (the store records each class's name, which the prompts
+read from it), and evaluation reads the ImageNet-1K label order from here.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,369 @@
+"""The one toolkit of streamsynth's benchmarks: device names, peak memory, timing, the environment, reports, plots.
+
+`streamsynth profile`, `loader-bench`, `caption-bench` and `python -m streamsynth.kernel_bench` all measure with it,
+and the stream's worker metrics take their peak memory from it, so their figures mean the same thing:
+
+- `device_name(device)`: "NVIDIA H200", or "cpu (the CPU's model name)"; `on_device(device)` makes a CUDA device the
+  current one (events, synchronisation, allocator statistics and Triton launches all follow the current device).
+- Peak memory is one measure, `peak_memory(device)` -> `PeakMemory(bytes, kind)`, reset by `reset_peak_memory`:
+  on a GPU the most the CUDA caching allocator held reserved (`torch.cuda.max_memory_reserved`: what the process
+  took from the GPU for tensors, cached blocks included; the CUDA context, about 0.5 GiB a process, comes on top);
+  on the CPU the process's peak resident set (VmHWM), which the reset brings down to the current resident set.
+  `kind` says which, and since when.
+- `Timer(device)` times a block: CUDA events on the device's stream for a CUDA device (the GPU's time from the
+  block's first launch to its last, read after one synchronisation), else wall time; `clock="wall"` gives wall time
+  with the device synchronised at both ends, for blocks that wait on other processes. `measure(run, device, warmup,
+  repeats)` is the loop: untimed warm-up calls, the peak reset, then timed calls. `StageClock` splits one call into
+  stages by marks.
+- `environment(device)`: GPU name, memory, capability and driver, CUDA runtime, CPU, Python and the versions of
+  torch, triton, diffusers, transformers and friends (read from package metadata: nothing is imported).
+- `write_json(path, report)` writes a report all or nothing; `figure(path)` makes and saves a matplotlib figure.
+
+`python -m streamsynth.benchtools [--device cuda] [--out FILE]` prints the environment as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator
+
+import torch
+
+# The packages whose versions every report records.
+PACKAGES = ("torch", "torchvision", "triton", "diffusers", "transformers", "accelerate", "xformers", "timm",
+            "numpy", "streamsynth")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def as_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device with its index filled in for CUDA ("cuda" is the current GPU)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_name(device: str | torch.device) -> str:
+    """The device's product name: "NVIDIA H200", or "cpu (AMD EPYC 7B13)"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(as_device(device))
+    return f"{device.type} ({cpu_name()})" if device.type == "cpu" else str(device)
+
+
+def on_device(device: str | torch.device) -> ContextManager:
+    """Within the block a CUDA `device` is the current device; a no-op for any other device."""
+    device = torch.device(device)
+    return torch.cuda.device(as_device(device)) if device.type == "cuda" else nullcontext()
+
+
+def synchronize(device: str | torch.device | None) -> None:
+    """Waits for the work queued on a CUDA `device`; a no-op elsewhere."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(as_device(device))
+
+
+# Peak memory: one definition for every report.
+
+CUDA_PEAK_KIND = ("cuda max_memory_reserved: the most the caching allocator held (the CUDA context, about 0.5 GiB a "
+                  "process, comes on top)")
+_cpu_reset_pid: int | None = None  # the process that last reset its own VmHWM (a forked child inherits this value)
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    bytes: int
+    kind: str  # what `bytes` measures, and since when
+
+    def as_dict(self) -> dict:
+        """The two keys every report uses: peak_memory_bytes and peak_memory_kind."""
+        return {"peak_memory_bytes": self.bytes, "peak_memory_kind": self.kind}
+
+
+def reset_peak_memory(device: str | torch.device) -> None:
+    """Starts a new peak for `device`: the CUDA allocator's peak statistics, or this process's VmHWM on the CPU."""
+    global _cpu_reset_pid
+    device = torch.device(device)
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(as_device(device))
+        return
+    try:  # Linux: writing 5 to clear_refs sets the peak resident set to the current resident set
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        _cpu_reset_pid = os.getpid()
+    except OSError:
+        pass  # the peak then counts from the process's start, and peak_memory_kind says so
+
+
+def peak_memory_bytes(device: str | torch.device) -> int:
+    """Peak memory of this process on `device` since the last reset (see the module's docstring)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(as_device(device))
+    try:  # VmHWM belongs to this process's address space; ru_maxrss would carry a spawning parent's peak over
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux; never reset
+
+
+def peak_memory_kind(device: str | torch.device) -> str:
+    """What `peak_memory_bytes` measures on `device` (without touching the device)."""
+    if torch.device(device).type == "cuda":
+        return CUDA_PEAK_KIND
+    since = "since the last reset" if _cpu_reset_pid == os.getpid() else "since the process started"
+    return (f"peak resident set (VmHWM) of the process {since} (a forked process also counts the pages it shares "
+            "with its parent)")
+
+
+def peak_memory(device: str | torch.device) -> PeakMemory:
+    return PeakMemory(peak_memory_bytes(device), peak_memory_kind(device))
+
+
+# Timing.
+
+class Timer:
+    """`with Timer(device) as t: ...` then `t.seconds`: CUDA events on a CUDA device's current stream, else wall time.
+
+    Events time the GPU from the block's first queued launch to its last, read after one synchronisation, without
+    stalling the host in between. `clock="wall"` times wall time instead, with the device synchronised at both ends:
+    for blocks that wait on other processes or mix host and device work whose total is what counts.
+    """
+
+    def __init__(self, device: str | torch.device | None = None, clock: str = "auto"):
+        if clock not in ("auto", "events", "wall"):
+            raise ValueError(f"unknown clock {clock!r}: use auto, events or wall")
+        self.device = None if device is None else torch.device(device)
+        cuda = self.device is not None and self.device.type == "cuda"
+        if clock == "events" and not cuda:
+            raise ValueError(f"CUDA events need a CUDA device, got {self.device}")
+        self.events = cuda and clock != "wall"
+        self.seconds: float | None = None
+
+    def __enter__(self) -> "Timer":
+        if self.events:
+            with on_device(self.device):
+                self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                self._start.record()
+        else:
+            synchronize(self.device)
+            self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.events:
+            with on_device(self.device):
+                self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1000
+        else:
+            synchronize(self.device)
+            self.seconds = time.perf_counter() - self._started
+
+
+@dataclass
+class Measured:
+    """What `measure` found: seconds of each timed call, what each returned, and the peak memory over them."""
+
+    seconds: list[float]
+    results: list[Any] = field(repr=False)
+    peak_memory: PeakMemory
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def measure(run: Callable[[], Any], device: str | torch.device, warmup: int = 1, repeats: int = 3,
+            clock: str = "auto") -> Measured:
+    """`warmup` untimed calls of `run`, then the peak memory reset, then `repeats` timed calls (see `Timer`)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    for _ in range(warmup):
+        run()
+    reset_peak_memory(device)
+    seconds, results = [], []
+    for _ in range(repeats):
+        with Timer(device, clock) as timer:
+            results.append(run())
+        seconds.append(timer.seconds)
+    return Measured(seconds, results, peak_memory(device))
+
+
+class StageClock:
+    """Splits one timed call into stages: `mark(stage)` ends a stage; `seconds()` reads them all at once.
+
+    On a CUDA device each mark is an event on the current stream, so marking never waits for the GPU; `seconds()`
+    synchronises once. An interval is charged to the stage whose mark ends it, so a stage marked twice sums both.
+    """
+
+    def __init__(self, device: str | torch.device, stages: tuple[str, ...]):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.stages = stages
+        self.marks: list[tuple[str, object]] = []
+        self.mark("start")
+
+    def mark(self, stage: str) -> None:
+        if stage != "start" and stage not in self.stages:
+            raise ValueError(f"unknown stage {stage!r}: use one of {list(self.stages)}")
+        if self.cuda:
+            with on_device(self.device):
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+            self.marks.append((stage, event))
+        else:
+            self.marks.append((stage, time.perf_counter()))
+
+    def seconds(self) -> dict[str, float]:
+        synchronize(self.device if self.cuda else None)
+        totals = dict.fromkeys(self.stages, 0.0)
+        for (_, begin), (stage, end) in zip(self.marks, self.marks[1:]):
+            totals[stage] += begin.elapsed_time(end) / 1000 if self.cuda else end - begin
+        return totals
+
+
+# The environment a figure was measured in.
+
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+    """Installed versions from package metadata (None where a package is absent); imports nothing."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["torch"] = torch.__version__  # the running torch, local build tag included
+    return versions
+
+
+def _nvidia_driver() -> str | None:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
+def environment(device: str | torch.device | None = None) -> dict:
+    """Where a measurement ran: the device, every visible GPU, driver, CUDA runtime, CPU, Python, package versions."""
+    env: dict[str, Any] = {}
+    if device is not None:
+        env["device"] = device_name(device)
+    env.update({
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "platform": platform.platform(), "packages": package_versions(), "cuda_runtime": torch.version.cuda,
+    })
+    if torch.cuda.is_available():
+        env["driver"] = _nvidia_driver()
+        env["gpus"] = []
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            env["gpus"].append({"index": index, "name": props.name, "memory_bytes": props.total_memory,
+                                "capability": f"{props.major}.{props.minor}",
+                                "multiprocessors": props.multi_processor_count})
+    return env
+
+
+# Reports.
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    if isinstance(value, (Path, torch.device, torch.dtype)):
+        return str(value).removeprefix("torch.")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_json(path: str | os.PathLike, report: dict) -> Path:
+    """Writes `report` as indented JSON, all or nothing (parent folders created); returns the path."""
+    from .safeio import atomic_write_text
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, json.dumps(report, indent=2, default=_jsonable) + "\n", what="benchmark report")
+
+
+@contextmanager
+def figure(path: str | os.PathLike, ncols: int = 1, figsize: tuple[float, float] = (7.0, 4.5),
+           title: str | None = None) -> Iterator[list]:
+    """`with figure(path, 2) as (left, right): ...`: a matplotlib figure of `ncols` axes (off-screen), saved to
+    `path` as PNG when the block ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, squeeze=False)
+    try:
+        yield list(axes[0])
+        if title:
+            fig.suptitle(title, fontsize="medium")
+        fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def bar_chart(path: str | os.PathLike, labels: list[str], values: list[float], ylabel: str, title: str,
+              colors: list[str] | None = None) -> Path:
+    """One bar per label (rotated labels): the plot of a benchmark's configurations; by default the first bar, the
+    baseline, grey and the others blue."""
+    with figure(path, figsize=(max(6.0, 0.6 * len(labels) + 2), 4.5), title=title) as (axes,):
+        axes.bar(labels, values, color=colors or ["tab:gray"] + ["tab:blue"] * (len(values) - 1))
+        axes.set_ylabel(ylabel)
+        axes.tick_params(axis="x", labelrotation=30)
+        for label in axes.get_xticklabels():
+            label.set_horizontalalignment("right")
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m streamsynth.benchtools",
+                                     description="Prints the environment benchmarks record, as JSON.")
+    parser.add_argument("--device", default=None, help="also name this device (e.g. cuda, cuda:1, cpu)")
+    parser.add_argument("--out", help="also write it to this file")
+    args = parser.parse_args(argv)
+    env = environment(args.device)
+    print(json.dumps(env, indent=2))
+    if args.out:
+        write_json(args.out, env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Each Triton kernel against its PyTorch reference on a device, for every SD1.5 workload: agreement, time, bandwidth.
+
+The end-to-end ablation of `streamsynth profile` says what switching a kernel off costs a whole image; this says,
+per call and shape, how far the kernel's output is from its reference and how their times compare, so that a
+numerical problem or a slow variant is found in seconds on the first GPU run.
+
+    python -m streamsynth.kernel_bench --device cuda --dtype fp16 --batch 8 --json kernel-bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import benchtools
+from .kernels.dispatch import disabled, runs_triton
+from .kernels.workloads import DTYPES, within_tolerance
+from .synth.sd15 import kernel_workloads
+
+
+@dataclass
+class KernelTiming:
+    kernel: str
+    workload: str
+    reference_ms: float
+    kernel_ms: float
+    speedup: float
+    kernel_gb_per_s: float  # the minimum bytes the call must move, over the kernel's time
+    max_abs_error: float
+    within_tolerance: bool
+
+
+def bench(device: str, dtype: torch.dtype, batch: int = 1, warmup: int = 3, repeats: int = 20,
+          only: str | None = None) -> list[KernelTiming]:
+    """Runs every workload (whose kernel is `only`, if given) with the kernel and with its reference: the median of
+    `repeats` timed calls each, after `warmup` untimed ones (`benchtools.measure`: CUDA events on a GPU)."""
+    device = benchtools.as_device(device)
+    results = []
+    with benchtools.on_device(device):
+        for workload in kernel_workloads(dtype, device, batch):
+            if only and workload.kernel != only:
+                continue
+            fast = workload.run()
+            with disabled(workload.kernel):
+                reference = workload.run()
+                reference_ms = 1000 * benchtools.measure(workload.run, device, warmup, repeats).median_s
+            kernel_ms = 1000 * benchtools.measure(workload.run, device, warmup, repeats).median_s
+            results.append(KernelTiming(
+                kernel=workload.kernel, workload=workload.description, reference_ms=reference_ms,
+                kernel_ms=kernel_ms, speedup=reference_ms / kernel_ms,
+                kernel_gb_per_s=workload.bytes_moved / kernel_ms / 1e6,
+                max_abs_error=(fast.float() - reference.float()).abs().max().item(),
+                within_tolerance=within_tolerance(fast, reference),
+            ))
+    return results
+
+
+def format_results(results: list[KernelTiming]) -> str:
+    lines = [f"{'kernel':<12} {'workload':<36} {'ref ms':>8} {'kernel ms':>9} {'speedup':>7} {'GB/s':>7} "
+             f"{'max err':>9}  ok"]
+    for r in results:
+        lines.append(f"{r.kernel:<12} {r.workload:<36} {r.reference_ms:>8.3f} {r.kernel_ms:>9.3f} {r.speedup:>7.2f} "
+                     f"{r.kernel_gb_per_s:>7.0f} {r.max_abs_error:>9.2e}  {'yes' if r.within_tolerance else 'NO'}")
+    for kernel, rows in _by_kernel(results).items():
+        total_ref, total_kernel = sum(r.reference_ms for r in rows), sum(r.kernel_ms for r in rows)
+        outside = sum(not r.within_tolerance for r in rows)
+        lines.append(f"{kernel}: {len(rows)} workloads, {total_ref:.3f} ms -> {total_kernel:.3f} ms summed "
+                     f"({total_ref / total_kernel:.2f}x), {outside} outside tolerance")
+    return "\n".join(lines)
+
+
+def _by_kernel(results: list[KernelTiming]) -> dict[str, list[KernelTiming]]:
+    grouped: dict[str, list[KernelTiming]] = {}
+    for r in results:
+        grouped.setdefault(r.kernel, []).append(r)
+    return grouped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m streamsynth.kernel_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=benchtools.default_device())
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16")
+    parser.add_argument("--batch", type=int, default=1, help="images (the UNet workloads see twice as many)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--only", help="one kernel's workloads, e.g. group_norm")
+    parser.add_argument("--json", help="also write the results here (and a chart of each kernel's summed time "
+                                       "beside it, .png)")
+    args = parser.parse_args(argv)
+    device = benchtools.as_device(args.device)
+    ran_triton = runs_triton("group_norm", torch.empty(0, device=device))
+    results = bench(args.device, DTYPES[args.dtype], args.batch, args.warmup, args.repeats, args.only)
+    print(format_results(results))
+    name = benchtools.device_name(device)
+    if not ran_triton:
+        print(f"note: no Triton kernel ran on {name} (it needs CUDA, or TRITON_INTERPRET=1 on the CPU): "
+              "both columns timed the reference")
+    if args.json:
+        benchtools.write_json(args.json, {
+            "benchmark": "kernel-bench", "device": name, "dtype": args.dtype, "batch": args.batch,
+            "warmup": args.warmup, "repeats": args.repeats, "kernels_ran_triton": ran_triton,
+            "environment": benchtools.environment(device), "results": [asdict(r) for r in results],
+        })
+        grouped = _by_kernel(results)
+        labels = [f"{k} {side}" for k in grouped for side in ("reference", "kernel")]
+        values = [sum(getattr(r, f"{side}_ms") for r in rows) for rows in grouped.values()
+                  for side in ("reference", "kernel")]
+        chart = benchtools.bar_chart(str(args.json).removesuffix(".json") + ".png", labels, values,
+                                     "ms, summed over the workloads", f"kernels against references on {name}, "
+                                     f"{args.dtype}, batch {args.batch}",
+                                     colors=["tab:gray", "tab:blue"] * len(grouped))
+        print(f"wrote {args.json} and {chart}")
+    return 0 if all(r.within_tolerance for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

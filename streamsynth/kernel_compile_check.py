@@ -1,0 +1,43 @@
+"""Compiles every Triton kernel for a GPU on a machine without one, at SD1.5's shapes: registers, spills, failures.
+
+Triton's CPU interpreter accepts code the real compiler rejects and says nothing about registers. This runs each
+kernel's wrapper on CPU tensors of every SD1.5 workload (`streamsynth.synth.sd15.kernel_workloads`), lets Triton
+bind and specialise the arguments as for a launch and compile them through PTX to a cubin, and skips the launch
+(`streamsynth.kernels.compile_check`). Run it without TRITON_INTERPRET:
+
+    python -m streamsynth.kernel_compile_check                 # sm_90: H100, H200
+    python -m streamsynth.kernel_compile_check --arch 80 90    # and sm_80: A100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict
+
+from .kernels.compile_check import check, format_report
+from .kernels.workloads import DTYPES
+from .synth.sd15 import kernel_workloads
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m streamsynth.kernel_compile_check",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 80 90")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--json", help="also write the report here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    report = check(args.arch, args.dtype, lambda dtype: kernel_workloads(dtype, random=False))
+    print(format_report(report))
+    if args.json:
+        from .benchtools import write_json
+
+        write_json(args.json, asdict(report))
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The built wheel: streamsynth is its only top-level package, with the repository's kernels/ inside it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_wheel(tmp_path: Path) -> Path:
+    """Builds the wheel from a copy of the sources (the build leaves build/ and egg-info where it runs)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("streamsynth", "kernels"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
+    return next((tmp_path / "dist").glob("streamsynth-*.whl"))
+
+
+def test_the_wheel_installs_no_top_level_kernels_package(tmp_path):
+    wheel = build_wheel(tmp_path)
+    names = set(zipfile.ZipFile(wheel).namelist())
+    installed = {name.split("/")[0] for name in names if ".dist-info/" not in name}
+    assert installed == {"streamsynth"}, installed
+    top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
+    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["streamsynth"]
+
+    # Every module of the repository is in it, the kernels as streamsynth.kernels; so is the embedded caption data.
+    expected = {f"streamsynth/{p.relative_to(ROOT / 'streamsynth').as_posix()}"
+                for p in (ROOT / "streamsynth").rglob("*.py")}
+    expected |= {f"streamsynth/kernels/{p.relative_to(ROOT / 'kernels').as_posix()}"
+                 for p in (ROOT / "kernels").rglob("*.py")}
+    assert expected - names == set(), "modules left out of the wheel: list their package in pyproject.toml"
+    assert {n for n in names if n.endswith(".py")} == expected
+    assert "streamsynth/captions/data/imagenette_illustrative.jsonl" in names
+
+    # Installed, streamsynth.kernels is the installed folder (no finder for a checkout), and it patches a model.
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    assert not (site / "kernels").exists()
+    script = (
+        "import sys, streamsynth, streamsynth.kernels.patch as patch\n"
+        "from streamsynth.kernels import KERNEL_NAMES\n"
+        "assert patch.__file__.startswith(sys.argv[1]), patch.__file__\n"
+        "assert not any(type(f).__name__ == '_RepositoryKernels' for f in sys.meta_path)\n"
+        "print(KERNEL_NAMES)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = str(site)
+    result = subprocess.run([sys.executable, "-c", script, str(site)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "group_norm" in result.stdout
