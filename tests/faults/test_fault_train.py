@@ -52,8 +52,9 @@ def val(tmp_path, class_ids) -> Path:
     return root
 
 
-def test_bad_cache_shards_and_a_corrupt_val_image_are_survived(tmp_path, isolated_cache, write_cache, val):
-    cache = write_cache(tmp_path / "cache", [2, 2, 2, 2, 2, 2])
+def test_bad_cache_shards_and_a_corrupt_val_image_are_survived(tmp_path, isolated_cache, write_cache, val, class_ids):
+    # The classifier takes its classes from the cache: the same as the val folder's.
+    cache = write_cache(tmp_path / "cache", [2, 2, 2, 2, 2, 2], class_ids=class_ids)
     shards = sorted(cache.glob("*.tar"))
     random_bytes(shards[0], 5000)
     truncate(shards[1], 0)
