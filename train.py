@@ -38,7 +38,7 @@ from streamsynth.evaluate import (LabelledImageFolder, check_eval_folder, class_
 from streamsynth.stream import CachedBatches, EpochsInARow, MixedBatches, RealBatches, mix_weights
 from streamsynth.stream.devices import synthesis_devices
 from streamsynth.stream.feedback import ClassFeedback
-from streamsynth.transforms import train_transform
+from streamsynth.transforms import BatchAugment, train_transform
 
 log = logging.getLogger("train")
 
@@ -152,9 +152,10 @@ def build_data(args: argparse.Namespace, rank: int, world: int, local_rank: int,
             batch_size=args.synth_batch_size, fast=FastPathOptions() if args.fast else None)
         stream = SyntheticStream(args.captions or embedded_captions(), generator, prompt=args.prompt, seed=args.seed,
                                  epoch_size=args.epoch_size, batch_size=args.batch_size, replay=args.replay,
-                                 transform=train_transform(args.image_size), cache=args.cache, return_sample_ids=True)
+                                 transform=BatchAugment(args.image_size), cache=args.cache, return_sample_ids=True)
+        # Workers hand over each group once, as uint8; its replayed uses are augmented on the classifier's device.
         loader = StreamLoader(stream, args.workers, prefetch_factor=args.prefetch, pin_memory=device.type == "cuda",
-                              timeout=args.worker_timeout,
+                              timeout=args.worker_timeout, augment_device=device,
                               feedback=ClassFeedback(stream.num_classes, args.feedback_floor)
                               if args.feedback_sampling else None)
         sources["synthetic"], class_ids = EpochsInARow(loader), stream.class_ids

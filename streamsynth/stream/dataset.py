@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -34,7 +34,7 @@ from ..synth.config import GeneratorConfig
 from ..synth.loading import ModelLoadError
 from ..synth.sampler import Synthesizer
 from ..synth.tiny import RANDOM_WEIGHTS_NOTICE
-from ..transforms import normalize_transform
+from ..transforms import BatchAugment, normalize_transform
 from .cache import write_cache_classes, write_group
 from .layout import StreamLayout, worker_groups
 from .sampling import CaptionSampler, SampleSpec
@@ -91,9 +91,11 @@ class SyntheticStream(IterableDataset):
         batch_size: this rank's batch size, which is also its share of every generation group; give a
             `DataLoader` the same (`batch_size=stream.batch_size`).
         replay: times each synthetic image is used (k); each use gets a fresh augmentation.
-        transform: applied to each image under a per-(sample, use) seed. It is given the uint8 CHW tensor, or a PIL
-            image if it only takes those (a torchvision transform written for ImageFolder, with `ToTensor()`).
-            Default: float and ImageNet normalisation.
+        transform: a `BatchAugment` (crop, flip and normalisation of a whole group's use at once, on the device
+            where the batches are consumed), or any callable applied to each image under a per-(sample, use) seed in
+            the workers. A callable is given the uint8 CHW tensor, or a PIL image if it only takes those (a
+            torchvision transform written for ImageFolder, with `ToTensor()`). Default: float and ImageNet
+            normalisation, image by image.
         cache: a folder for the optional WebDataset cache: every generated image is also written to tar shards.
         return_sample_ids: also yield each item's sample id (for audits and tests).
         rank, world_size: default from `torch.distributed` when it is initialised.
@@ -238,9 +240,19 @@ class SyntheticStream(IterableDataset):
             write_group(self.cache, self.class_ids, specs, images, self.layout.seed)
         return Group(epoch, group, specs, images)
 
+    @property
+    def augments_in_batches(self) -> bool:
+        """True when the transform is a `BatchAugment`: a group's uses are augmented a batch at a time, wherever the
+        batches are consumed; any other transform runs image by image."""
+        return isinstance(self.transform, BatchAugment)
+
+    def augment_seed(self, sample_id: int, use: int) -> int:
+        """The seed of use `use` of a sample's image: augmentation is part of the sample's pure function."""
+        return derive_seed(self.layout.seed, "augment", sample_id, use)
+
     def augment(self, image: torch.Tensor, sample_id: int, use: int):
-        """Use `use` of an image, transformed under a seed of (sample, use), so resume and audits stay exact."""
-        seed = derive_seed(self.layout.seed, "augment", sample_id, use)
+        """Use `use` of an image, transformed image by image under its seed (a `BatchAugment` takes whole groups)."""
+        seed = self.augment_seed(sample_id, use)
         if self._transform_input is None:
             self._transform_input = self._transform_takes(image, seed)
         view = image if self._transform_input == "tensor" else _to_pil(image)
@@ -250,10 +262,11 @@ class SyntheticStream(IterableDataset):
             raise TransformError(f"the stream's transform failed on sample {sample_id}: "
                                  f"{type(err).__name__}: {err}") from err
 
-    def augment_group(self, group: Group, use: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Use `use` of every image of a group, as one batch: (images, labels, sample ids)."""
-        images = torch.stack([self.augment(image, spec.sample_id, use) for image, spec in zip(group.images, group.specs)])
-        return images, group.labels, group.sample_ids
+    def augment_group(self, images: torch.Tensor, sample_ids: Sequence[int], use: int) -> torch.Tensor:
+        """Use `use` of a group's uint8 images (on any device, for a `BatchAugment`), as one batch."""
+        if self.augments_in_batches:
+            return self.transform(images, [self.augment_seed(i, use) for i in sample_ids])
+        return torch.stack([self.augment(image, i, use) for image, i in zip(images, sample_ids)])
 
     def _transform_takes(self, image: torch.Tensor, seed: int) -> str:
         """"tensor" when the transform takes the stream's uint8 CHW tensors, else "pil" if it takes PIL images."""
@@ -298,13 +311,15 @@ class SyntheticStream(IterableDataset):
                  num_workers: int) -> Iterator[tuple]:
         weights, per_group = self._class_weights.read(), self.layout.replay * self.layout.batch_size
         for group in worker_groups(first_group - worker, worker, num_workers, self.layout.groups_per_epoch):
-            made = self.make_group(epoch, group, worker, weights)
+            made, views = self.make_group(epoch, group, worker, weights), None
+            ids = [spec.sample_id for spec in made.specs]
             for item in range(first_item, per_group):
                 use, index = divmod(item, self.layout.batch_size)
+                if views is None or index == 0:
+                    views = self.augment_group(made.images, ids, use)
                 spec = made.specs[index]
-                image = self.augment(made.images[index], spec.sample_id, use)
                 self._position = (epoch, group, item + 1) if item + 1 < per_group else (epoch, group + num_workers, 0)
-                yield (image, spec.label, spec.sample_id) if self.return_sample_ids else (image, spec.label)
+                yield (views[index], spec.label, spec.sample_id) if self.return_sample_ids else (views[index], spec.label)
             first_item = 0
 
     def state_dict(self) -> dict:

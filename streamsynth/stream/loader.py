@@ -64,11 +64,13 @@ def _one_line(err: BaseException) -> str:
 
 
 class GroupView(IterableDataset):
-    """The stream's groups from group index `first` on, endlessly, one item per group: (index, its k batches).
+    """The stream's groups from group index `first` on, endlessly, one item per group.
 
     Worker w of W makes groups first + w, first + w + W, ... (see `worker_groups`). Before its first group of an
     epoch it waits for that epoch's class weights (`EpochWeights`), which the trainer publishes when the epoch
-    begins.
+    begins. An item is a dict: `index`, `labels`, `ids`, and either `images`, the group's uint8 images, which the
+    trainer augments a batch at a time (a `BatchAugment`), or `batches`, the k uses already augmented image by image
+    in the worker (any other transform).
     """
 
     def __init__(self, stream: SyntheticStream, first: int, stats: WorkerStats, weights: EpochWeights):
@@ -89,15 +91,18 @@ class GroupView(IterableDataset):
                     epoch_weights = epoch, self.weights.wait(epoch)
                 started = time.perf_counter()
                 made = stream.make_group(epoch, group, worker, epoch_weights[1])
-                batches = [stream.augment_group(made, use) for use in range(layout.replay)]
-                if not stream.return_sample_ids:
-                    batches = [(images, labels) for images, labels, _ in batches]
+                item = {"index": index, "labels": made.labels, "ids": made.sample_ids}
+                if stream.augments_in_batches:
+                    item["images"] = made.images
+                else:
+                    item["batches"] = [stream.augment_group(made.images, item["ids"].tolist(), use)
+                                       for use in range(layout.replay)]
                 self.stats.record(worker, len(made.specs), time.perf_counter() - started, peak_memory_bytes(device))
                 self.stats.beat(worker)
             except Exception as err:  # handed over as a value, so the trainer sees the cause, not a traceback
                 yield WorkerFailure(isinstance(err, DETERMINISTIC_ERRORS), _one_line(err))
                 return
-            yield index, batches
+            yield item
 
 
 def _worker_processes(iterator) -> list:
@@ -141,6 +146,9 @@ class StreamLoader:
             or compilation.
         max_restarts: how often in a row the same group may fail before the run ends.
         feedback: per-class losses turned into the class weights of each next epoch.
+        augment_device: where a `BatchAugment` transform runs: the workers hand over each group once, as uint8
+            images, and its k uses are augmented here a batch at a time (give the classifier's GPU: the batches
+            are then already on it). Default: the trainer's CPU. Other transforms run in the workers, image by image.
     """
 
     def __init__(
@@ -154,6 +162,7 @@ class StreamLoader:
         timeout: float = 1800,
         multiprocessing_context: str | None = None,
         feedback: ClassFeedback | None = None,
+        augment_device: str | torch.device | None = None,
     ):
         if multiprocessing_context is None and num_workers > 0 and stream.generator.uses_cuda:
             multiprocessing_context = "spawn"
@@ -174,7 +183,9 @@ class StreamLoader:
         self._weights = EpochWeights(stream.num_classes)
         self.epoch, self.batch, self.restarts = 0, 0, 0
         self._epoch_weights: tuple[int, list[float] | None] | None = None  # the current epoch's, once decided
-        self._held: list = []  # batches of the group in hand that are not delivered yet
+        self.augment_device = torch.device(augment_device) if augment_device is not None else None
+        self._group: dict | None = None  # the group in hand (see GroupView) ...
+        self._next_use = 0  # ... and its next use to deliver
         self._iterator: Iterator | None = None
         self._next_index = 0  # the group index the iterator delivers next
         self._hung: str | None = None
@@ -193,7 +204,7 @@ class StreamLoader:
         """Continue with epoch `epoch` from its first batch; the current epoch is kept as it is (so a loop that calls
         `set_epoch` every epoch still resumes mid-epoch exactly)."""
         if epoch != self.epoch:
-            self.epoch, self.batch, self._epoch_weights, self._held = epoch, 0, None, []
+            self.epoch, self.batch, self._epoch_weights, self._group = epoch, 0, None, None
             self._stop()
 
     def __iter__(self) -> Iterator:
@@ -221,19 +232,26 @@ class StreamLoader:
         self.layout.check_resumable(state["sequence"])
         if self.feedback is not None and "feedback" in state:
             self.feedback.load_state_dict(state["feedback"])
-        self.epoch, self.batch, self._held = state["epoch"], state["batch"], []
+        self.epoch, self.batch, self._group = state["epoch"], state["batch"], None
         self._epoch_weights = (self.epoch, state["epoch_weights"]) if "epoch_weights" in state else None
         self._stop()
 
     # ----- delivering ----------------------------------------------------------------------------------------------
 
     def _next_batch(self):
-        if not self._held:
+        if self._group is None or self._next_use == self.layout.replay:
             self._decide_epoch_weights()
-            group, use = divmod(self.batch, self.layout.replay)
-            batches = self._fetch(self.layout.group_index(self.epoch, group))
-            self._held = batches[use:]  # use > 0 only right after resuming inside a group
-        return self._held.pop(0)
+            group, self._next_use = divmod(self.batch, self.layout.replay)  # a use > 0 only right after a resume
+            self._group = self._fetch(self.layout.group_index(self.epoch, group))
+            if "images" in self._group and self.augment_device is not None:
+                self._group["images"] = self._group["images"].to(self.augment_device, non_blocking=True)
+        group, use = self._group, self._next_use
+        self._next_use += 1
+        if "batches" in group:
+            images = group["batches"][use]
+        else:
+            images = self.stream.augment_group(group["images"], group["ids"].tolist(), use)
+        return (images, group["labels"], group["ids"]) if self.stream.return_sample_ids else (images, group["labels"])
 
     def _decide_epoch_weights(self) -> None:
         if self._epoch_weights is None:
@@ -241,8 +259,8 @@ class StreamLoader:
             self._epoch_weights = (self.epoch, weights)
         self._weights.publish(*self._epoch_weights)
 
-    def _fetch(self, index: int) -> list:
-        """The batches of group `index`, restarting the workers after failures."""
+    def _fetch(self, index: int) -> dict:
+        """Group `index` (see GroupView), restarting the workers after failures."""
         if self._iterator is not None and self._next_index != index:
             self._stop()
         failures = 0
@@ -256,7 +274,7 @@ class StreamLoader:
             else:
                 if not isinstance(item, WorkerFailure):
                     self._next_index += 1
-                    return item[1]
+                    return item
                 if item.deterministic:
                     self._stop()
                     raise SynthesisError(item.message)
@@ -322,15 +340,18 @@ class StreamLoader:
             device = self.stream.generator.device(i)
             workers.append({"worker": i, "device": device, "images": int(row["images"]),
                             "images_per_s": row["images"] / row["busy_s"] if row["busy_s"] else 0.0,
+                            "cpu_s": row["cpu_s"],
                             "peak_memory_bytes": int(row["peak_memory_bytes"]),
                             "peak_memory_kind": peak_memory_kind(device)})
         made = (self.stats.images_made() - self._made_at_start) // self.layout.batch_size
-        delivered = self._next_index - self._first_index
+        queued = max(0, made - (self._next_index - self._first_index))  # groups made and not yet taken
+        in_hand = self.layout.replay - self._next_use if self._group is not None else 0
         return {
             "epoch": self.epoch,
             "batch": self.batch,
             "restarts": self.restarts,
-            "queue_depth": max(0, made - delivered) * self.layout.replay + len(self._held),
+            "queue_depth": queued * self.layout.replay + in_hand,  # batches ready
+            "buffered_groups": queued + (self._group is not None),  # what the loader holds, as generation groups
             "data_wait_share": self._wait_s / wall if wall else 0.0,
             "workers": workers,
         }

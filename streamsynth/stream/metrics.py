@@ -1,4 +1,5 @@
-"""Counters that loader workers share with the trainer's process: images made, busy time, peak memory, heartbeat."""
+"""Counters that loader workers share with the trainer's process: images made, busy time, CPU time, peak memory,
+heartbeat."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-_FIELDS = ("images", "busy_s", "peak_memory_bytes", "heartbeat")
+_FIELDS = ("images", "busy_s", "peak_memory_bytes", "heartbeat", "cpu_s")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -45,10 +46,12 @@ class WorkerStats:
         self._values = ctx.Array("d", num_workers * len(_FIELDS), lock=False)
 
     def record(self, worker: int, images: int, busy_s: float, peak_memory_bytes: int) -> None:
+        """Worker `worker` made `images` in `busy_s` seconds; its process's CPU time so far is recorded with it."""
         row = worker * len(_FIELDS)
         self._values[row] += images
         self._values[row + 1] += busy_s
         self._values[row + 2] = max(self._values[row + 2], peak_memory_bytes)
+        self._values[row + 4] = time.process_time()
 
     def beat(self, worker: int) -> None:
         """Worker `worker` made progress (started, loaded its model, finished a group)."""
