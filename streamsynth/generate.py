@@ -37,16 +37,24 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .defaults import embedded_captions, embedded_model
 from .errors import StreamsynthError, one_line
 from .ranks import RankError, Ranks, raise_failures, ranks_from_environment
-from .safeio import atomic_write, atomic_write_text
+from .safeio import atomic_write, atomic_write_text, disk_full_error, is_full_errno
+from .stream.cache import CLASSES_FILE, shard_name, write_cache_classes, write_group
+from .stream.dataset import SyntheticStream
+from .stream.devices import synthesis_devices
+from .stream.sampling import CaptionSampler, SampleSpec
+from .synth.config import GeneratorConfig, SynthesisConfig
+from .synth.fast import FastPathOptions
+from .synth.loading import resolve_dtype
+from .synth.tiny import RANDOM_WEIGHTS_NOTICE
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("webdataset", "imagefolder")
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
 MANIFEST = "generate.json"
-CLASSES_FILE = "classes.json"  # stream.cache.CLASSES_FILE: the class ids the labels index
 REPORT = "generate-report.json"
 MANIFEST_VERSION = 1
 DEFAULT_SHARD_SIZE = 1000
@@ -90,7 +98,8 @@ def select_passes(num_captions: int, passes: int, unit_size: int) -> Selection:
     return Selection(range(passes * num_captions), unit_size, {"passes": passes})
 
 
-def select_per_class(sampler, class_ids: Sequence[str], images_per_class: int, unit_size: int) -> Selection:
+def select_per_class(sampler: CaptionSampler, class_ids: Sequence[str], images_per_class: int,
+                     unit_size: int) -> Selection:
     """`images_per_class` images of every class that has captions: each class's first sample ids of the stream's
     sequence, stored class-interleaved (image j of every class, then image j + 1)."""
     if images_per_class < 1:
@@ -106,15 +115,13 @@ def select_per_class(sampler, class_ids: Sequence[str], images_per_class: int, u
 
 def unit_marker(out: Path, fmt: str, seed: int, first_id: int) -> Path:
     """The file whose presence says unit (first sample id) is complete: its shard, or its ImageFolder metadata."""
-    from .stream.cache import shard_name
-
     if fmt == "webdataset":
         return out / shard_name(seed, first_id)
     return out / f"metadata-{first_id:012d}.jsonl"
 
 
-def _write_imagefolder(out: Path, class_ids: Sequence[str], specs, images: torch.Tensor, image_format: str,
-                       marker: Path) -> None:
+def _write_imagefolder(out: Path, class_ids: Sequence[str], specs: Sequence[SampleSpec], images: torch.Tensor,
+                       image_format: str, marker: Path) -> None:
     """One unit as image files under OUT/{class id}/, each written all or nothing, then its metadata (last, so that
     its presence means every image of the unit is there)."""
     from io import BytesIO
@@ -144,7 +151,7 @@ def _write_imagefolder(out: Path, class_ids: Sequence[str], specs, images: torch
 class _Job:
     """What a worker needs to make and write units: picklable, so it crosses into spawned (CUDA) workers."""
 
-    stream: object  # SyntheticStream
+    stream: SyntheticStream
     out: str
     fmt: str
     image_format: str
@@ -168,8 +175,6 @@ class _Units(IterableDataset):
             try:
                 specs, images = stream.make_samples(ids, worker)
                 if job.fmt == "webdataset":
-                    from .stream.cache import write_group
-
                     write_group(out, stream.class_ids, specs, images, stream.layout.seed)
                 else:
                     _write_imagefolder(out, stream.class_ids, specs, images, job.image_format, marker)
@@ -215,7 +220,7 @@ class GenerateSummary:
     empty_classes: list[str] = field(default_factory=list)
 
 
-def generate(stream, out: str | os.PathLike, selection: Selection, *, fmt: str = "webdataset",
+def generate(stream: SyntheticStream, out: str | os.PathLike, selection: Selection, *, fmt: str = "webdataset",
              image_format: str = "png", resume: bool = False, ranks: Ranks | None = None, progress: bool = True,
              manifest_extra: dict | None = None) -> GenerateSummary:
     """Make the `selection` of `stream`'s samples into `out`, this rank's share of it (every rank calls this with
@@ -247,12 +252,12 @@ def generate(stream, out: str | os.PathLike, selection: Selection, *, fmt: str =
     try:
         _check_folder(out, found, manifest, resume)
         if ranks.is_main:
-            _write_folder_files(out, manifest, stream.class_ids, fmt)
+            _write_folder_files(out, manifest, stream.class_ids)
     except Exception as err:
         error = err
     ranks.agree(error)
     if not (out / MANIFEST).exists():  # a folder local to this node: each node records the set too
-        _write_folder_files(out, manifest, stream.class_ids, fmt)
+        _write_folder_files(out, manifest, stream.class_ids)
 
     # 2. This rank's units that are not there yet.
     seed = stream.layout.seed
@@ -353,15 +358,13 @@ def _check_folder(out: Path, found: dict, manifest: dict, resume: bool) -> None:
         raise GenerateError(f"--out {out}: {what}; give an empty or new folder")
 
 
-def _write_folder_files(out: Path, manifest: dict, class_ids: Sequence[str], fmt: str) -> None:
-    from .safeio import is_full_errno, disk_full_error
-    from .stream.cache import write_cache_classes
-
+def _write_folder_files(out: Path, manifest: dict, class_ids: Sequence[str]) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         if not (out / MANIFEST).exists():
             text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-            tmp = out / f".{MANIFEST}.{socket.gethostname()}.{os.getpid()}.tmp"  # nodes may share the folder
+            # Several ranks may write it at once (each node's into a node-local --out): a temporary file each.
+            tmp = out / f".{MANIFEST}.{socket.gethostname()}.{os.getpid()}.tmp"
             tmp.write_text(text)
             os.replace(tmp, out / MANIFEST)
         write_cache_classes(out, class_ids)  # what train.py --from-cache labels by
@@ -415,8 +418,6 @@ def add_commands(subparsers) -> None:
 
 
 def _rank_devices(spec: str | None, ranks: Ranks) -> list[str]:
-    from .stream.devices import synthesis_devices
-
     cuda = torch.cuda.is_available()
     own = (f"cuda:{ranks.local_rank}" if ranks.distributed else "cuda") if cuda else "cpu"
     if spec == "auto":
@@ -425,10 +426,6 @@ def _rank_devices(spec: str | None, ranks: Ranks) -> list[str]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from . import FastPathOptions, GeneratorConfig, SynthesisConfig, SyntheticStream
-    from .defaults import embedded_captions, embedded_model
-    from .synth.tiny import RANDOM_WEIGHTS_NOTICE
-
     if args.shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {args.shard_size}")
     embedded = not (args.sd_model or args.captions)
@@ -472,6 +469,4 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _dtype_name(dtype: str | None, device: str) -> str:
     """The dtype the images are made in (part of what the set is): fp16 on CUDA and fp32 elsewhere by default."""
-    from .synth.loading import resolve_dtype
-
     return str(resolve_dtype(dtype, torch.device(device))).removeprefix("torch.")

@@ -25,7 +25,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import StreamsynthError, one_line
 
@@ -97,6 +97,25 @@ class Ranks:
         box = [value]
         self._collective("broadcast_object_list", box, 0)
         return box[0]
+
+    def from_main(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on rank 0 alone and return its value on every rank. If it raises, rank 0 raises its own error
+        (a full disk stays a `DiskFullError`) and every other rank a `RankError` with its message."""
+        if not self.distributed:
+            return fn()
+        value, error = None, None
+        if self.is_main:
+            try:
+                value = fn()
+            except Exception as err:
+                error = err
+        result = self.broadcast({"value": value} if error is None else
+                                {"error": one_line(error), "names_rank": isinstance(error, RankError)})
+        if error is not None:
+            raise error
+        if "error" in result:
+            raise RankError(result["error"] if result["names_rank"] else f"rank 0 of {self.world}: {result['error']}")
+        return result["value"]
 
     def outcomes(self, error: BaseException | None = None, **summary) -> list[dict]:
         """Gather every rank's outcome: its summary and its error (one line, naming the rank), or None."""

@@ -102,7 +102,9 @@ def test_two_ranks_caption_one_store_equal_to_one_process(images, blip2_model, o
     assert not parts_folder(out).exists() and sorted(p.name for p in tmp_path.iterdir()) == [
         "captions.lmdb", "captions.lmdb.report.json"]
     report = json.loads(report_path(out).read_text())
-    [corrupt] = report["skipped"]  # reported with the rank that met it and the file
+    [corrupt] = report["skipped"]  # reported with the rank that met it and the file, in the report and as it happens
+    assert f"rank 1: skipped {SPRINGER}/03-corrupt.jpg of {images}: " in ranks[1].err
+    assert "skipped" not in ranks[0].err
     assert corrupt["key"] == f"{SPRINGER}/03-corrupt.jpg" and corrupt["rank"] == 1 and "not an image" in corrupt["reason"]
     assert report["complete"] and report["captions_in_store"] == 13 and report["captioned_this_run"] == 13
     assert [(r["rank"], r["captioned_this_run"], r["error"]) for r in report["ranks"]] == [(0, 8, None), (1, 5, None)]
@@ -115,7 +117,7 @@ def test_a_rank_killed_under_torchrun_resumes_into_the_same_store(images, blip2_
     out = tmp_path / "captions.lmdb"
     killed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "tests" / "kill_rank.py"), "--rank", "1", "--during", "commit", "--call", "2", "--",
+         str(REPO / "tests" / "kill_rank.py"), "--rank", "1", "--commit", "2", "--",
          *_caption_args(images, out, blip2_model, "--device", "cpu")],
         capture_output=True, text=True, env=_env(), timeout=600)
     assert killed.returncode != 0, killed.stderr[-3000:]
@@ -271,6 +273,18 @@ def test_a_killed_generate_resumes_without_duplicates_or_gaps(one_rank_set, tiny
     assert all(np.array_equal(two[i][1], one[i][1]) and two[i][0] == one[i][0] for i in range(18))
     changed = run_forked_ranks(lambda rank: main([*args, "--resume", "--seed", "4"]), 2)
     assert changed[0].status == 2 and "seed was 3, now 4" in changed[0].err
+
+
+@pytest.mark.slow
+def test_train_py_trains_from_a_generated_set(one_rank_set, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--from-cache", str(one_rank_set), "--steps", "2", "--batch-size",
+         "3", "--image-size", "16", "--arch", "resnet18", "--workers", "0", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, env=_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 classes from cache 100%" in result.stdout  # the classes generate recorded
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 2 and checkpoint["class_ids"] == ["ant", "bee", "cat"]
 
 
 # ------------------------------------------------------------------------------------------ --images-per-class

@@ -29,7 +29,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..prompts.classnames import readable_names
-from ..errors import one_line
 from ..ranks import RankError, Ranks, raise_failures
 from ..safeio import atomic_write_text, fsync_folder
 from .captioners import Captioner, ImagePreprocessor
@@ -260,10 +259,16 @@ def _caption_batches(
         pin_memory=captioner.device.type == "cuda",
         **batching,
     )
+    def skip(i: int, reason: str) -> None:
+        # Said as it happens too, by the rank that met it: under torchrun the report comes only at the end.
+        log.warning("%sskipped %s of %s: %s", "" if rank is None else f"rank {rank}: ", todo[i].key,
+                    collection.source, reason)
+        report.skipped.append(_skipped_entry(todo[i], reason, collection, rank))
+
     with tqdm(total=len(todo), unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:
             for i, reason in batch.failed:
-                report.skipped.append(_skipped_entry(todo[i], reason, collection, rank))
+                skip(i, reason)
             if batch.pixels is not None:
                 texts = captioner.caption(batch.pixels)
                 with _interrupt_after_block():
@@ -272,8 +277,7 @@ def _caption_batches(
                             writer.add(todo[i].class_index, text, todo[i].key)
                             report.captioned_this_run += 1
                         else:
-                            report.skipped.append(_skipped_entry(
-                                todo[i], "the captioner returned an empty caption", collection, rank))
+                            skip(i, "the captioner returned an empty caption")
             tally.processed += len(batch.indices) + len(batch.failed)
             bar.update(len(batch.indices) + len(batch.failed))
 
@@ -403,39 +407,11 @@ def _caption_ranks(
                               device=str(captioner.device))
 
     # Rank 0 writes the report and, if every rank succeeded, the store; the others learn the result.
-    result = None
-    if ranks.is_main:
-        try:
-            result = _merge_and_report(collection, out, parts, classes, captioner.name, extra, outcomes, kept,
-                                       commit_every)
-        except Exception as err:
-            result = _error_result(err)
-    result = ranks.broadcast(result)
-    if "error" in result:
-        raise _error_from(result, ranks)
-    report = CaptionReport(**result["report"])
+    report = CaptionReport(**ranks.from_main(lambda: _merge_and_report(
+        collection, out, parts, classes, captioner.name, extra, outcomes, kept, commit_every)))
     for entry in report.empty_classes if ranks.is_main else ():
         log.warning("class %s (%s) has no captions: %s", entry["id"], entry["name"], entry["reason"])
     return report
-
-
-def _error_result(err: Exception) -> dict:
-    """Rank 0's error, for the broadcast: a `RankError` already names the ranks at fault; any other is rank 0's own."""
-    return {"error": one_line(err), "type": type(err).__name__, "own": not isinstance(err, RankError)}
-
-
-def _error_from(result: dict, ranks: Ranks) -> Exception:
-    """The error each rank raises for rank 0's broadcast `result`: on rank 0 its own kind (a full disk stays a
-    `DiskFullError`), on the others a `RankError` that says it was rank 0's."""
-    from ..errors import DiskFullError
-
-    if not result["own"]:
-        return RankError(result["error"])
-    if not ranks.is_main:
-        return RankError(f"rank 0 of {ranks.world}: {result['error']}")
-    kinds = {"DiskFullError": DiskFullError, "CaptionStoreError": CaptionStoreError, "FileExistsError": FileExistsError,
-             "ValueError": ValueError}
-    return kinds.get(result["type"], RuntimeError)(result["error"])
 
 
 def _open_parts(parts: Path, model: str, extra: dict) -> list[StorePart]:
@@ -461,8 +437,8 @@ def _open_parts(parts: Path, model: str, extra: dict) -> list[StorePart]:
 
 def _merge_and_report(collection: ImageCollection, out: Path, parts: Path, classes: list[tuple[str, str]],
                       model: str, extra: dict, outcomes: list[dict], kept: str, commit_every: int) -> dict:
-    """Rank 0's last step: the report of every rank, and, if none failed, the merged store. Returns
-    {"report": ...} or {"error": ...} for the broadcast."""
+    """Rank 0's last step: the report of every rank, and, if none failed, the merged store. Returns the report
+    as a dict (for the broadcast); raises the `RankError` of the ranks that failed, if any."""
     report = CaptionReport(
         store=str(out), source=collection.source, model=model, complete=False,
         images_found=len(collection.images), captions_in_store=0,
@@ -487,7 +463,7 @@ def _merge_and_report(collection: ImageCollection, out: Path, parts: Path, class
     report.empty_classes = _empty_classes(counts, classes, collection)
     report.complete = True
     report.write_or_warn(report_path(out))
-    return {"report": asdict(report)}
+    return asdict(report)
 
 
 def _merge_parts(collection: ImageCollection, out: Path, parts: Path, classes: list[tuple[str, str]], model: str,
@@ -530,21 +506,15 @@ def _merge_parts(collection: ImageCollection, out: Path, parts: Path, classes: l
 def _finished_ranks(collection: ImageCollection, out: Path, model: str, extra: dict, ranks: Ranks) -> CaptionReport:
     """`--resume` of a distributed run whose store is already merged (killed while it removed its parts or wrote its
     report): rank 0 writes the report again and removes the parts; every rank returns that report."""
-    result = None
-    if ranks.is_main:
-        try:
-            report = _finished_run(collection, out, model, extra)
-            if report is None:
-                raise CaptionStoreError(f"{out} is an incomplete store of a single-process run: resume it with one "
-                                        "process (without torchrun), or caption into a new --out")
-            shutil.rmtree(parts_folder(out), ignore_errors=True)
-            result = {"report": asdict(report)}
-        except Exception as err:
-            result = _error_result(err)
-    result = ranks.broadcast(result)
-    if "error" in result:
-        raise _error_from(result, ranks)
-    return CaptionReport(**result["report"])
+    def rewrite_report() -> dict:
+        report = _finished_run(collection, out, model, extra)
+        if report is None:
+            raise CaptionStoreError(f"{out} is an incomplete store of a single-process run: resume it with one "
+                                    "process (without torchrun), or caption into a new --out")
+        shutil.rmtree(parts_folder(out), ignore_errors=True)
+        return asdict(report)
+
+    return CaptionReport(**ranks.from_main(rewrite_report))
 
 
 def _finished_run(collection: ImageCollection, out: Path, model: str, extra: dict) -> CaptionReport | None:

@@ -80,9 +80,13 @@ class CaptionSampler:
                 label -= 1
             return label, derive_seed(self.run_seed, "caption", sample_id) % self.store.classes[label].num_captions
         pass_index, position = divmod(sample_id, self.num_captions)
-        flat = keyed_permutation(position, self.num_captions, derive_seed(self.run_seed, "pass", pass_index))
+        flat = keyed_permutation(position, self.num_captions, self._pass_key(pass_index))
         label = bisect.bisect_right(self._starts, flat) - 1
         return label, flat - self._starts[label]
+
+    def _pass_key(self, pass_index: int) -> int:
+        """The key of pass `pass_index`'s shuffle of the captions (`locate` and `class_sample_ids` must agree)."""
+        return derive_seed(self.run_seed, "pass", pass_index)
 
     def class_sample_ids(self, label: int, count: int) -> list[int]:
         """The first `count` sample ids of the unweighted sequence whose class is `label`, in increasing order.
@@ -99,7 +103,7 @@ class CaptionSampler:
         full, rest = divmod(count, n)
 
         def pass_ids(p: int) -> list[int]:
-            key = derive_seed(self.run_seed, "pass", p)
+            key = self._pass_key(p)
             return sorted(p * self.num_captions + keyed_permutation_inverse(flat, self.num_captions, key)
                           for flat in range(first, end))
 
