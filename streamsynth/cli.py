@@ -14,6 +14,7 @@ COMMANDS = [
     "streamsynth.profile",
     "streamsynth.loader_bench",
     "streamsynth.commands",
+    "streamsynth.generate",
 ]
 
 
@@ -30,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to start the same command as several ranks
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .errors import StreamsynthError, one_line
+    from .ranks import RankError, rank_label
 
     try:
         return args.func(args) or 0
@@ -45,12 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         # would bury them.
         if args.verbose:
             raise
-        print(f"streamsynth {args.command}: error: {one_line(err)}", file=sys.stderr)
+        # Under torchrun every rank prints its own errors: say which rank (a RankError names the rank at fault).
+        where = f"{rank_label()}: " if rank_label() and not isinstance(err, RankError) else ""
+        print(f"streamsynth {args.command}: error: {where}{one_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # a bug: still one line, and the way to the traceback
         if args.verbose:
             raise
-        print(f"streamsynth {args.command}: error: unexpected {type(err).__name__}: {one_line(err)} (run "
+        print(f"streamsynth {args.command}: error: {rank_label() + ': ' if rank_label() else ''}unexpected "
+              f"{type(err).__name__}: {one_line(err)} (run "
               f"`streamsynth -v {args.command} ...` for the traceback)", file=sys.stderr)
         return 1
 

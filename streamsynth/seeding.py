@@ -53,3 +53,23 @@ def keyed_permutation(index: int, n: int, key: int, rounds: int = 4) -> int:
         x = (left << half) | right
         if x < n:
             return x
+
+
+def keyed_permutation_inverse(value: int, n: int, key: int, rounds: int = 4) -> int:
+    """The index that `keyed_permutation` maps to `value`: its inverse, at the same cost.
+
+    Each Feistel round is undone in reverse order; cycle-walking backwards from `value` meets the first point below n,
+    which is the index (the forward walk left [0, n) only through points at or above n).
+    """
+    if not 0 <= value < n:
+        raise IndexError(f"value {value} outside [0, {n})")
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = (1 << half) - 1
+    x = value
+    while True:
+        left, right = x >> half, x & mask
+        for r in reversed(range(rounds)):
+            left, right = right ^ _round_hash(key, r, left, half), left
+        x = (left << half) | right
+        if x < n:
+            return x

@@ -12,9 +12,11 @@ indices keep matching the dataset's labels; the stream never samples it, and the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -27,11 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .classnames import readable_names
-from ..safeio import atomic_write_text
+from ..ranks import RankError, Ranks, raise_failures
+from ..safeio import atomic_write_text, fsync_folder
 from .captioners import Captioner, ImagePreprocessor
 from ..imagefiles import decode_image
 from .images import ImageCollection, ImageRef, Skipped, find_images
-from .store import CaptionStore, CaptionStoreError, CaptionStoreWriter
+from .store import CaptionStore, CaptionStoreError, CaptionStoreWriter, StorePart
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,7 @@ class CaptionReport:
     images_per_s: float = 0.0
     skipped: list[dict] = field(default_factory=list)
     empty_classes: list[dict] = field(default_factory=list)
+    ranks: list[dict] = field(default_factory=list)  # under torchrun: what each rank did
 
     def write(self, path: str | os.PathLike) -> Path:
         return atomic_write_text(path, json.dumps(asdict(self), indent=1, ensure_ascii=False) + "\n",
@@ -160,16 +164,27 @@ def caption_images(
     resume: bool = False,
     commit_every: int = 1024,
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> CaptionReport:
     """Caption every image of `images` (ImageFolder root or WebDataset shards) into the caption store `out`.
 
     Returns the report, also written to `report_path(out)`. Raises `RuntimeError` if no image at all could be
     captioned (the store is then left incomplete).
+
+    With `ranks` of a distributed job (torchrun), every rank must call this with the same arguments: each captions
+    its share into a part of its own and rank 0 merges the parts into `out` (see `_caption_ranks`). A single process
+    continues such a job's parts too, when `resume` finds them.
     """
     collection = images if isinstance(images, ImageCollection) else find_images(images, class_field)
     out = Path(out)
     classes = list(zip(collection.class_ids, readable_names(collection.class_ids, name_map)))
     extra = {"layout": collection.layout, "captioning": captioner.settings}
+    batch_size = batch_size or default_batch_size(captioner.device)
+    num_workers = default_num_workers() if num_workers is None else num_workers
+    ranks = ranks or Ranks()
+    if ranks.distributed or parts_folder(out).exists():
+        return _caption_ranks(collection, out, captioner, ranks, classes, extra, batch_size=batch_size,
+                              num_workers=num_workers, resume=resume, commit_every=commit_every, progress=progress)
     if resume:
         finished = _finished_run(collection, out, captioner.name, extra)
         if finished is not None:
@@ -187,36 +202,11 @@ def caption_images(
     )
     if resume and report.already_in_store:
         log.info("resuming %s: %d of %d images already captioned", out, report.already_in_store, len(collection.images))
-    batch_size = batch_size or default_batch_size(captioner.device)
-    num_workers = default_num_workers() if num_workers is None else num_workers
-    loader = DataLoader(
-        _DecodedImages(todo, captioner.preprocessor),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=captioner.device.type == "cuda",
-    )
-    start = time.perf_counter()
-    processed = 0
+    tally = _Tally()
     try:
-        with tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress, dynamic_ncols=True) as bar:
-            for batch in loader:
-                for i, reason in batch.failed:
-                    report.skipped.append(_skipped_entry(todo[i], reason, collection))
-                if batch.pixels is not None:
-                    texts = captioner.caption(batch.pixels)
-                    with _interrupt_after_block():
-                        for i, text in zip(batch.indices, texts):
-                            if text:
-                                writer.add(todo[i].class_index, text, todo[i].key)
-                                report.captioned_this_run += 1
-                            else:
-                                report.skipped.append(
-                                    _skipped_entry(todo[i], "the captioner returned an empty caption", collection)
-                                )
-                processed += len(batch.indices) + len(batch.failed)
-                bar.update(len(batch.indices) + len(batch.failed))
-        _summarise(report, writer.counts, processed, start)
+        _caption_batches(todo, None, collection, captioner, writer, report, tally, batch_size=batch_size,
+                         num_workers=num_workers, progress=progress)
+        _summarise(report, writer.counts, tally)
         report.empty_classes = _empty_classes(writer.counts, classes, collection)
         if report.captions_in_store == 0:
             raise RuntimeError(
@@ -228,7 +218,7 @@ def caption_images(
         # failed write (a full disk) there is nothing left to commit, and the error raised is that write's.
         with _interrupt_after_block():
             writer.close_keeping()
-        _summarise(report, writer.counts, processed, start)
+        _summarise(report, writer.counts, tally)
         report.write_or_warn(report_path(out))
         raise
     with _interrupt_after_block():
@@ -236,7 +226,7 @@ def caption_images(
             writer.finalize()
         except BaseException:
             writer.close()
-            _summarise(report, writer.counts, processed, start)
+            _summarise(report, writer.counts, tally)
             report.write_or_warn(report_path(out))
             raise
         report.complete = True
@@ -244,6 +234,287 @@ def caption_images(
     for entry in report.empty_classes:
         log.warning("class %s (%s) has no captions: %s", entry["id"], entry["name"], entry["reason"])
     return report
+
+
+@dataclass
+class _Tally:
+    """How far a run got: images read (captioned or skipped) since `start`."""
+
+    processed: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+def _caption_batches(
+    todo: list[ImageRef], batches: list[list[int]] | None, collection: ImageCollection, captioner: Captioner,
+    writer: CaptionStoreWriter, report: CaptionReport, tally: _Tally, *, batch_size: int, num_workers: int,
+    progress: bool, desc: str = "captioning", rank: int | None = None,
+) -> None:
+    """Caption `todo` into `writer`: in consecutive batches of `batch_size`, or in the given `batches` (lists of
+    indices into `todo`). Skipped images go to the report (with `rank`, if given)."""
+    batching = {"batch_size": batch_size} if batches is None else {"batch_sampler": batches}
+    loader = DataLoader(
+        _DecodedImages(todo, captioner.preprocessor),
+        num_workers=num_workers if todo else 0,
+        collate_fn=_collate,
+        pin_memory=captioner.device.type == "cuda",
+        **batching,
+    )
+    def skip(i: int, reason: str) -> None:
+        # Said as it happens too, by the rank that met it: under torchrun the report comes only at the end.
+        log.warning("%sskipped %s of %s: %s", "" if rank is None else f"rank {rank}: ", todo[i].key,
+                    collection.source, reason)
+        report.skipped.append(_skipped_entry(todo[i], reason, collection, rank))
+
+    with tqdm(total=len(todo), unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for batch in loader:
+            for i, reason in batch.failed:
+                skip(i, reason)
+            if batch.pixels is not None:
+                texts = captioner.caption(batch.pixels)
+                with _interrupt_after_block():
+                    for i, text in zip(batch.indices, texts):
+                        if text:
+                            writer.add(todo[i].class_index, text, todo[i].key)
+                            report.captioned_this_run += 1
+                        else:
+                            skip(i, "the captioner returned an empty caption")
+            tally.processed += len(batch.indices) + len(batch.failed)
+            bar.update(len(batch.indices) + len(batch.failed))
+
+
+# ----- several ranks (torchrun): one part per rank, merged into one store ------------------------------------------
+
+
+def parts_folder(store: str | os.PathLike) -> Path:
+    """Where the ranks of a distributed run keep their parts until the merge: `{store}.parts` beside the store."""
+    store = Path(store)
+    return store.with_name(f"{store.name}.parts")
+
+
+def _part_path(parts: Path, rank: int) -> Path:
+    return parts / f"part-{rank:05d}.lmdb"
+
+
+def _merging_path(store: Path) -> Path:
+    return store.with_name(f".{store.name}.merging")
+
+
+def listing_digest(collection: ImageCollection) -> str:
+    """A digest of what `--images` lists (classes, image keys and their classes, unusable entries): every rank of a
+    job must see the same listing, or their shares would overlap or leave gaps."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([collection.layout, collection.class_ids]).encode())
+    for image in collection.images:
+        h.update(f"{image.class_index}\0{image.key}\0".encode("utf-8", "surrogateescape"))
+    for skipped in collection.unusable:
+        h.update(f"!{skipped.key}\0".encode("utf-8", "surrogateescape"))
+    return f"{len(collection.images)} images, digest {h.hexdigest()}"
+
+
+def rank_batches(num_images: int, batch_size: int, rank: int, world: int) -> list[range]:
+    """The batches of rank `rank`: the listing cut into consecutive batches of `batch_size` images, as one process
+    batches it, dealt round-robin (batch j to rank j mod world). Each batch therefore holds the very images it holds
+    in a single-process run, so a batch-dependent model (fp16 kernels choose by shape) still captions alike."""
+    return [range(start, min(start + batch_size, num_images))
+            for start in range(rank * batch_size, num_images, world * batch_size)]
+
+
+def _caption_ranks(
+    collection: ImageCollection, out: Path, captioner: Captioner, ranks: Ranks, classes: list[tuple[str, str]],
+    extra: dict, *, batch_size: int, num_workers: int, resume: bool, commit_every: int, progress: bool,
+) -> CaptionReport:
+    """Caption with every rank of a job: one store, the same as a single process makes.
+
+    1. Every rank lists `--images` itself; the listings must agree (a digest is compared).
+    2. Rank r captions the batches r, r + W, ... of the listing (`rank_batches`) into its own part,
+       `{out}.parts/part-{r}.lmdb`, a resumable store that is never marked complete. On `--resume` an image that any
+       part holds is not captioned again, so a job resumes per rank, on any number of ranks.
+    3. When every rank is done, rank 0 writes the store from the parts in listing order (the order, and so the
+       caption indices, of an uninterrupted single-process run) under a hidden name, marks it complete and renames
+       it to `out`: no reader ever sees a partial store. Then the parts are removed.
+    A rank that fails (a full disk) or is interrupted keeps what it committed; the others finish their share; every
+    rank then ends with the same error naming the failed rank, and `--resume` continues.
+    """
+    parts = parts_folder(out)
+    kept = f"every rank's committed captions are kept in {parts} for --resume"
+    # What every rank lists, and what is on disk before any rank writes: all decide on rank 0's view of the disk.
+    states = ranks.gather({"listing": listing_digest(collection), "store": (out / "data.mdb").exists()
+                           or (out.exists() and not out.is_dir()), "parts": parts.exists()})
+    differing = [r for r, state in enumerate(states) if state["listing"] != states[0]["listing"]]
+    if differing:
+        raise RankError(f"--images {collection.source} lists other images on rank {differing[0]} "
+                        f"({states[differing[0]]['listing']}) than on rank 0 ({states[0]['listing']}): every rank must "
+                        "see the same images (a shared file system, or identical copies at the same path)")
+    if states[0]["store"]:
+        if not resume:
+            raise FileExistsError(f"{out} already exists: pass --resume to continue it, or choose a new output path "
+                                  "(streamsynth never overwrites captions)")
+        return _finished_ranks(collection, out, captioner.name, extra, ranks)
+    if states[0]["parts"] and not resume:
+        raise FileExistsError(f"{parts} holds the parts of an interrupted run: continue it with --resume, or remove "
+                              "it to start afresh")
+
+    # Which of this rank's images are still to caption: those that no part holds (parts are only read here).
+    error, todo, batches, done = None, [], [], 0
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+        mine = rank_batches(len(collection.images), batch_size, ranks.rank, ranks.world)
+        readers = _open_parts(parts, captioner.name, extra)
+        try:
+            for block in mine:
+                left = [i for i in block if not any(r.has(collection.images[i].key) for r in readers)]
+                done += len(block) - len(left)
+                if left:
+                    batches.append(list(range(len(todo), len(todo) + len(left))))
+                    todo.extend(collection.images[i] for i in left)
+        finally:
+            for reader in readers:
+                reader.close()
+    except Exception as err:
+        error = err
+    ranks.agree(error)
+
+    report = CaptionReport(
+        store=str(out), source=collection.source, model=captioner.name, complete=False,
+        images_found=len(collection.images), captions_in_store=0, already_in_store=done,
+    )
+    if resume and done:
+        log.info("%s: resuming %s: %d of this rank's images already captioned", ranks.label, out, done)
+    tally, writer, error, counts = _Tally(), None, None, [0] * len(classes)
+    try:
+        if todo:
+            writer = CaptionStoreWriter(_part_path(parts, ranks.rank), classes, captioner=captioner.name,
+                                        source=collection.source, resume=True, commit_every=commit_every, extra=extra)
+        desc = f"captioning ({ranks.label})" if ranks.distributed else "captioning"
+        _caption_batches(todo, batches, collection, captioner, writer, report, tally, batch_size=batch_size,
+                         num_workers=num_workers, progress=progress and ranks.is_main, desc=desc,
+                         rank=ranks.rank if ranks.distributed else None)
+    except KeyboardInterrupt:
+        if writer is not None:
+            with _interrupt_after_block():
+                writer.close_keeping()
+        raise  # the other ranks are stopped too (torchrun), or notice this one's end at their next sync
+    except Exception as err:
+        error = err
+    if writer is not None:
+        with _interrupt_after_block():
+            commit_error = writer.close_keeping()
+        error = error or commit_error
+        counts = writer.counts
+    _summarise(report, counts, tally)
+    outcomes = ranks.outcomes(error, captioned=report.captioned_this_run, already=report.already_in_store,
+                              processed=tally.processed, elapsed_s=report.elapsed_s, skipped=report.skipped,
+                              device=str(captioner.device))
+
+    # Rank 0 writes the report and, if every rank succeeded, the store; the others learn the result.
+    report = CaptionReport(**ranks.from_main(lambda: _merge_and_report(
+        collection, out, parts, classes, captioner.name, extra, outcomes, kept, commit_every)))
+    for entry in report.empty_classes if ranks.is_main else ():
+        log.warning("class %s (%s) has no captions: %s", entry["id"], entry["name"], entry["reason"])
+    return report
+
+
+def _open_parts(parts: Path, model: str, extra: dict) -> list[StorePart]:
+    """Readers of every part in `parts` that holds data; a part made with other settings is refused."""
+    readers: list[StorePart] = []
+    try:
+        for path in sorted(parts.glob("part-*.lmdb")):
+            if not (path / "data.mdb").exists():
+                continue  # created by a rank that died before its first commit
+            reader = StorePart(path)
+            readers.append(reader)
+            made_by = {"captioner": reader.meta.get("captioner"), "extra": reader.meta.get("extra", {})}
+            if made_by != {"captioner": model, "extra": extra}:
+                raise ValueError(f"cannot resume {parts}: {path.name} was captioned with {made_by}, this run uses "
+                                 f"{ {'captioner': model, 'extra': extra} }; resume with the same model and settings, "
+                                 "or remove the folder to start afresh")
+    except BaseException:
+        for reader in readers:
+            reader.close()
+        raise
+    return readers
+
+
+def _merge_and_report(collection: ImageCollection, out: Path, parts: Path, classes: list[tuple[str, str]],
+                      model: str, extra: dict, outcomes: list[dict], kept: str, commit_every: int) -> dict:
+    """Rank 0's last step: the report of every rank, and, if none failed, the merged store. Returns the report
+    as a dict (for the broadcast); raises the `RankError` of the ranks that failed, if any."""
+    report = CaptionReport(
+        store=str(out), source=collection.source, model=model, complete=False,
+        images_found=len(collection.images), captions_in_store=0,
+        captioned_this_run=sum(o["captioned"] for o in outcomes),
+        already_in_store=sum(o["already"] for o in outcomes),
+        elapsed_s=max(o["elapsed_s"] for o in outcomes),
+        skipped=[_skipped_entry(s, s.reason, collection) for s in collection.unusable]
+        + [entry for o in outcomes for entry in o["skipped"]],
+        ranks=[{"rank": o["rank"], "host": o["host"], "device": o["device"], "captioned_this_run": o["captioned"],
+                "already_in_store": o["already"], "skipped": len(o["skipped"]), "elapsed_s": o["elapsed_s"],
+                "images_per_s": round(o["processed"] / o["elapsed_s"], 2) if o["elapsed_s"] > 0 else 0.0,
+                "error": o["error"]} for o in outcomes],
+    )
+    if report.elapsed_s > 0:
+        report.images_per_s = round(sum(o["processed"] for o in outcomes) / report.elapsed_s, 2)
+    failed = [o for o in outcomes if o["error"]]
+    if failed:
+        report.write_or_warn(report_path(out))
+        raise_failures(outcomes, kept)
+    counts = _merge_parts(collection, out, parts, classes, model, extra, commit_every)
+    report.captions_in_store = sum(counts)
+    report.empty_classes = _empty_classes(counts, classes, collection)
+    report.complete = True
+    report.write_or_warn(report_path(out))
+    return asdict(report)
+
+
+def _merge_parts(collection: ImageCollection, out: Path, parts: Path, classes: list[tuple[str, str]], model: str,
+                 extra: dict, commit_every: int) -> list[int]:
+    """Write the store `out` from the parts, in listing order, under a hidden name, then rename it into place; the
+    parts are removed once the store is there. Returns the captions per class."""
+    merging = _merging_path(out)
+    shutil.rmtree(merging, ignore_errors=True)  # left by a merge that was killed
+    readers = _open_parts(parts, model, extra)
+    try:
+        writer = CaptionStoreWriter(merging, classes, captioner=model, source=collection.source,
+                                    commit_every=max(commit_every, 4096), extra=extra)
+        try:
+            for image in collection.images:
+                for reader in readers:
+                    found = reader.caption_of(image.key)
+                    if found is not None:
+                        writer.add(image.class_index, found[1], image.key)
+                        break
+            counts = writer.counts
+            if sum(counts) == 0:
+                raise RuntimeError(f"no image under {collection.source} could be captioned: the reasons are in "
+                                   f"{report_path(out)}")
+            writer.finalize()
+        except BaseException:
+            writer.close()
+            raise
+    except BaseException:
+        shutil.rmtree(merging, ignore_errors=True)
+        raise
+    finally:
+        for reader in readers:
+            reader.close()
+    os.rename(merging, out)
+    fsync_folder(out.parent)
+    shutil.rmtree(parts, ignore_errors=True)
+    return counts
+
+
+def _finished_ranks(collection: ImageCollection, out: Path, model: str, extra: dict, ranks: Ranks) -> CaptionReport:
+    """`--resume` of a distributed run whose store is already merged (killed while it removed its parts or wrote its
+    report): rank 0 writes the report again and removes the parts; every rank returns that report."""
+    def rewrite_report() -> dict:
+        report = _finished_run(collection, out, model, extra)
+        if report is None:
+            raise CaptionStoreError(f"{out} is an incomplete store of a single-process run: resume it with one "
+                                    "process (without torchrun), or caption into a new --out")
+        shutil.rmtree(parts_folder(out), ignore_errors=True)
+        return asdict(report)
+
+    return CaptionReport(**ranks.from_main(rewrite_report))
 
 
 def _finished_run(collection: ImageCollection, out: Path, model: str, extra: dict) -> CaptionReport | None:
@@ -272,16 +543,19 @@ def _finished_run(collection: ImageCollection, out: Path, model: str, extra: dic
     return report
 
 
-def _skipped_entry(image: ImageRef | Skipped, reason: str, collection: ImageCollection) -> dict:
+def _skipped_entry(image: ImageRef | Skipped, reason: str, collection: ImageCollection,
+                   rank: int | None = None) -> dict:
     entry = {"key": image.key, "reason": reason}
     if isinstance(image, ImageRef):
         entry["class"] = collection.class_ids[image.class_index]
+    if rank is not None:
+        entry["rank"] = rank  # which rank of a distributed run met it (its log says more)
     return entry
 
 
-def _summarise(report: CaptionReport, counts: list[int], processed: int, start: float) -> None:
-    report.elapsed_s = round(time.perf_counter() - start, 3)
-    report.images_per_s = round(processed / report.elapsed_s, 2) if report.elapsed_s > 0 else 0.0
+def _summarise(report: CaptionReport, counts: list[int], tally: _Tally) -> None:
+    report.elapsed_s = round(time.perf_counter() - tally.start, 3)
+    report.images_per_s = round(tally.processed / report.elapsed_s, 2) if report.elapsed_s > 0 else 0.0
     report.captions_in_store = sum(counts)
 
 

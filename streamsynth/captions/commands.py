@@ -58,6 +58,9 @@ def add_commands(subparsers) -> None:
     caption.add_argument("--prompt", help="BLIP-2 conditional captioning prefix, e.g. 'a photo of'; stripped from captions")
     caption.add_argument("--max-new-tokens", type=int, default=REFERENCE_MAX_NEW_TOKENS)
     _add_run_arguments(caption)
+    caption.add_argument("--devices", metavar="LIST",
+                         help="several devices, e.g. cuda:0,cuda:1: one rank per device in one process tree (torchrun's "
+                              "standalone mode); under torchrun, local rank i uses the i-th (default: one GPU per rank)")
     caption.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     caption.add_argument("--commit-every", type=int, default=1024, help="captions per LMDB transaction")
     caption.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -131,32 +134,56 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _caption(args: argparse.Namespace) -> int:
+    from ..ranks import launch_local_ranks, ranks_from_environment, under_launcher
     from .captioners import load_captioner
     from .captioning import caption_images, report_path
     from .images import find_images
 
-    # List the images before loading the model: a wrong --images fails in seconds, not after a multi-GB load.
-    collection = find_images(args.images, args.class_field)
-    name_map = load_name_map(args.names) if args.names else None
-    captioner = load_captioner(
-        args.model, device=args.device, dtype=args.dtype, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-        static_cache=args.static_kv_cache,
-    )
-    try:
-        report = caption_images(
-            collection, args.out, captioner, name_map=name_map, batch_size=args.batch_size,
-            num_workers=args.num_workers, resume=args.resume, commit_every=args.commit_every,
-            progress=not args.no_progress,
+    devices = _device_list(args)
+    if len(devices) > 1 and not under_launcher():
+        return launch_local_ranks(len(devices), args.argv)
+    with ranks_from_environment() as ranks:
+        device = args.device or (devices[ranks.local_rank % len(devices)] if devices else None)
+        if device is None and ranks.distributed:
+            import torch
+
+            device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"  # one GPU per rank
+        # List the images before loading the model: a wrong --images fails in seconds, not after a multi-GB load.
+        collection = find_images(args.images, args.class_field)
+        name_map = load_name_map(args.names) if args.names else None
+        captioner = load_captioner(
+            args.model, device=device, dtype=args.dtype, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+            static_cache=args.static_kv_cache,
         )
-    except KeyboardInterrupt:
-        print(f"interrupted: the captions made so far are kept in {args.out}; continue with the same command "
-              "and --resume", file=sys.stderr)
-        return 130
-    print(f"wrote {report.captions_in_store} captions of {len(collection.class_ids)} classes to {args.out} "
-          f"({report.captioned_this_run} this run, {report.images_per_s} images/s); "
-          f"{len(report.skipped)} images skipped, {len(report.empty_classes)} classes without captions: "
-          f"see {report_path(args.out)}")
+        try:
+            report = caption_images(
+                collection, args.out, captioner, name_map=name_map, batch_size=args.batch_size,
+                num_workers=args.num_workers, resume=args.resume, commit_every=args.commit_every,
+                progress=not args.no_progress, ranks=ranks,
+            )
+        except KeyboardInterrupt:
+            print(f"interrupted: the captions made so far are kept in {args.out}"
+                  + (f" ({ranks.label}'s part)" if ranks.distributed else "")
+                  + "; continue with the same command and --resume", file=sys.stderr)
+            return 130
+        if ranks.is_main:
+            across = f" by {ranks.world} ranks" if ranks.distributed else ""
+            print(f"wrote {report.captions_in_store} captions of {len(collection.class_ids)} classes to {args.out}"
+                  f"{across} ({report.captioned_this_run} this run, {report.images_per_s} images/s); "
+                  f"{len(report.skipped)} images skipped, {len(report.empty_classes)} classes without captions: "
+                  f"see {report_path(args.out)}")
     return 0
+
+
+def _device_list(args: argparse.Namespace) -> list[str]:
+    if not args.devices:
+        return []
+    if args.device:
+        raise ValueError("give --device (one device) or --devices (one rank per device), not both")
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    if not devices:
+        raise ValueError(f"--devices {args.devices!r} names no device")
+    return devices
 
 
 def _caption_bench(args: argparse.Namespace) -> int:

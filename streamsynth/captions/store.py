@@ -362,6 +362,68 @@ class CaptionStore:
             return txn.get(source_key(key, env.max_key_size())) is not None
 
 
+class StorePart:
+    """Read access to a store that is not complete: a part that one rank of a distributed captioning run wrote.
+
+    `streamsynth caption` under torchrun has each rank write its captions into a part of its own, and one rank merge
+    the parts into the final store. Parts are never marked complete, so nothing else mistakes one for a store
+    (`CaptionStore` refuses them); this reader, for the merge and for `--resume`, holds one read transaction open
+    and must not be used while the part's writer is open.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        _close_readonly(self.path)
+        self._env = open_store_env(self.path, lock=False, readahead=False)
+        self._max_key = self._env.max_key_size()
+        self._txn = self._env.begin(buffers=False)
+        try:
+            meta = _load(self._txn.get(b"meta"), self.path, "meta")
+            if not isinstance(meta, dict) or not isinstance(meta.get("num_classes"), int):
+                raise CaptionStoreError(f"caption store part {self.path} is damaged: its 'meta' record is "
+                                        f"{meta!r:.120}; remove it and caption its images again with --resume")
+            self.meta = meta
+            self.class_ids = [_load(self._txn.get(_class_key(c)), self.path, _class_key(c).decode()).get("id")
+                              for c in range(meta["num_classes"])]
+        except BaseException:
+            self.close()
+            raise
+
+    def has(self, key: str) -> bool:
+        """Whether the image `key` has a caption in this part."""
+        return self._txn.get(source_key(key, self._max_key)) is not None
+
+    def caption_of(self, key: str) -> tuple[int, str] | None:
+        """(class index, caption) of the image `key`, or None if this part holds none."""
+        raw = self._txn.get(source_key(key, self._max_key))
+        if raw is None:
+            return None
+        try:
+            c, i = (int(v) for v in raw.decode().split("/"))
+        except ValueError:
+            raise CaptionStoreError(f"caption store part {self.path} is damaged: the index entry of {key!r} is "
+                                    f"{raw[:40]!r}; remove the part and caption its images again with --resume") from None
+        record = _load(self._txn.get(_caption_key(c, i)), self.path, _caption_key(c, i).decode())
+        if not isinstance(record, dict) or not isinstance(record.get("caption"), str):
+            raise CaptionStoreError(f"caption store part {self.path} is damaged: {_caption_key(c, i).decode()!r} is "
+                                    f"{record!r:.80}; remove the part and caption its images again with --resume")
+        return c, record["caption"]
+
+    def close(self) -> None:
+        if getattr(self, "_txn", None) is not None:
+            self._txn.abort()
+            self._txn = None
+        if getattr(self, "_env", None) is not None:
+            self._env.close()
+            self._env = None
+
+    def __enter__(self) -> "StorePart":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class CaptionStoreWriter:
     """Appends captions to a store, committing every `commit_every` captions.
 

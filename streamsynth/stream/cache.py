@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import StreamsynthError
 from ..imagefiles import decode_image, image_to_uint8_tensor
+from ..safeio import disk_full_error, is_full_errno
 from ..seeding import derive_seed, keyed_permutation, seeded
 from ..shards import ShardIndex, index_shard
 from .resumable import ResumableBatches
@@ -97,20 +98,27 @@ def write_group(
     if final.exists():
         return None
     partial = folder / f".{final.name}.{os.getpid()}.tmp"
-    with open(partial, "wb") as stream, wds.TarWriter(stream) as writer:
-        for spec, image in zip(specs, images):
-            writer.write({
-                "__key__": f"{spec.sample_id:012d}",
-                "png": Image.fromarray(image.permute(1, 2, 0).numpy()),
-                "cls": spec.label,
-                "json": {
-                    "sample_id": spec.sample_id, "seed": spec.seed, "prompt": spec.prompt, "caption": spec.caption,
-                    "class_id": class_ids[spec.label], "label": spec.label,
-                },
-            })
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(partial, final)
+    try:
+        with open(partial, "wb") as stream, wds.TarWriter(stream) as writer:
+            for spec, image in zip(specs, images):
+                writer.write({
+                    "__key__": f"{spec.sample_id:012d}",
+                    "png": Image.fromarray(image.permute(1, 2, 0).numpy()),
+                    "cls": spec.label,
+                    "json": {
+                        "sample_id": spec.sample_id, "seed": spec.seed, "prompt": spec.prompt,
+                        "caption": spec.caption, "class_id": class_ids[spec.label], "label": spec.label,
+                    },
+                })
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(partial, final)
+    except BaseException as err:  # a failed write leaves neither a shard nor its temporary file (nor its space)
+        partial.unlink(missing_ok=True)
+        if isinstance(err, Exception) and is_full_errno(err):
+            raise disk_full_error(final, "cache shard", kept="the shards written before are kept",
+                                  fix="free some space, then resume") from None
+        raise
     return final
 
 

@@ -218,17 +218,24 @@ class SyntheticStream(IterableDataset):
                                      f"{type(err).__name__}: {err}") from err
         return self._synthesizer
 
-    def make_group(self, epoch: int, group: int, worker: int = 0,
-                   class_weights: list[float] | None = None) -> Group:
-        """Generate this rank's share of group `group` of `epoch` (and write it to the cache if there is one)."""
+    def make_samples(self, sample_ids, worker: int = 0,
+                     class_weights: list[float] | None = None) -> tuple[list[SampleSpec], torch.Tensor]:
+        """The specs and uint8 images of any sample ids, made in chunks of the generator's batch size: the one
+        generator loop, used for the stream's groups and by `streamsynth generate`."""
         sampler = self.sampler.weighted(class_weights) if class_weights is not None else self.sampler
-        specs = [sampler(i) for i in self.layout.group_sample_ids(epoch, group)]
+        specs = [sampler(i) for i in sample_ids]
         synth, size, chunk = self.synthesizer(worker), self.generator.image_size, self.generator.batch_size
         images = torch.cat([
             synth.generate_uint8([s.prompt for s in specs[i:i + chunk]], [s.seed for s in specs[i:i + chunk]],
                                  size).cpu()
             for i in range(0, len(specs), chunk)
         ])
+        return specs, images
+
+    def make_group(self, epoch: int, group: int, worker: int = 0,
+                   class_weights: list[float] | None = None) -> Group:
+        """Generate this rank's share of group `group` of `epoch` (and write it to the cache if there is one)."""
+        specs, images = self.make_samples(self.layout.group_sample_ids(epoch, group), worker, class_weights)
         if self.cache:
             write_group(self.cache, self.class_ids, specs, images, self.layout.seed)
         return Group(epoch, group, specs, images)

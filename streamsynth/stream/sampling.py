@@ -15,7 +15,7 @@ from itertools import accumulate
 
 from ..captions.store import CaptionStore
 from ..prompts.templates import PromptTemplate
-from ..seeding import derive_seed, keyed_permutation
+from ..seeding import derive_seed, keyed_permutation, keyed_permutation_inverse
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,35 @@ class CaptionSampler:
                 label -= 1
             return label, derive_seed(self.run_seed, "caption", sample_id) % self.store.classes[label].num_captions
         pass_index, position = divmod(sample_id, self.num_captions)
-        flat = keyed_permutation(position, self.num_captions, derive_seed(self.run_seed, "pass", pass_index))
+        flat = keyed_permutation(position, self.num_captions, self._pass_key(pass_index))
         label = bisect.bisect_right(self._starts, flat) - 1
         return label, flat - self._starts[label]
+
+    def _pass_key(self, pass_index: int) -> int:
+        """The key of pass `pass_index`'s shuffle of the captions (`locate` and `class_sample_ids` must agree)."""
+        return derive_seed(self.run_seed, "pass", pass_index)
+
+    def class_sample_ids(self, label: int, count: int) -> list[int]:
+        """The first `count` sample ids of the unweighted sequence whose class is `label`, in increasing order.
+
+        Pass p visits each of the class's n captions once, so these are the class's ids of passes 0 .. count // n - 1
+        and the count % n smallest of the next pass: every caption of the class serves count // n or count // n + 1
+        of them. They are found by inverting the pass permutations, at a cost of O(count + n) whatever the size of
+        the store. A class without captions has no sample ids.
+        """
+        first, end = self._starts[label], self._starts[label + 1]
+        n = end - first
+        if n == 0 or count <= 0:
+            return []
+        full, rest = divmod(count, n)
+
+        def pass_ids(p: int) -> list[int]:
+            key = self._pass_key(p)
+            return sorted(p * self.num_captions + keyed_permutation_inverse(flat, self.num_captions, key)
+                          for flat in range(first, end))
+
+        ids = [i for p in range(full) for i in pass_ids(p)]
+        return ids + (pass_ids(full)[:rest] if rest else [])
 
     def __call__(self, sample_id: int) -> SampleSpec:
         label, caption_index = self.locate(sample_id)

@@ -50,6 +50,50 @@ class Forked:
         return f"child ended with {how}\n--- stdout\n{self.out[-3000:]}\n--- stderr\n{self.err[-3000:]}"
 
 
+def _child(fn: Callable[[], Any], paths: dict[str, str]) -> None:
+    """The body of a forked child: run `fn()` with its output captured, write its value, exit; never returns."""
+    code = 70
+    try:
+        out = open(paths["out"], "w", buffering=1)
+        err = open(paths["err"], "w", buffering=1)
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout, sys.stderr = out, err
+        logging.root.handlers = []  # pytest's capture handlers belong to the parent
+        if "torch" in sys.modules:
+            # The parent's OpenMP thread team does not exist here; an op that used it would wait for it
+            # forever (what DataLoader workers avoid the same way).
+            sys.modules["torch"].set_num_threads(1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        value = fn()
+        with open(paths["value"], "w") as f:
+            json.dump(value, f)
+        code = value if isinstance(value, int) and not isinstance(value, bool) else 0
+        if isinstance(value, dict) and isinstance(value.get("code"), int):
+            code = value["code"]  # a child that reports more than its exit status
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, int) and exc.code is not None:
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 70
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _collect(status: int, paths: dict[str, str]) -> Forked:
+    read = {name: Path(p).read_text(errors="replace") if os.path.exists(p) else "" for name, p in paths.items()}
+    value = json.loads(read["value"]) if read["value"] else None
+    if os.WIFSIGNALED(status):
+        return Forked(None, os.WTERMSIG(status), read["out"], read["err"], value)
+    return Forked(os.WEXITSTATUS(status), None, read["out"], read["err"], value)
+
+
 def run_forked(fn: Callable[[], Any], timeout: float = 120) -> Forked:
     """Run `fn()` in a forked child. Its return value (JSON-able) comes back as `.value`; an int return value (a CLI
     `main`'s) or the "code" of a returned dict is the child's exit status."""
@@ -59,38 +103,7 @@ def run_forked(fn: Callable[[], Any], timeout: float = 120) -> Forked:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # the child: never returns into pytest
-            code = 70
-            try:
-                out = open(paths["out"], "w", buffering=1)
-                err = open(paths["err"], "w", buffering=1)
-                os.dup2(out.fileno(), 1)
-                os.dup2(err.fileno(), 2)
-                sys.stdout, sys.stderr = out, err
-                logging.root.handlers = []  # pytest's capture handlers belong to the parent
-                if "torch" in sys.modules:
-                    # The parent's OpenMP thread team does not exist here; an op that used it would wait for it
-                    # forever (what DataLoader workers avoid the same way).
-                    sys.modules["torch"].set_num_threads(1)
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                value = fn()
-                with open(paths["value"], "w") as f:
-                    json.dump(value, f)
-                code = value if isinstance(value, int) and not isinstance(value, bool) else 0
-                if isinstance(value, dict) and isinstance(value.get("code"), int):
-                    code = value["code"]  # a child that reports more than its exit status
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-                if not isinstance(exc.code, int) and exc.code is not None:
-                    print(exc.code, file=sys.stderr)
-            except BaseException:
-                traceback.print_exc()
-                code = 70
-            finally:
-                try:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                finally:
-                    os._exit(code)
+            _child(fn, paths)
         deadline = time.monotonic() + timeout
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
@@ -101,11 +114,47 @@ def run_forked(fn: Callable[[], Any], timeout: float = 120) -> Forked:
                 os.waitpid(pid, 0)
                 pytest.fail(f"the forked child did not finish in {timeout} s (a hang)")
             time.sleep(0.01)
-        read = {name: Path(p).read_text(errors="replace") if os.path.exists(p) else "" for name, p in paths.items()}
-        value = json.loads(read["value"]) if read["value"] else None
-        if os.WIFSIGNALED(status):
-            return Forked(None, os.WTERMSIG(status), read["out"], read["err"], value)
-        return Forked(os.WEXITSTATUS(status), None, read["out"], read["err"], value)
+        return _collect(status, paths)
+
+
+def run_forked_ranks(fn: Callable[[int], Any], world: int, timeout: float = 180) -> list[Forked]:
+    """Run `fn(rank)` in `world` forked children that are the ranks of one job, as torchrun starts them: each finds
+    RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in its environment (so a gloo process
+    group opens with init_method env://). Returns each rank's `Forked`, in rank order."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="streamsynth-ranks-") as folder:
+        paths = [{name: os.path.join(folder, f"{rank}.{name}") for name in ("out", "err", "value")}
+                 for rank in range(world)]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pids = []
+        for rank in range(world):
+            pid = os.fork()
+            if pid == 0:
+                os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                                  LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                _child(lambda: fn(rank), paths[rank])
+            pids.append(pid)
+        statuses: dict[int, int] = {}
+        deadline = time.monotonic() + timeout
+        while len(statuses) < world:
+            for pid in pids:
+                if pid not in statuses:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        statuses[pid] = status
+            if time.monotonic() > deadline:
+                for pid in pids:
+                    if pid not in statuses:
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, 0)
+                pytest.fail(f"the forked ranks did not finish in {timeout} s (a hang)")
+            time.sleep(0.01)
+        return [_collect(statuses[pid], paths[rank]) for rank, pid in enumerate(pids)]
 
 
 def kill_me() -> None:
