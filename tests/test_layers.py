@@ -80,13 +80,15 @@ def test_the_cycle_finder_finds_a_cycle():
 
 # The layers, bottom first: nothing imports a module of a higher layer. Modules of one layer may import each other.
 BOTTOM = {"streamsynth.seeding", "streamsynth.transforms", "streamsynth.errors", "streamsynth.safeio",
-          "streamsynth.imagefiles", "streamsynth.shards", "streamsynth.checkpoints", "streamsynth.benchtools"}
+          "streamsynth.imagefiles", "streamsynth.shards", "streamsynth.checkpoints", "streamsynth.benchtools",
+          "streamsynth.ranks"}
 STAGES = ("captions", "prompts", "synth", "stream")  # the kernels (streamsynth.kernels) sit with synth
 TOP = "commands and train.py"
 # The commands: the CLI, its command modules, the benchmarks, the embedded default, evaluation and the audit.
 COMMANDS = ("streamsynth", "streamsynth.cli", "streamsynth.commands", "streamsynth.profile", "streamsynth.preview",
             "streamsynth.evaluate", "streamsynth.privacy", "streamsynth.defaults", "streamsynth.classifier",
-            "streamsynth.loader_bench", "streamsynth.kernel_bench", "streamsynth.kernel_compile_check", "train")
+            "streamsynth.loader_bench", "streamsynth.kernel_bench", "streamsynth.kernel_compile_check",
+            "streamsynth.generate", "train")
 
 
 def layer(module: str) -> tuple[int, str]:
