@@ -148,19 +148,27 @@ def _stream_run(model: str, captions: str, args, workers: int, replay: int, augm
     consume(images, labels)
     _consume_loop(lambda i: next(batches), consume, replay - 1)  # the rest of the first group: time whole groups
     timed = -(-args.batches // replay) * replay
-    cpu_before = sum(w["cpu_s"] for w in loader.metrics()["workers"])
+    before = loader.metrics()["workers"]
     with benchtools.Timer(clock="wall") as total:
         waited, trainer_cpu = _consume_loop(lambda i: next(batches), consume, timed)
     seconds = total.seconds
-    metrics = loader.metrics()
-    worker_cpu = sum(w["cpu_s"] for w in metrics["workers"]) - cpu_before
+    metrics, deadline = loader.metrics(), time.monotonic() + 600
+    while sum(w["images"] for w in metrics["workers"]) == sum(w["images"] for w in before):
+        if time.monotonic() > deadline:
+            raise RuntimeError("loader-bench: no worker made a group in 10 minutes after the timed window")
+        time.sleep(0.05)  # every group of the window was made before it: wait for the next one's rate
+        metrics = loader.metrics()
+    # Workers record their CPU time as each group is made, and run ahead of the trainer by the prefetched groups,
+    # so the window's worker CPU is taken per image made in it, times the images the delivered batches needed.
+    made = sum(w["images"] for w in metrics["workers"]) - sum(w["images"] for w in before)
+    worker_cpu_per_image = (sum(w["cpu_s"] for w in metrics["workers"]) - sum(w["cpu_s"] for w in before)) / made
     generated = sum(w["images_per_s"] for w in metrics["workers"])
     batches = None  # ends the loader's workers
     delivered = timed * args.batch_size
     return {"config": f"streamsynth, {workers} worker(s), replay {replay}, {augment}", "workers": workers,
             "replay": replay, "augment": augment, "startup_s": startup.seconds,
             "images_delivered_per_s": delivered / seconds, "images_generated_per_s": generated,
-            "cpu_ms_per_image": 1000 * (worker_cpu + trainer_cpu) / delivered,
+            "cpu_ms_per_image": 1000 * (worker_cpu_per_image * delivered / replay + trainer_cpu) / delivered,
             "consumer_wait_share": waited / seconds,
             "peak_memory_bytes": max(w["peak_memory_bytes"] for w in metrics["workers"]),
             "peak_memory_kind": metrics["workers"][0]["peak_memory_kind"] + " (largest worker)", "loader": metrics}
