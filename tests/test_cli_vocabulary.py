@@ -257,3 +257,40 @@ def test_the_eval_folders_are_the_same_flags_in_train_and_evaluate(parsers):
         return {f for a in parser._actions for f in a.option_strings if f.startswith("--imagenet-")}
 
     assert flags(parsers["train.py"]) == flags(parsers["evaluate"]) == {f"--{s}" for s in cliargs.EVAL_SUITES}
+
+
+def _shell_commands(path: Path) -> list[list[str]]:
+    """The `streamsynth ...` and `python train.py ...` lines of a Markdown file's shell blocks, continuations joined,
+    comments cut; lines with a `...` placeholder are left out."""
+    import shlex
+
+    commands, block, shell = [], None, False
+    for line in path.read_text().splitlines(keepends=True):
+        if line.startswith("```"):
+            if block is None:
+                block, shell = [], line[3:].strip() in ("", "bash", "sh")
+            else:
+                for command in "".join(block).replace("\\\n", " ").splitlines() if shell else []:
+                    words = shlex.split(re.split(r"\s#", command)[0])
+                    if words[:1] == ["streamsynth"] or words[:2] == ["python", "train.py"]:
+                        commands.append(words) if "..." not in words else None
+                block = None
+        elif block is not None:
+            block.append(line)
+    return commands
+
+
+def test_the_documented_commands_parse_with_the_vocabulary(parsers):
+    from streamsynth.cli import build_parser
+
+    documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "kernels" / "README.md"]
+    commands = [(doc.name, words) for doc in documents for words in _shell_commands(doc)]
+    assert len(commands) >= 20
+    for doc, words in commands:
+        try:
+            if words[0] == "streamsynth":
+                build_parser().parse_args(words[1:])
+            else:
+                parsers["train.py"].parse_args(words[2:])
+        except SystemExit:
+            pytest.fail(f"{doc}: {' '.join(words)} does not parse")
