@@ -2,9 +2,10 @@ r"""Train an image classifier on an endless stream of Caption-in-Prompt syntheti
 
     python train.py --online-synthesis                       # embedded default: tiny random generator, CPU-sized run
     python train.py --online-synthesis --sd-model stable-diffusion-v1-5/stable-diffusion-v1-5 \
-        --captions imagenet-captions.lmdb --arch resnet50 --steps 100000 --synth-devices auto --replay 4 \
-        --val-dir /data/imagenet/val --r-dir /data/imagenet-r --a-dir /data/imagenet-a
-    python train.py --train-dir /data/imagenet/train --val-dir /data/imagenet/val   # the real-data baseline
+        --captions imagenet-captions.lmdb --model resnet50 --steps 100000 --synth-devices auto --replay 4 \
+        --imagenet-val /data/imagenet/val --imagenet-r /data/imagenet-r --imagenet-a /data/imagenet-a
+    python train.py --train-dir /data/imagenet/train --imagenet-val /data/imagenet/val   # the real-data baseline
+    python train.py ... --out runs/r50 --resume       # continue from runs/r50/checkpoint.pt
     torchrun --nproc_per_node=4 train.py --online-synthesis ...   # DDP: each rank has its own synthesis workers
 
 One file, top to bottom: arguments, the data, the model, the loop, checkpoints, the evaluation.
@@ -31,6 +32,7 @@ from streamsynth import FastPathOptions, GeneratorConfig, StreamLoader, Synthesi
 from streamsynth.captions import CaptionStore
 from streamsynth.checkpoints import check_checkpoint_room, load_resume_checkpoint, save_checkpoint
 from streamsynth.classifier import build_classifier, classifier_checkpoint
+from streamsynth.cliargs import ArgumentParser, add_eval_suites, add_version, eval_suites, resolve_device
 from streamsynth.defaults import embedded_captions, embedded_model
 from streamsynth.errors import StreamsynthError, one_line
 from streamsynth.evaluate import (LabelledImageFolder, check_eval_folder, class_folders, eval_transform, evaluate_suites,
@@ -44,23 +46,26 @@ log = logging.getLogger("train")
 
 # With no --sd-model, --captions or --train-dir the run uses the embedded default; these settings make it a CPU smoke
 # run of a minute or two. Every one of them can still be set on the command line.
-EMBEDDED_PRESET = {"arch": "resnet18", "steps": 20, "batch_size": 16, "image_size": 32, "workers": 1}
-REAL_PRESET = {"arch": "resnet50", "steps": 100_000, "batch_size": 256, "image_size": 224, "workers": 4}
-EVAL_SUITES = {"val_dir": "imagenet-val", "v2_dir": "imagenet-v2", "sketch_dir": "imagenet-sketch",
-               "r_dir": "imagenet-r", "a_dir": "imagenet-a"}
+EMBEDDED_PRESET = {"model": "resnet18", "steps": 20, "batch_size": 16, "image_size": 32, "workers": 1}
+REAL_PRESET = {"model": "resnet50", "steps": 100_000, "batch_size": 256, "image_size": 224, "workers": 4}
 CHECKPOINT_FORMAT = 2  # 2: one data state per rank under "data" (the synthetic stream's is the same on every rank)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__, epilog="The flags of train.py and of every streamsynth command: README, "
+                       "\"Command-line vocabulary\". Defaults marked 'preset' are the embedded default's small CPU run "
+                       "when no --sd-model, --captions or --train-dir is given, else the full run's.")
+    add_version(p)
     data = p.add_argument_group("data (any combination of the three sources, mixed by --mix)")
     data.add_argument("--online-synthesis", action="store_true", help="images synthesised on the fly, never stored")
     data.add_argument("--from-cache", help="WebDataset shards written by --cache (endless seeded passes)")
     data.add_argument("--train-dir", help="a real ImageFolder (the real-data baseline, or real + synthetic)")
     data.add_argument("--mix", help="weights of the sources, e.g. 'synthetic=3,real=1' (default: equal)")
-    data.add_argument("--sd-model", help="Stable Diffusion hub id or diffusers folder (default: embedded tiny random model)")
-    data.add_argument("--captions", help="caption store (LMDB) (default: embedded illustrative Imagenette captions)")
-    data.add_argument("--prompt", default="cip", help="cip, basic, name, clip, or a template with {name} and {caption}")
+    data.add_argument("--sd-model",
+                      help="Stable Diffusion hub id or diffusers folder (default: the embedded tiny random model)")
+    data.add_argument("--captions", help="caption store (LMDB) (default: the embedded illustrative Imagenette captions)")
+    data.add_argument("--prompt", default="cip",
+                      help="prompt strategy: cip, basic, name, clip, or a template with {name} and {caption}")
     data.add_argument("--replay", type=int, default=1, help="times each synthetic image is used (fresh augmentation)")
     data.add_argument("--epoch-size", type=int, help="trainer samples per virtual epoch (default: one per caption)")
     data.add_argument("--cache", help="also write every synthetic image to WebDataset shards in this folder")
@@ -71,13 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     synth = p.add_argument_group("synthesis")
     synth.add_argument("--synth-devices", help="'auto' (every GPU no rank trains on) or a comma-separated list "
                                                "(default: the trainer's device)")
-    synth.add_argument("--workers", type=int, help="loader worker processes per rank (synthesis or decoding)")
+    synth.add_argument("--workers", type=int,
+                       help="loader worker processes per rank, synthesis or decoding (default, preset: 1 or 4)")
     synth.add_argument("--prefetch", type=int, default=2, help="batches each worker may hold ready")
     synth.add_argument("--worker-timeout", type=float, default=1800,
                        help="seconds without a batch after which a synthesis worker counts as hung and is restarted")
     synth.add_argument("--synth-batch-size", type=int, default=8, help="images per UNet batch in a worker")
-    synth.add_argument("--num-inference-steps", type=int, default=50)
-    synth.add_argument("--guidance-scale", type=float, default=1.5, help="low guidance (1.5-2) helps diversity")
+    synth.add_argument("--num-inference-steps", type=int, default=50, help="denoising steps")
+    synth.add_argument("--guidance-scale", type=float, default=1.5,
+                       help="classifier-free guidance scale; low guidance (1.5-2) helps diversity")
     synth.add_argument("--scheduler", help="scheduler name (default: the model's own, PNDM for SD1.5)")
     synth.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="synthesis dtype (default: fp16 on CUDA)")
     synth.add_argument("--safety-checker", action="store_true", help="redraw images the model's safety checker flags")
@@ -85,39 +92,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="fast path: Triton GroupNorm+SiLU/GEGLU, fused guidance+scheduler step, fused resize, "
                             "probed attention backend (see kernels/README.md)")
     train = p.add_argument_group("training")
-    train.add_argument("--arch", help="torchvision (or, if installed, timm) classification model name")
-    train.add_argument("--steps", type=int, help="optimizer steps")
-    train.add_argument("--batch-size", type=int, help="images per micro-batch per rank")
+    train.add_argument("--model", help="the classifier: a torchvision (or, if installed, timm) model name "
+                       "(default, preset: resnet18 or resnet50)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default, preset: 20 or 100000)")
+    train.add_argument("--batch-size", type=int, help="images per micro-batch per rank (default, preset: 16 or 256)")
     train.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    train.add_argument("--image-size", type=int, help="classifier input side, in pixels")
+    train.add_argument("--image-size", type=int, help="classifier input side, in pixels (default, preset: 32 or 224)")
     train.add_argument("--lr", type=float, default=0.1, help="peak learning rate for batch 256 (scaled linearly)")
     train.add_argument("--lr-schedule", choices=["cosine", "step"], default="cosine",
                        help="after warmup: cosine to zero, or x0.1 at 1/3, 2/3 and 8/9 of the steps")
-    train.add_argument("--weight-decay", type=float, default=5e-5)
-    train.add_argument("--warmup-steps", type=int, default=None, help="default: 2%% of --steps")
-    train.add_argument("--label-smoothing", type=float, default=0.1)
+    train.add_argument("--weight-decay", type=float, default=5e-5, help="SGD weight decay")
+    train.add_argument("--warmup-steps", type=int, default=None,
+                       help="steps of linear learning-rate warmup (default: 2%% of --steps)")
+    train.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     train.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast (default: bf16 on CUDA, none on CPU)")
     train.add_argument("--channels-last", action="store_true", help="NHWC activations (faster convolutions on GPUs)")
-    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="the classifier's device")
+    train.add_argument("--device", help="the classifier's device: cpu, cuda, cuda:N (default: cuda if available, "
+                       "else cpu; under torchrun each rank's cuda:LOCAL_RANK)")
     train.add_argument("--seed", type=int, default=0, help="run seed: fixes every synthetic sample and the init")
     out = p.add_argument_group("output and evaluation")
-    out.add_argument("--out", default="runs/latest", help="folder for checkpoints and logs")
-    for flag, suite in EVAL_SUITES.items():
-        out.add_argument("--" + flag.replace("_", "-"), help=f"real ImageFolder scored as {suite}")
-    out.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: at the end only)")
-    out.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    out.add_argument("--out", default="runs/latest", metavar="DIR",
+                     help="folder for the run: OUT/checkpoint.pt, OUT/log.csv, OUT/run.json, OUT/results-*.json|csv")
+    add_eval_suites(out)
+    out.add_argument("--eval-every", type=int, default=0,
+                     help="steps between evaluations (default: 0, at the end only)")
+    out.add_argument("--resume", nargs="?", const="", metavar="PATH",
+                     help="continue an interrupted run: from PATH, or without one from OUT/checkpoint.pt if it exists "
+                     "(checkpoints are written to OUT/checkpoint.pt either way)")
     out.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
-    out.add_argument("--log-every", type=int, default=10)
+    out.add_argument("--log-every", type=int, default=10, help="steps between log lines (OUT/log.csv, TensorBoard)")
     out.add_argument("-v", "--verbose", action="store_true",
                      help="streamsynth's debug log: what each synthesis worker's fast path chose, kernel fallbacks")
     out.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
     out.add_argument("--log-sample-ids", action="store_true",
                      help="write what every micro-batch held to OUT/sample_ids-rankR.csv as step,micro,source,keys: "
                           "sample ids (synthetic), shard/key (cache), image indices (real)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
 
     if not (args.online_synthesis or args.from_cache or args.train_dir):
         p.error("choose a data source: --online-synthesis, --from-cache DIR and/or --train-dir DIR")
+    if args.resume and not Path(args.resume).is_file():  # a named checkpoint must exist; bare --resume may start anew
+        p.error(f"--resume {args.resume}: no such checkpoint file")
     args.embedded_default = not (args.sd_model or args.captions or args.train_dir)
     preset = EMBEDDED_PRESET if args.embedded_default else REAL_PRESET
     for key, value in preset.items():
@@ -125,6 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.warmup_steps is None:
         args.warmup_steps = max(1, args.steps // 50)
+    args.device = resolve_device(args.device)
     if args.amp is None:
         args.amp = "bf16" if args.device.startswith("cuda") else "none"
     return args
@@ -249,8 +270,8 @@ def resume(path: Path, args: argparse.Namespace, holders: dict, data: MixedBatch
            device: torch.device) -> int:
     """Restore the model, optimizer and scaler (`holders`) and this rank's data from a checkpoint; return its step.
 
-    The checkpoint is checked against this run first (damaged, another --arch, --image-size or classes: one line)."""
-    state = load_resume_checkpoint(path, args.arch, args.image_size, data.class_ids, map_location=device,
+    The checkpoint is checked against this run first (damaged, another --model, --image-size or classes: one line)."""
+    state = load_resume_checkpoint(path, args.model, args.image_size, data.class_ids, map_location=device,
                                    required=("model", "arch", "num_classes", "class_ids", "step", "optimizer"),
                                    **holders)
     if state.get("format") != CHECKPOINT_FORMAT:
@@ -278,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    suites = {suite: getattr(args, flag) for flag, suite in EVAL_SUITES.items() if getattr(args, flag)}
+    suites = eval_suites(args)
 
     # ----- data: fresh synthetic batches, cached ones, real ones, mixed by fixed weights ---------------------------
     try:  # a wrong path or an empty or unmatched class folder fails now, not after training
@@ -297,16 +318,16 @@ def main(argv: list[str] | None = None) -> None:
                   f"on {list(stream.generator.devices)}", flush=True)
         print(f"data: {len(data.class_ids)} classes from "
               f"{', '.join(f'{n} {w:.0%}' for n, w in zip(data.names, data.weights))}; "
-              f"classifier {args.arch} at {args.image_size}px on {device}, amp {args.amp}", flush=True)
+              f"classifier {args.model} at {args.image_size}px on {device}, amp {args.amp}", flush=True)
         (out / "run.json").write_text(json.dumps(
             {"args": vars(args), "stream": stream.describe() if stream else None, "class_ids": data.class_ids},
             indent=2))
 
     # ----- model, optimizer, resume ---------------------------------------------------------------------------------
     try:
-        model = build_classifier(args.arch, len(data.class_ids)).to(device)
+        model = build_classifier(args.model, len(data.class_ids)).to(device)
     except ValueError as err:
-        raise SystemExit(f"--arch: {err}") from None
+        raise SystemExit(f"--model: {err}") from None
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     peak_lr = args.lr * args.batch_size * args.accum_steps * world / 256
@@ -316,12 +337,13 @@ def main(argv: list[str] | None = None) -> None:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
                 if args.amp != "none" else nullcontext())
     checkpoint_path = out / "checkpoint.pt"
+    resume_path = Path(args.resume) if args.resume else checkpoint_path  # --resume PATH, or bare: OUT/checkpoint.pt
     step = 0
-    if args.resume and checkpoint_path.exists():
-        step = resume(checkpoint_path, args, {"model": model, "optimizer": optimizer, "scaler": scaler}, data, rank,
+    if args.resume is not None and resume_path.exists():
+        step = resume(resume_path, args, {"model": model, "optimizer": optimizer, "scaler": scaler}, data, rank,
                       world, device)
         if is_main:
-            print(f"resumed from {checkpoint_path} at step {step}", flush=True)
+            print(f"resumed from {resume_path} at step {step}", flush=True)
     if is_main:  # two checkpoints must fit while one replaces the other: say so now, not at the first checkpoint
         check_checkpoint_room(checkpoint_path, model, optimizer)
     if world > 1:
@@ -341,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
             states = [data.state_dict()]
         if is_main:
             save_checkpoint(checkpoint_path, classifier_checkpoint(
-                raw_model, args.arch, data.class_ids, image_size=args.image_size, step=step, format=CHECKPOINT_FORMAT,
+                raw_model, args.model, data.class_ids, image_size=args.image_size, step=step, format=CHECKPOINT_FORMAT,
                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), data=states, args=vars(args),
                 stream=stream.describe() if stream else None))
 
@@ -350,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
             results = evaluate_suites(raw_model, suites, data.class_ids, eval_transform(args.image_size), device,
                                       batch_size=args.batch_size, workers=min(4, os.cpu_count() or 1))
             print(f"evaluation at step {step}:\n{format_results(results)}", flush=True)
-            write_results(results, out / f"results-{tag}", metadata={"step": step, "arch": args.arch})
+            write_results(results, out / f"results-{tag}", metadata={"step": step, "arch": args.model})
             for r in results:
                 if r.top1 is not None and run_log.tb:
                     run_log.tb.add_scalar(f"eval/{r.suite}/top1", r.top1, step)

@@ -9,7 +9,8 @@
 #
 # Planned from shared/perf/anchors.md (H200), not measured: synthesis about 8 min, captioning about 4, loop about 2,
 # synthesis-extra about 6. In a 15-minute device session run synthesis and captioning; the rest in the next one.
-# A group's limits add up to under 600 s, the device tool's limit for one command. Every step has its own time limit, writes its results under OUT as it goes and logs to OUT/<step>.log; a failed
+# A group's limits add up to under 600 s, the device tool's limit for one command. Every step has its own time limit,
+# writes its results under OUT/<step>/ (the profiles and benchmarks) as it goes and logs to OUT/<step>.log; a failed
 # or timed-out step does not stop the next. OUT/steps.tsv gets one line per step: name, exit status, seconds.
 # On the device machine run it from the repository root after the wheel install line (shared/device/README.md).
 set -uo pipefail
@@ -47,36 +48,36 @@ environment() {
 if [[ -n ${DRY:-} ]]; then
   env_device=cpu
   kernel_bench=(--device cpu --dtype fp32 --warmup 0 --repeats 1)
-  sd15=(--arch tiny --dry --device cpu)
+  sd15=(--sd-arch tiny --dry --device cpu)
   # No --compile on the CPU: Inductor takes minutes there. tests/test_kernels.py compiles a patched UNet instead.
   profile_compiled=(--no-ablation)
   compiled_variants=(--no-ablation)
   compile_flag=()
   jpegs=("$OUT/caption-jpegs" 32)
-  captions=(--arch tiny --device cpu --num-images 32 --batch-size 8 16 --num-workers 1)
-  caption_static=(--arch tiny --device cpu --num-images 32 --batch-size 16 --num-workers 1)
+  captions=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 8,16 --workers 1)
+  caption_static=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 16 --workers 1)
   loop=(--device cpu --batches 2 --workers 1 --replay 1,2)
 else
   env_device=cuda
-  kernel_bench=(--device cuda --dtype fp16 --batch 8)
-  sd15=(--arch sd15 --device cuda --dtype fp16 --batch 32 --steps 50 --guidance 1.5 --size 224 --repeats 2
-        --model-dir /tmp/sd15-random)
+  kernel_bench=(--device cuda --dtype fp16 --batch-size 8)
+  sd15=(--sd-arch sd15 --device cuda --dtype fp16 --batch-size 32 --num-inference-steps 50 --guidance-scale 1.5
+        --image-size 224 --repeats 2 --model-dir /tmp/sd15-random)
   profile_compiled=(--no-ablation --channels-last --fuse-qkv --compile)
   compiled_variants=(--no-ablation --channels-last --fuse-qkv)
   compile_flag=(--compile)
   jpegs=(/tmp/caption-jpegs 2048)  # not under OUT: everything there is copied back from the device
-  captions=(--arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 256 512 1024
-            --num-workers 12)
-  caption_static=(--arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 512
-                  --num-workers 12)
-  loop=(--sd-model /tmp/sd15-random --device cuda --dtype fp16 --batch-size 16 --steps 20 --image-size 224
+  captions=(--captioner-arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 256,512,1024
+            --workers 12)
+  caption_static=(--captioner-arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 512
+                  --workers 12)
+  loop=(--sd-model /tmp/sd15-random --device cuda --dtype fp16 --batch-size 16 --num-inference-steps 20 --image-size 224
         --batches 3 --workers 1 --replay 1,4 --consumer resnet18)
 fi
 
 environment
 case $what in synthesis|all)
   # First, in about a minute: each kernel's output and time against its reference, call by call, at SD1.5's shapes.
-  step kernel-bench 120 "$py" -m streamsynth.kernel_bench "${kernel_bench[@]}" --json "$OUT/kernel-bench.json"
+  step kernel-bench 120 "$py" -m streamsynth.kernel_bench "${kernel_bench[@]}" --out "$OUT/kernel-bench"
   # The acceptance run: streamsynth's default fast path (Triton kernels, fused step and post-processing, probed
   # attention) against plain diffusers, and each kernel switched off alone. Builds /tmp/sd15-random first.
   step profile-eager 270 "${cli[@]}" profile "${sd15[@]}" --out "$OUT/profile-eager"
@@ -99,15 +100,15 @@ case $what in captioning|all)
       "${jpegs[0]}.partial" "${jpegs[1]}" && mv "${jpegs[0]}.partial" "${jpegs[0]}"
   fi
   step caption-bench 240 "${cli[@]}" caption-bench "${captions[@]}" --images "${jpegs[0]}" \
-    --out "$OUT/caption-bench.json"
+    --out "$OUT/caption-bench"
   # A static KV cache makes transformers compile the decoding step on CUDA: one batch size, since each compiles.
   step caption-bench-static 240 "${cli[@]}" caption-bench "${caption_static[@]}" --images "${jpegs[0]}" \
-    --kv-cache static --out "$OUT/caption-bench-static.json"
+    --kv-cache static --out "$OUT/caption-bench-static"
 esac
 case $what in loop|all)
   [[ -n ${DRY:-} || -f /tmp/sd15-random/model_index.json ]] ||
     "$py" -c "from streamsynth.synth.sd15 import save_random_sd15; save_random_sd15('/tmp/sd15-random', 'cuda')"
-  step loader-bench 200 "${cli[@]}" loader-bench "${loop[@]}" --out "$OUT/loader-bench.json"
+  step loader-bench 200 "${cli[@]}" loader-bench "${loop[@]}" --out "$OUT/loader-bench"
 esac
 echo "== done: $OUT/steps.tsv"
 cat "$OUT/steps.tsv"

@@ -352,16 +352,26 @@ def bar_chart(path: str | os.PathLike, labels: list[str], values: list[float], y
     return Path(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streamsynth.benchtools",
-                                     description="Prints the environment benchmarks record, as JSON.")
+ENVIRONMENT_FILE = "environment.json"  # written inside --out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cliargs import ArgumentParser, add_version
+
+    parser = ArgumentParser(prog="python -m streamsynth.benchtools",
+                            description="Prints the environment benchmarks record, as JSON.")
+    add_version(parser)
     parser.add_argument("--device", default=None, help="also name this device (e.g. cuda, cuda:1, cpu)")
-    parser.add_argument("--out", help="also write it to this file")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", metavar="DIR", help=f"also write it to OUT/{ENVIRONMENT_FILE}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     env = environment(args.device)
     print(json.dumps(env, indent=2))
     if args.out:
-        write_json(args.out, env)
+        print(f"wrote {write_json(Path(args.out) / ENVIRONMENT_FILE, env)}", file=sys.stderr)
     return 0
 
 

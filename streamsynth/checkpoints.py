@@ -219,7 +219,7 @@ def load_resume_checkpoint(
     scaler=None,
     required: Sequence[str] = RESUME_FIELDS,
 ) -> dict:
-    """The checkpoint at `path`, checked against this run (`--arch`, `--image-size`, the data's classes), with the
+    """The checkpoint at `path`, checked against this run (`--model`, `--image-size`, the data's classes), with the
     states of `model`, `optimizer` and `scaler` (those given) loaded from it. Any problem is a `CheckpointError`
     whose one-line message names the checkpoint, the difference and the fix."""
     path = Path(path)
@@ -230,7 +230,7 @@ def load_resume_checkpoint(
         raise CheckpointError(f"checkpoint {path} lacks the fields {missing} (it has {sorted(state)[:8]}): it was not "
                               "written by this train.py; start a new run in another --out")
     if state["arch"] != arch:
-        raise CheckpointError(f"checkpoint {path} is of a {state['arch']!r} classifier, this run asks for --arch "
+        raise CheckpointError(f"checkpoint {path} is of a {state['arch']!r} classifier, this run asks for --model "
                               f"{arch!r}; {fix}")
     saved_size = state.get("image_size")
     if saved_size is None:

@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from .cliargs import ArgumentParser, add_version
+
 # module path → the function that adds its sub-command(s) to the parser. Commands import their heavy
 # dependencies only when they run.
 COMMANDS = [
@@ -19,11 +21,15 @@ COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="streamsynth", description="Caption-in-Prompt synthetic training data for image classifiers."
+    parser = ArgumentParser(
+        prog="streamsynth", description="Caption-in-Prompt synthetic training data for image classifiers. The flags "
+        "of every command and of train.py: README, \"Command-line vocabulary\"."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the traceback of an error")
+    add_version(parser)
+    # Sub-command parsers are made of the same class: the same help formatter (defaults shown) everywhere.
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
     for module in COMMANDS:
         importlib.import_module(module).add_commands(subparsers)
     return parser

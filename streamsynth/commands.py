@@ -4,28 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-# Suite name → its command-line option; the names are those evaluate.SUITES and SUBSET_SUITES use.
-SUITE_OPTIONS = {
-    "imagenet-val": "ImageNet val, one folder per WordNet id",
-    "imagenet-v2": "ImageNet-V2 (folders 0..999 or WordNet ids)",
-    "imagenet-sketch": "ImageNet-Sketch",
-    "imagenet-r": "ImageNet-R, scored on its 200 classes",
-    "imagenet-a": "ImageNet-A, scored on its 200 classes",
-}
+from .cliargs import EVAL_SUITES, add_device, add_eval_suites, comma_list, eval_suites, list_metavar, resolve_device
 
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+# The files each command writes inside its --out folder.
+EVAL_FILES = ("eval.json", "eval.csv")
+AUDIT_FILE = "audit.json"
+PREVIEW_FILE = "preview.png"
 
 
 def _add_loader_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image-size", type=int, help="crop size (default: the checkpoint's image_size, else 224)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
-    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--image-size", type=int,
+                        help="side of the centre crop, in pixels (default: the checkpoint's image_size, else 224)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes decoding the images")
+    add_device(parser, "the classifier's device")
 
 
 def add_commands(subparsers) -> None:
@@ -36,10 +30,12 @@ def add_commands(subparsers) -> None:
         "the classifier was not trained on are skipped and counted.",
     )
     evaluate.add_argument("checkpoint", help="a classifier checkpoint (see streamsynth.classifier)")
-    for suite, help_text in SUITE_OPTIONS.items():
-        evaluate.add_argument(f"--{suite}", metavar="DIR", help=help_text)
-    evaluate.add_argument("--suite", action="append", default=[], metavar="NAME=DIR", help="any other ImageFolder")
-    evaluate.add_argument("--out", default="eval", help="results file stem: writes OUT.json and OUT.csv")
+    add_eval_suites(evaluate)
+    evaluate.add_argument("--suite", action="append", metavar="NAME=DIR",
+                          help="any other ImageFolder, scored under NAME (repeatable)")
+    evaluate.add_argument("--out", default=".", metavar="DIR",
+                          help=f"folder for the results: writes OUT/{EVAL_FILES[0]} (everything) and OUT/{EVAL_FILES[1]} "
+                          "(one row per suite)")
     _add_loader_options(evaluate)
     evaluate.set_defaults(func=_evaluate)
 
@@ -48,12 +44,12 @@ def add_commands(subparsers) -> None:
         help="membership inference: can the classifier's confidence tell its training images from others?",
         description="Confidence-threshold membership inference on a trained classifier: MEMBERS are images it was "
         "trained on, NON-MEMBERS images it never saw, both ImageFolders named by the checkpoint's class ids. About "
-        "50%% balanced accuracy means no measurable leakage. See docs/privacy.md.",
+        "50% balanced accuracy means no measurable leakage. See docs/privacy.md.",
     )
     audit.add_argument("checkpoint", help="a classifier checkpoint (see streamsynth.classifier)")
     audit.add_argument("--members", required=True, metavar="DIR", help="ImageFolder of training images")
     audit.add_argument("--non-members", required=True, metavar="DIR", help="ImageFolder of images not trained on")
-    audit.add_argument("--out", metavar="JSON", help="also write the result to this JSON file")
+    audit.add_argument("--out", metavar="DIR", help=f"also write the result to OUT/{AUDIT_FILE}")
     _add_loader_options(audit)
     audit.set_defaults(func=_audit_privacy)
 
@@ -64,18 +60,21 @@ def add_commands(subparsers) -> None:
         "(same sampler, prompts, seeds and generator). Without --sd-model/--captions it uses the embedded default, "
         "a random-weight generator whose images are noise.",
     )
-    preview.add_argument("--sd-model", help="Stable Diffusion hub id or diffusers folder (default: embedded tiny model)")
+    preview.add_argument("--sd-model",
+                         help="Stable Diffusion hub id or diffusers folder (default: the embedded tiny random model)")
     preview.add_argument("--captions", help="caption store (default: the embedded illustrative Imagenette captions)")
-    preview.add_argument("--prompt", default="cip", help="prompt strategy: cip, basic, name, clip or a template")
-    preview.add_argument("--classes", nargs="+", metavar="CLASS", help="class ids, names or indices (default: first 10)")
+    preview.add_argument("--prompt", default="cip",
+                         help="prompt strategy: cip, basic, name, clip, or a template with {name} and {caption}")
+    preview.add_argument("--classes", type=comma_list(), metavar=list_metavar("CLASS"),
+                         help="comma-separated class ids, names or indices (default: the first 10)")
     preview.add_argument("--samples", type=int, default=4, help="samples per class (columns)")
     preview.add_argument("--seed", type=int, default=0, help="the run seed, as given to training")
-    preview.add_argument("--steps", type=int, default=50, help="denoising steps")
-    preview.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
+    preview.add_argument("--num-inference-steps", type=int, default=50, help="denoising steps")
+    preview.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance scale")
     preview.add_argument("--image-size", type=int, default=224, help="side of the images, as handed to training")
-    preview.add_argument("--device", help="default: cuda if available, else cpu")
+    add_device(preview, "the generator's device")
     preview.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, else fp32")
-    preview.add_argument("--out", default="preview.png", help="the PNG to write")
+    preview.add_argument("--out", default=".", metavar="DIR", help=f"folder for the grid: writes OUT/{PREVIEW_FILE}")
     preview.set_defaults(func=_preview)
 
 
@@ -83,7 +82,7 @@ def _checkpoint_and_transform(args: argparse.Namespace):
     from .classifier import DEFAULT_IMAGE_SIZE, load_classifier
     from .evaluate import eval_transform
 
-    device = args.device or _default_device()
+    device = resolve_device(args.device)
     model, checkpoint = load_classifier(args.checkpoint, device)
     image_size = args.image_size or checkpoint.get("image_size", DEFAULT_IMAGE_SIZE)
     return model, checkpoint, eval_transform(image_size), device
@@ -92,21 +91,21 @@ def _checkpoint_and_transform(args: argparse.Namespace):
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import check_eval_folder, evaluate_suites, format_results, write_results
 
-    suites = {suite: getattr(args, suite.replace("-", "_")) for suite in SUITE_OPTIONS}
-    suites = {suite: folder for suite, folder in suites.items() if folder}
-    for item in args.suite:
+    suites = eval_suites(args)
+    for item in args.suite or []:
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
             raise ValueError(f"--suite {item!r}: expected NAME=DIR")
         suites[name] = folder
     if not suites:
-        raise ValueError(f"no test set given: pass at least one of {['--' + s for s in SUITE_OPTIONS]} or --suite NAME=DIR")
+        raise ValueError(f"no test set given: pass at least one of {['--' + s for s in EVAL_SUITES]} or --suite NAME=DIR")
     model, checkpoint, transform, device = _checkpoint_and_transform(args)
     for suite, folder in suites.items():  # each suite scores something: a wrong folder is an error, not a "-" row
         check_eval_folder(folder, suite, checkpoint["class_ids"])
     results = evaluate_suites(model, suites, checkpoint["class_ids"], transform, device, args.batch_size, args.workers)
     print(format_results(results))
-    json_path, csv_path = write_results(results, args.out, metadata={"checkpoint": str(args.checkpoint)})
+    json_path, csv_path = write_results(results, Path(args.out) / Path(EVAL_FILES[0]).stem,
+                                        metadata={"checkpoint": str(args.checkpoint)})
     print(f"wrote {json_path} and {csv_path}")
     return 0
 
@@ -126,8 +125,10 @@ def _audit_privacy(args: argparse.Namespace) -> int:
         result = {**asdict(audit), "chance_mean": audit.chance_mean, "chance_95": audit.chance_95,
                   "checkpoint": str(args.checkpoint), "members_folder": args.members,
                   "non_members_folder": args.non_members}
-        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n", what="audit result")
-        print(f"wrote {args.out}")
+        path = Path(args.out) / AUDIT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n", what="audit result")
+        print(f"wrote {path}")
     return 0
 
 
@@ -137,8 +138,9 @@ def _preview(args: argparse.Namespace) -> int:
 
     preview = preview_grid(
         captions=args.captions, model=args.sd_model, prompt=args.prompt, classes=args.classes,
-        samples_per_class=args.samples, seed=args.seed, steps=args.steps, guidance=args.guidance,
-        image_size=args.image_size, device=args.device or _default_device(), dtype=args.dtype, out=args.out,
+        samples_per_class=args.samples, seed=args.seed, steps=args.num_inference_steps, guidance=args.guidance_scale,
+        image_size=args.image_size, device=resolve_device(args.device), dtype=args.dtype,
+        out=Path(args.out) / PREVIEW_FILE,
     )
     print(f"wrote {preview.path}: {len(preview.specs)} classes x {len(preview.specs[0])} samples from {preview.model}")
     if preview.random_weights:

@@ -387,14 +387,14 @@ def add_commands(subparsers) -> None:
                     "WebDataset shards (train with `train.py --from-cache OUT`) or an ImageFolder. Under torchrun "
                     "the ranks split the shards; a killed run continues with --resume.",
     )
-    p.add_argument("--out", required=True, help="folder for the shards (or the ImageFolder tree)")
+    p.add_argument("--out", required=True, help="folder for the shards (or the ImageFolder tree) and generate-report.json")
     p.add_argument("--sd-model", help="Stable Diffusion hub id or diffusers folder (default: embedded tiny random model)")
     p.add_argument("--captions", help="caption store (default: the embedded illustrative Imagenette captions)")
     p.add_argument("--prompt", default="cip", help="cip, basic, name, clip, or a template with {name} and {caption}")
     p.add_argument("--seed", type=int, default=0, help="run seed, as given to train.py: the same seed, the same images")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--passes", type=int, default=1,
-                       help="images per caption: sample ids 0 .. passes x captions - 1 (default: 1)")
+                       help="images per caption: sample ids 0 .. passes x captions - 1")
     which.add_argument("--images-per-class", type=int, metavar="N",
                        help="N images of every class: its first N sample ids of the stream (captions cycled)")
     p.add_argument("--format", choices=FORMATS, default="webdataset",
@@ -405,8 +405,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--synth-devices", help="'auto' (every local GPU, split among local ranks) or a comma-separated "
                                            "list, one worker process each (default: this rank's GPU, else the CPU)")
     p.add_argument("--synth-batch-size", type=int, default=8, help="images per UNet batch")
-    p.add_argument("--num-inference-steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=1.5)
+    p.add_argument("--num-inference-steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance scale")
     p.add_argument("--scheduler", help="scheduler name (default: the model's own, PNDM for SD1.5)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="synthesis dtype (default: fp16 on CUDA)")
     p.add_argument("--image-size", type=int, help="side of the images (default: 224; 32 for the embedded model)")

@@ -4,7 +4,7 @@ The end-to-end ablation of `streamsynth profile` says what switching a kernel of
 per call and shape, how far the kernel's output is from its reference and how their times compare, so that a
 numerical problem or a slow variant is found in seconds on the first GPU run.
 
-    python -m streamsynth.kernel_bench --device cuda --dtype fp16 --batch 8 --json kernel-bench.json
+    python -m streamsynth.kernel_bench --device cuda --dtype fp16 --batch-size 8 --out runs/kernel-bench
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from . import benchtools
+from .cliargs import ArgumentParser, add_device, add_version, resolve_device
 from .kernels.dispatch import disabled, runs_triton
 from .kernels.workloads import DTYPES, within_tolerance
 from .synth.sd15 import kernel_workloads
@@ -79,28 +81,37 @@ def _by_kernel(results: list[KernelTiming]) -> dict[str, list[KernelTiming]]:
     return grouped
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streamsynth.kernel_bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default=benchtools.default_device())
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16")
-    parser.add_argument("--batch", type=int, default=1, help="images (the UNet workloads see twice as many)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=20)
+REPORT_FILE, CHART_FILE = "kernel-bench.json", "kernel-bench.png"  # written inside --out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m streamsynth.kernel_bench", description=__doc__.split("\n\n")[0])
+    add_version(parser)
+    add_device(parser)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="the workloads' dtype")
+    parser.add_argument("--batch-size", type=int, default=1, help="images (the UNet workloads see twice as many)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before the timed ones, per workload")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per workload, median reported")
     parser.add_argument("--only", help="one kernel's workloads, e.g. group_norm")
-    parser.add_argument("--json", help="also write the results here (and a chart of each kernel's summed time "
-                                       "beside it, .png)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", metavar="DIR", help=f"also write the results to OUT/{REPORT_FILE} and a chart of each "
+                        f"kernel's summed time, OUT/{CHART_FILE}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.device = resolve_device(args.device)
     device = benchtools.as_device(args.device)
     ran_triton = runs_triton("group_norm", torch.empty(0, device=device))
-    results = bench(args.device, DTYPES[args.dtype], args.batch, args.warmup, args.repeats, args.only)
+    results = bench(args.device, DTYPES[args.dtype], args.batch_size, args.warmup, args.repeats, args.only)
     print(format_results(results))
     name = benchtools.device_name(device)
     if not ran_triton:
         print(f"note: no Triton kernel ran on {name} (it needs CUDA, or TRITON_INTERPRET=1 on the CPU): "
               "both columns timed the reference")
-    if args.json:
-        benchtools.write_json(args.json, {
-            "benchmark": "kernel-bench", "device": name, "dtype": args.dtype, "batch": args.batch,
+    if args.out:
+        path = benchtools.write_json(Path(args.out) / REPORT_FILE, {
+            "benchmark": "kernel-bench", "device": name, "dtype": args.dtype, "batch": args.batch_size,
             "warmup": args.warmup, "repeats": args.repeats, "kernels_ran_triton": ran_triton,
             "environment": benchtools.environment(device), "results": [asdict(r) for r in results],
         })
@@ -108,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         labels = [f"{k} {side}" for k in grouped for side in ("reference", "kernel")]
         values = [sum(getattr(r, f"{side}_ms") for r in rows) for rows in grouped.values()
                   for side in ("reference", "kernel")]
-        chart = benchtools.bar_chart(str(args.json).removesuffix(".json") + ".png", labels, values,
+        chart = benchtools.bar_chart(Path(args.out) / CHART_FILE, labels, values,
                                      "ms, summed over the workloads", f"kernels against references on {name}, "
-                                     f"{args.dtype}, batch {args.batch}",
+                                     f"{args.dtype}, batch {args.batch_size}",
                                      colors=["tab:gray", "tab:blue"] * len(grouped))
-        print(f"wrote {args.json} and {chart}")
+        print(f"wrote {path} and {chart}")
     return 0 if all(r.within_tolerance for r in results) else 1
 
 

@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 from . import benchtools
+from .cliargs import add_device, comma_list, list_metavar, resolve_device
 from .synth.config import GeneratorConfig, SynthesisConfig
+
+
+AUGMENTS = ("batched", "per-image")
+REPORT_FILE, CHART_FILE = "loader-bench.json", "loader-bench.png"  # written inside --out
 
 
 def add_commands(subparsers) -> None:
@@ -30,23 +36,29 @@ def add_commands(subparsers) -> None:
         "loader-bench", help="images/s delivered by the stream (workers x replay) against a plain diffusers loop",
         description=__doc__.split("\n\n")[1],
     )
-    p.add_argument("--sd-model", help="diffusers folder or hub id (default: the embedded tiny random model)")
+    p.add_argument("--sd-model",
+                   help="Stable Diffusion hub id or diffusers folder (default: the embedded tiny random model)")
     p.add_argument("--captions", help="caption store (default: the embedded illustrative captions)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="synthesis device")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
-    p.add_argument("--batch-size", type=int, default=8)
+    add_device(p, "the synthesis device")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="synthesis dtype (default: fp16 on CUDA, else fp32)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch")
     p.add_argument("--batches", type=int, default=6,
                    help="timed batches per configuration (rounded up to whole generation groups of replay batches)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=1.5)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--workers", default="1,2", help="comma-separated loader worker counts to try")
-    p.add_argument("--replay", default="1,4", help="comma-separated replay factors to try")
-    p.add_argument("--augment", default="batched", help="comma-separated: batched (BatchAugment, in the trainer), "
-                   "per-image (torchvision v2 image by image, in the workers)")
+    p.add_argument("--num-inference-steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance scale")
+    p.add_argument("--image-size", type=int, default=32, help="side of the delivered images, in pixels")
+    p.add_argument("--workers", type=comma_list(int), default="1,2", metavar=list_metavar("N"),
+                   help="comma-separated loader worker counts to try")
+    p.add_argument("--replay", type=comma_list(int), default="1,4", metavar=list_metavar("N"),
+                   help="comma-separated replay factors to try")
+    p.add_argument("--augment", type=comma_list(choices=AUGMENTS), default="batched",
+                   metavar=list_metavar("WHERE", AUGMENTS),
+                   help="comma-separated: batched (BatchAugment, in the trainer), per-image (torchvision v2 image by "
+                   "image, in the workers)")
     p.add_argument("--consumer", choices=["none", "resnet18"], default="none",
                    help="what eats the batches: nothing, or a resnet18 training step on the CPU")
-    p.add_argument("--out", help="write the results as JSON here (and a chart of delivered images/s beside it, .png)")
+    p.add_argument("--out", metavar="DIR",
+                   help=f"also write the results to OUT/{REPORT_FILE} and a chart of delivered images/s, OUT/{CHART_FILE}")
     p.set_defaults(func=run)
 
 
@@ -68,7 +80,7 @@ def _plain_diffusers(model: str, args, specs: list, consume) -> dict:
     def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         part = specs[i * args.batch_size:(i + 1) * args.batch_size]
         generators = [torch.Generator().manual_seed(s.seed) for s in part]
-        images = pipe([s.prompt for s in part], num_inference_steps=args.steps, guidance_scale=args.guidance,
+        images = pipe([s.prompt for s in part], num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                       generator=generators, output_type="pt").images
         return resize_to_uint8(images, args.image_size).float().cpu(), torch.tensor([s.label for s in part])
 
@@ -136,7 +148,7 @@ def _stream_run(model: str, captions: str, args, workers: int, replay: int, augm
     from .stream.loader import StreamLoader
 
     needed = (-(-args.batches // replay) + 1) * replay * args.batch_size
-    generator = GeneratorConfig(model, synthesis=SynthesisConfig(args.steps, args.guidance), image_size=args.image_size,
+    generator = GeneratorConfig(model, synthesis=SynthesisConfig(args.num_inference_steps, args.guidance_scale), image_size=args.image_size,
                                 devices=(args.device,), dtype=args.dtype, batch_size=args.batch_size)
     stream = SyntheticStream(captions, generator, replay=replay, batch_size=args.batch_size,
                              epoch_size=needed * workers * 2, transform=_augmentation(augment, args.image_size))
@@ -226,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
     from .stream.dataset import SyntheticStream
     from .synth.tiny import RANDOM_WEIGHTS_NOTICE, has_random_weights
 
+    args.device = resolve_device(args.device)
     model = args.sd_model or str(embedded_model())
     captions = args.captions or str(embedded_captions())
     probe = SyntheticStream(captions, GeneratorConfig(model, devices=(args.device,)), epoch_size=10**6)
@@ -234,12 +247,11 @@ def run(args: argparse.Namespace) -> int:
     pool = torch.randint(0, 256, (max(4 * args.batch_size, 256), 3, args.image_size, args.image_size),
                          dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     pool_labels = torch.arange(len(pool)) % probe.num_classes
-    worker_counts = [int(w) for w in args.workers.split(",")]
-    for workers in worker_counts:
+    for workers in args.workers:
         results.append(_in_memory_limit(args, pool, pool_labels, workers, _consumer(args.consumer, probe.num_classes)))
-    for workers in worker_counts:
-        for replay in (int(r) for r in args.replay.split(",")):
-            for augment in args.augment.split(","):
+    for workers in args.workers:
+        for replay in args.replay:
+            for augment in args.augment:
                 results.append(_stream_run(model, captions, args, workers, replay, augment))
     device_name = benchtools.device_name(args.device)
     report = {"benchmark": "loader-bench", "device": device_name, "model": model,
@@ -253,15 +265,15 @@ def run(args: argparse.Namespace) -> int:
         cpu = f"{r['cpu_ms_per_image']:.2f}" if "cpu_ms_per_image" in r else "-"
         print(f"{r['config']:<56}{r['startup_s']:>11.1f}{r['images_delivered_per_s']:>17.2f}"
               f"{r['images_generated_per_s']:>17.2f}{cpu:>12}{wait:>7}{r['peak_memory_bytes'] / 2**20:>10.0f}")
-    print(f"device: {device_name}; {args.batches} timed batches of {args.batch_size}, {args.steps} steps, "
-          f"guidance {args.guidance}, consumer {args.consumer}")
+    print(f"device: {device_name}; {args.batches} timed batches of {args.batch_size}, {args.num_inference_steps} "
+          f"steps, guidance {args.guidance_scale}, consumer {args.consumer}")
     if report["random_weights"]:
         print(f"NOTE: {RANDOM_WEIGHTS_NOTICE}")
     if args.out:
-        benchtools.write_json(args.out, report)
-        chart = benchtools.bar_chart(str(args.out).removesuffix(".json") + ".png", [r["config"] for r in results],
+        path = benchtools.write_json(Path(args.out) / REPORT_FILE, report)
+        chart = benchtools.bar_chart(Path(args.out) / CHART_FILE, [r["config"] for r in results],
                                      [r["images_delivered_per_s"] for r in results], "images/s delivered",
                                      f"loader-bench on {device_name}: {args.batches} batches of {args.batch_size}, "
-                                     f"{args.steps} steps, consumer {args.consumer}")
-        print(f"wrote {args.out} and {chart}")
+                                     f"{args.num_inference_steps} steps, consumer {args.consumer}")
+        print(f"wrote {path} and {chart}")
     return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import benchtools
+from .cliargs import add_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +48,34 @@ def add_commands(subparsers) -> None:
         "path and of diffusers' StableDiffusionPipeline, plus one ablation per Triton kernel.",
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--arch", choices=("sd15", "tiny"),
-                        help="sd15: SD1.5's architecture with random weights; tiny: the small test model (CPU)")
-    source.add_argument("--model", help="a diffusers folder or hub id to profile instead")
-    p.add_argument("--out", required=True, help="folder for profile.json and profile.png (created)")
-    p.add_argument("--model-dir", help="where --arch sd15 saves its random weights (default: OUT/sd15-random)")
-    p.add_argument("--device", default=benchtools.default_device(), help="cpu, cuda or cuda:N")
+    source.add_argument("--sd-arch", choices=("sd15", "tiny"),
+                        help="random-weight Stable Diffusion architecture: sd15, SD1.5's; tiny, the small test model "
+                        "(CPU)")
+    source.add_argument("--sd-model", help="a Stable Diffusion hub id or diffusers folder to profile instead")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for the report: writes OUT/profile.json and OUT/profile.png (created)")
+    p.add_argument("--model-dir", metavar="DIR",
+                   help="where --sd-arch sd15 saves its random weights (default: OUT/sd15-random)")
+    add_device(p)
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--batch", type=int, help="images per batch (default 32; 2 with --dry)")
-    p.add_argument("--steps", type=int, help="denoising steps (default 50; 3 with --dry)")
-    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
-    p.add_argument("--size", type=int, default=224, help="the classifier's image size")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: 32; 2 with --dry)")
+    p.add_argument("--num-inference-steps", type=int, help="denoising steps (default: 50; 3 with --dry)")
+    p.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance scale")
+    p.add_argument("--image-size", type=int, default=224, help="the classifier's image side, in pixels")
     p.add_argument("--scheduler", help="a streamsynth scheduler name (default: the model's own, PNDM for SD1.5)")
-    p.add_argument("--repeats", type=int, help="timed batches per path, median reported (default 3; 1 with --dry)")
-    p.add_argument("--warmup", type=int, help="untimed batches first, per path (and per ablation when compiled; default 1)")
+    p.add_argument("--repeats", type=int, help="timed batches per path, median reported (default: 3; 1 with --dry)")
+    p.add_argument("--warmup", type=int,
+                   help="untimed batches first, per path (and per ablation when compiled) (default: 1)")
     p.add_argument("--peak-tflops", type=float,
                    help="the device's peak rate for the share-of-peak figure (default for H100/H200: the datasheet's "
                    "dense fp16 rate, 989 SXM, 756 PCIe, 835 NVL; none on other devices)")
     p.add_argument("--dry", action="store_true", help="a smoke run: small batch, few steps, one repeat")
     p.add_argument("--no-ablation", action="store_true", help="skip the per-kernel on/off runs")
     fast = p.add_argument_group("fast-path options (streamsynth.synth.fast)")
-    fast.add_argument("--attention", choices=("auto", "sdpa", "xformers"), default="auto")
-    fast.add_argument("--channels-last", action="store_true")
-    fast.add_argument("--fuse-qkv", action="store_true")
+    fast.add_argument("--attention", choices=("auto", "sdpa", "xformers"), default="auto",
+                      help="attention backend: auto probes which is fastest")
+    fast.add_argument("--channels-last", action="store_true", help="NHWC activations in the UNet and VAE")
+    fast.add_argument("--fuse-qkv", action="store_true", help="one projection for attention's query, key and value")
     fast.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start)")
     fast.add_argument("--cuda-graphs", action="store_true", help="compile the UNet with CUDA graphs")
     fast.add_argument("--no-kernels", action="store_true", help="leave all Triton kernels out of the fast path")
@@ -80,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = benchtools.as_device(args.device)
+    device = benchtools.as_device(resolve_device(args.device))
     # Events, synchronisation, memory statistics and Triton launches all follow the current device: make it ours.
     with benchtools.on_device(device):
         return _profile(args, settings, out, device)
@@ -95,7 +101,7 @@ def _profile(args: argparse.Namespace, settings: dict, out: Path, device: torch.
     seeds = [derive_seed("profile", i) for i in range(settings["batch"])]
 
     reference = _load(model, args, device)
-    flops = count_flops(reference, settings["batch"], settings["steps"], args.guidance)
+    flops = count_flops(reference, settings["batch"], settings["steps"], args.guidance_scale)
     ref_result, ref_images = _measure(lambda: _diffusers_batch(reference, prompts, seeds, settings, args), settings,
                                       device)
     scheduler_name = type(reference.scheduler).__name__
@@ -112,9 +118,9 @@ def _profile(args: argparse.Namespace, settings: dict, out: Path, device: torch.
         _add_rates(result, flops["per_batch"], peak)
     report = {
         "benchmark": "profile", "device": benchtools.device_name(device), "environment": benchtools.environment(device),
-        "model": str(model), "random_weights": has_random_weights(model), "arch": args.arch, "dtype": str(fast_pipe.unet.dtype).replace("torch.", ""),
-        "scheduler": scheduler_name, "guidance_scale": args.guidance, "image_size": _image_size(fast_pipe),
-        "classifier_size": args.size, **settings, "dry": args.dry, "flops": flops,
+        "model": str(model), "random_weights": has_random_weights(model), "arch": args.sd_arch, "dtype": str(fast_pipe.unet.dtype).replace("torch.", ""),
+        "scheduler": scheduler_name, "guidance_scale": args.guidance_scale, "image_size": _image_size(fast_pipe),
+        "classifier_size": args.image_size, **settings, "dry": args.dry, "flops": flops,
         "peak_tflops": peak, "peak_tflops_source": "--peak-tflops" if args.peak_tflops else "datasheet default",
         "kernels_ran_triton": _kernels_ran_triton(device) and not args.no_kernels,
         "paths": {"diffusers": ref_result, "streamsynth": fast_result},
@@ -132,19 +138,22 @@ def _profile(args: argparse.Namespace, settings: dict, out: Path, device: torch.
 
 
 def _settings(args) -> dict:
-    defaults = dict(batch=(2, 32), steps=(3, 50), repeats=(1, 3), warmup=(1, 1))
-    settings = {k: getattr(args, k) if getattr(args, k) is not None else pair[0 if args.dry else 1]
-                for k, pair in defaults.items()}
+    # report key: (option, default with --dry, default)
+    defaults = dict(batch=("batch_size", 2, 32), steps=("num_inference_steps", 3, 50), repeats=("repeats", 1, 3),
+                    warmup=("warmup", 1, 1))
+    settings = {k: getattr(args, dest) if getattr(args, dest) is not None else (dry if args.dry else full)
+                for k, (dest, dry, full) in defaults.items()}
     for key in ("batch", "steps", "repeats"):
         if settings[key] < 1:
-            raise ValueError(f"--{key} must be at least 1, got {settings[key]}")
+            flag = "--" + defaults[key][0].replace("_", "-")
+            raise ValueError(f"{flag} must be at least 1, got {settings[key]}")
     return settings
 
 
 def _model_folder(args, out: Path, device: torch.device) -> str | Path:
-    if args.model:
-        return args.model
-    if args.arch == "tiny":
+    if args.sd_model:
+        return args.sd_model
+    if args.sd_arch == "tiny":
         from .synth import ensure_tiny_pipeline
 
         return ensure_tiny_pipeline()
@@ -182,7 +191,7 @@ def _synthesizer(pipe, settings, args):
     """streamsynth's Synthesizer on `pipe`, with the fast path switched on as the stream's workers switch it on."""
     from .synth import SynthesisConfig, Synthesizer
 
-    config = SynthesisConfig(num_inference_steps=settings["steps"], guidance_scale=args.guidance)
+    config = SynthesisConfig(num_inference_steps=settings["steps"], guidance_scale=args.guidance_scale)
     return Synthesizer.from_pipeline(pipe, config, fast=_fast_path_options(args))
 
 
@@ -217,7 +226,7 @@ def _streamsynth_batch(synth, prompts, seeds, args) -> tuple[benchtools.StageClo
     """One batch the way the stream's workers make it: `generate_uint8`, then the copy to the CPU."""
     clock = _clock(synth.device)
     with _method_marks(synth, clock):
-        images = synth.generate_uint8(prompts, seeds, args.size)
+        images = synth.generate_uint8(prompts, seeds, args.image_size)
     clock.mark("postprocess")
     images = images.cpu()
     clock.mark("to_cpu")
@@ -246,9 +255,9 @@ def _diffusers_batch(pipe, prompts, seeds, settings, args) -> tuple[benchtools.S
     clock = _clock(pipe.unet.device)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     with torch.no_grad(), _stage_hooks(pipe, clock):
-        images = pipe(prompt=prompts, num_inference_steps=settings["steps"], guidance_scale=args.guidance,
+        images = pipe(prompt=prompts, num_inference_steps=settings["steps"], guidance_scale=args.guidance_scale,
                       generator=generators, output_type="pt").images
-        images = resize_to_uint8(images, args.size)  # what streamsynth hands the classifier, the unfused way
+        images = resize_to_uint8(images, args.image_size)  # what streamsynth hands the classifier, the unfused way
         clock.mark("postprocess")
         images = images.cpu()
         clock.mark("to_cpu")

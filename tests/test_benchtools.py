@@ -76,6 +76,7 @@ def test_every_benchmark_measures_with_the_toolkit():
     assert elsewhere == []
 
 
-def test_the_environment_command_prints_json(capsys):
-    assert benchtools.main(["--device", "cpu"]) == 0
+def test_the_environment_command_prints_json(capsys, tmp_path):
+    assert benchtools.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out)["device"].startswith("cpu")
+    assert json.loads((tmp_path / "environment.json").read_text())["device"].startswith("cpu")

@@ -183,8 +183,8 @@ def test_caption_folder_of_good_and_bad_images(tmp_path, blip2_model, tiny_model
     files, bad = _good_and_bad_images()
     root = _write_tree(tmp_path / "images", files)
     out = tmp_path / "captions.lmdb"
-    rc = main(["caption", "--images", str(root), "--out", str(out), "--model", str(blip2_model), "--device", "cpu",
-               "--batch-size", "3", "--num-workers", "2", "--no-progress"])
+    rc = main(["caption", "--images", str(root), "--out", str(out), "--captioner", str(blip2_model), "--device", "cpu",
+               "--batch-size", "3", "--workers", "2", "--no-progress"])
     assert rc == 0
 
     store = CaptionStore(out)
@@ -301,8 +301,8 @@ def uninterrupted(many_images, blip2_model, tmp_path_factory) -> list[tuple[str,
 
 def _caption_args(images: Path, out: Path, model: Path) -> list[str]:
     # Batches of one: a caption is then a function of its image alone, whatever the batch composition on resume.
-    return ["caption", "--images", str(images), "--out", str(out), "--model", str(model), "--device", "cpu",
-            "--batch-size", "1", "--num-workers", "0", "--commit-every", "2", "--max-new-tokens", "4", "--no-progress"]
+    return ["caption", "--images", str(images), "--out", str(out), "--captioner", str(model), "--device", "cpu",
+            "--batch-size", "1", "--workers", "0", "--commit-every", "2", "--max-new-tokens", "4", "--no-progress"]
 
 
 @pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
@@ -409,8 +409,8 @@ def test_webdataset_shards(tmp_path, blip2_model):
     shards = tmp_path / "shards"
     for n, images in enumerate([shards, f"{shards}/train-{{000000..000001}}.tar", shards / "train-000001.tar"]):
         out = tmp_path / f"captions{n}.lmdb"
-        assert main(["caption", "--images", str(images), "--out", str(out), "--model", str(blip2_model),
-                     "--names", str(names), "--device", "cpu", "--num-workers", "1", "--no-progress"]) == 0
+        assert main(["caption", "--images", str(images), "--out", str(out), "--captioner", str(blip2_model),
+                     "--names", str(names), "--device", "cpu", "--workers", "1", "--no-progress"]) == 0
         store = CaptionStore(out)
         wanted = {k: v for k, v in expected.items() if n < 2 or k.startswith("train-000001")}
         assert [(c.id, c.name) for c in store.classes] == [("0", "tench"), ("1", "English springer"), ("2", "chain saw")]
@@ -446,9 +446,9 @@ def test_sample_jpegs_do_not_depend_on_the_number_of_writers(tmp_path):
 
 
 def test_caption_bench_tiny_writes_json(tmp_path):
-    out = tmp_path / "bench.json"
-    assert main(["caption-bench", "--arch", "tiny", "--num-images", "10", "--batch-size", "4", "8", "--kv-cache",
-                 "dynamic", "static", "--num-workers", "1", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["caption-bench", "--captioner-arch", "tiny", "--num-images", "10", "--batch-size", "4,8", "--kv-cache",
+                 "dynamic,static", "--workers", "1", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    out = tmp_path / "caption-bench.json"
     result = json.loads(out.read_text())
     assert result["random_weights"] and result["num_images"] == 10 and result["dtype"] == "float32"
     assert result["baseline"]["batch_size"] == 65 and result["baseline"]["images_per_s"] > 0

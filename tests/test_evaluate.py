@@ -175,13 +175,14 @@ def test_cli_scores_a_checkpoint(tmp_path, capsys):
     for image_id in range(3):
         write_image(tmp_path / "val" / IMAGENETTE[image_id], image_id)
         write_image(tmp_path / "v2" / str(IMAGENETTE_INDEX[IMAGENETTE[image_id]]), image_id)
-    out = tmp_path / "results" / "eval"
+    out = tmp_path / "results"
     code = main(["evaluate", str(checkpoint), "--imagenet-val", str(tmp_path / "val"), "--suite",
                  f"mine={tmp_path / 'v2'}", "--workers", "0", "--device", "cpu", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "imagenet-val" in printed and "mine" in printed
-    saved = json.loads(out.with_suffix(".json").read_text())
+    assert f"wrote {out / 'eval.json'} and {out / 'eval.csv'}" in printed
+    saved = json.loads((out / "eval.json").read_text())
     assert [(r["suite"], r["images"]) for r in saved["results"]] == [("imagenet-val", 3), ("mine", 3)]
     assert main(["evaluate", str(checkpoint), "--workers", "0"]) == 2  # no suite given: a clear error, no traceback
 

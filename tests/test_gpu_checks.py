@@ -24,6 +24,9 @@ def test_gpu_checks_dry_run_completes_every_step(tmp_path):
         ("profile-cuda-graphs", "0"), ("caption-jpegs", "0"), ("caption-bench", "0"), ("caption-bench-static", "0"), ("loader-bench", "0"),
     ]
     assert json.loads((tmp_path / "profile-eager" / "profile.json").read_text())["ablation"]
-    assert len(json.loads((tmp_path / "kernel-bench.json").read_text())["results"]) == 107
-    assert json.loads((tmp_path / "caption-bench-static.json").read_text())["streamsynth"]["kv_cache"] == "static"
-    assert (tmp_path / "loader-bench.json").is_file() and "python" in (tmp_path / "environment.txt").read_text()
+    assert len(json.loads((tmp_path / "kernel-bench" / "kernel-bench.json").read_text())["results"]) == 107
+    static = tmp_path / "caption-bench-static" / "caption-bench.json"
+    assert json.loads(static.read_text())["streamsynth"]["kv_cache"] == "static"
+    assert json.loads((tmp_path / "caption-bench" / "caption-bench.json").read_text())["streamsynth_runs"]
+    assert (tmp_path / "loader-bench" / "loader-bench.json").is_file()
+    assert "python" in (tmp_path / "environment.txt").read_text()

@@ -26,9 +26,9 @@ def _run(args: list[str], interpret: bool = False) -> subprocess.CompletedProces
 
 
 def test_every_kernel_compiles_for_sm90_in_every_dtype_without_spills(tmp_path):
-    result = _run(["-m", "streamsynth.kernel_compile_check", "--arch", "90", "--json", str(tmp_path / "report.json")])
+    result = _run(["-m", "streamsynth.kernel_compile_check", "--cuda-arch", "90", "--out", str(tmp_path)])
     assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "kernel-compile-check.json").read_text())
     assert report["failures"] == []
     compiled = {(v["kernel"], v["launch"].split()[0]) for v in report["variants"]}
     assert compiled == {(k, d) for k in ("group_norm", "geglu", "guided_step", "postprocess")

@@ -81,7 +81,7 @@ def test_the_cycle_finder_finds_a_cycle():
 # The layers, bottom first: nothing imports a module of a higher layer. Modules of one layer may import each other.
 BOTTOM = {"streamsynth.seeding", "streamsynth.transforms", "streamsynth.errors", "streamsynth.safeio",
           "streamsynth.imagefiles", "streamsynth.shards", "streamsynth.checkpoints", "streamsynth.benchtools",
-          "streamsynth.ranks"}
+          "streamsynth.ranks", "streamsynth.cliargs"}
 STAGES = ("captions", "prompts", "synth", "stream")  # the kernels (streamsynth.kernels) sit with synth
 TOP = "commands and train.py"
 # The commands: the CLI, its command modules, the benchmarks, the embedded default, evaluation and the audit.
@@ -146,3 +146,4 @@ def test_the_layer_check_finds_an_upward_import():
     assert layer("streamsynth.kernels.patch") == layer("streamsynth.synth.fast")[:1] + ("synth (kernels)",)
     assert layer("streamsynth.stream.loader")[0] < layer("streamsynth.defaults")[0] == layer("train")[0]
     assert layer("streamsynth.safeio")[0] == 0
+    assert layer("streamsynth.cliargs")[0] == 0  # the command line's shared pieces: used by every layer's commands

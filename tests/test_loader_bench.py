@@ -9,11 +9,11 @@ from streamsynth.cli import main as cli
 
 
 def test_loader_bench_reports_baseline_and_configurations(tmp_path, caption_store, tiny_model, capsys):
-    out = tmp_path / "bench.json"
     assert cli(["loader-bench", "--sd-model", str(tiny_model), "--captions", str(caption_store.path), "--device",
-                "cpu", "--batch-size", "2", "--batches", "2", "--steps", "1", "--workers", "1", "--replay", "1,2",
-                "--augment", "batched,per-image", "--consumer", "resnet18", "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
+                "cpu", "--batch-size", "2", "--batches", "2", "--num-inference-steps", "1", "--workers", "1",
+                "--replay", "1,2", "--augment", "batched,per-image", "--consumer", "resnet18", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "loader-bench.json").read_text())
+    assert (tmp_path / "loader-bench.png").read_bytes()[:4] == b"\x89PNG"
     configs = [r["config"] for r in report["results"]]
     assert configs == ["plain diffusers loop", "limit: in-memory DataLoader, 1 worker(s), per-image",
                        *(f"streamsynth, 1 worker(s), replay {r}, {a}" for r in (1, 2) for a in ("batched", "per-image"))]

@@ -58,9 +58,9 @@ def test_unknown_class_is_named(tmp_path, tiny_model, caption_store):
 
 
 def test_cli_with_the_embedded_default_says_the_weights_are_random(tmp_path, capsys):
+    code = main(["preview", "--samples", "2", "--num-inference-steps", "1", "--image-size", "32", "--device", "cpu",
+                 "--classes", "0,1", "--out", str(tmp_path)])
     out = tmp_path / "preview.png"
-    code = main(["preview", "--samples", "2", "--steps", "1", "--image-size", "32", "--device", "cpu",
-                 "--classes", "0", "1", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "RANDOM WEIGHTS" in printed and f"wrote {out}" in printed

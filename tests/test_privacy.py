@@ -102,13 +102,14 @@ def test_two_unseen_sets_are_indistinguishable(memorised):
 
 def test_cli_prints_how_to_read_it_and_writes_json(memorised, tmp_path, capsys):
     root, checkpoint = memorised
-    out = tmp_path / "audit.json"
+    out = tmp_path / "audit"
     code = main(["audit-privacy", str(checkpoint), "--members", str(root / "members"),
                  "--non-members", str(root / "unseen_a"), "--workers", "0", "--device", "cpu", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "best balanced accuracy" in printed and "50% means" in printed
-    result = json.loads(out.read_text())
+    assert f"wrote {out / 'audit.json'}" in printed
+    result = json.loads((out / "audit.json").read_text())
     assert result["members"] == 64 and result["balanced_accuracy"] > 0.85
 
 

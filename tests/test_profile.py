@@ -17,7 +17,7 @@ def test_profile_dry_run_writes_json_and_png(tmp_path):
     env["STREAMSYNTH_CACHE"] = str(tmp_path / "cache")
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
     result = subprocess.run(
-        [sys.executable, "-m", "streamsynth.cli", "profile", "--arch", "tiny", "--dry", "--out", str(out)],
+        [sys.executable, "-m", "streamsynth.cli", "profile", "--sd-arch", "tiny", "--dry", "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=170,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -65,8 +65,8 @@ def images(tmp_path_factory) -> Path:
 
 
 def _caption_args(images: Path, out: Path, model: Path, *extra: str) -> list[str]:
-    return ["caption", "--images", str(images), "--out", str(out), "--model", str(model), "--batch-size", "2",
-            "--num-workers", "0", "--commit-every", "2", "--max-new-tokens", "4", "--no-progress", *extra]
+    return ["caption", "--images", str(images), "--out", str(out), "--captioner", str(model), "--batch-size", "2",
+            "--workers", "0", "--commit-every", "2", "--max-new-tokens", "4", "--no-progress", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +279,7 @@ def test_a_killed_generate_resumes_without_duplicates_or_gaps(one_rank_set, tiny
 def test_train_py_trains_from_a_generated_set(one_rank_set, tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--from-cache", str(one_rank_set), "--steps", "2", "--batch-size",
-         "3", "--image-size", "16", "--arch", "resnet18", "--workers", "0", "--out", str(tmp_path / "run")],
+         "3", "--image-size", "16", "--model", "resnet18", "--workers", "0", "--out", str(tmp_path / "run")],
         capture_output=True, text=True, env=_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "3 classes from cache 100%" in result.stdout  # the classes generate recorded

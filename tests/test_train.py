@@ -39,11 +39,11 @@ def test_default_main_job(tmp_path, isolated_cache):
     assert log_lines[0].startswith("step,loss") and len(log_lines) == 3
 
 
-def test_val_dir_top1(tmp_path, isolated_cache, caption_store, tiny_model, write_image_folder):
+def test_imagenet_val_top1(tmp_path, isolated_cache, caption_store, tiny_model, write_image_folder):
     val = write_image_folder(tmp_path / "val", dict.fromkeys([c.id for c in caption_store.classes][:4], 2))
     result = _train("--online-synthesis", "--sd-model", str(tiny_model), "--captions", str(caption_store.path),
-                    "--val-dir", str(val),
-                    "--steps", "3", "--batch-size", "4", "--image-size", "32", "--arch", "resnet18",
+                    "--imagenet-val", str(val),
+                    "--steps", "3", "--batch-size", "4", "--image-size", "32", "--model", "resnet18",
                     "--workers", "0", "--num-inference-steps", "2", "--out", str(tmp_path / "run"), cache=isolated_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "evaluation at step 3" in result.stdout
@@ -54,7 +54,7 @@ def test_val_dir_top1(tmp_path, isolated_cache, caption_store, tiny_model, write
 
 def test_a_missing_evaluation_folder_fails_before_training(tmp_path, isolated_cache, caption_store, tiny_model):
     result = _train("--online-synthesis", "--sd-model", str(tiny_model), "--captions", str(caption_store.path),
-                    "--r-dir", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "run"), cache=isolated_cache)
+                    "--imagenet-r", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "run"), cache=isolated_cache)
     assert result.returncode != 0 and "imagenet-r folder" in result.stderr and "does not exist" in result.stderr
     assert "train:" not in result.stderr
 
@@ -64,12 +64,20 @@ def test_real_baseline_and_real_plus_synthetic_mix(tmp_path, isolated_cache, cap
     class_ids = [c.id for c in caption_store.classes]
     real = write_image_folder(tmp_path / "train", dict.fromkeys(class_ids[:3], 2))
     val = write_image_folder(tmp_path / "val", dict.fromkeys(class_ids[:3], 2))
-    small = ["--steps", "4", "--batch-size", "2", "--image-size", "16", "--arch", "resnet18", "--workers", "0"]
-    baseline = _train("--train-dir", str(real), "--val-dir", str(val), *small, "--out", str(tmp_path / "real"),
+    small = ["--steps", "4", "--batch-size", "2", "--image-size", "16", "--model", "resnet18", "--workers", "0"]
+    baseline = _train("--train-dir", str(real), "--imagenet-val", str(val), *small, "--out", str(tmp_path / "real"),
                       cache=isolated_cache)
     assert baseline.returncode == 0, baseline.stderr[-3000:]
     assert "3 classes from real 100%" in baseline.stdout and "imagenet-val" in baseline.stdout
     assert "RANDOM WEIGHTS" not in baseline.stderr  # no generator involved
+    # --resume PATH (as pytorch/examples and timm take it): another run's checkpoint, continued into a new --out
+    first = tmp_path / "real" / "checkpoint.pt"
+    resumed = _train("--train-dir", str(real), *small, "--steps", "6", "--resume", str(first),
+                     "--out", str(tmp_path / "resumed"), cache=isolated_cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {first} at step 4" in resumed.stdout
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 6
+    assert torch.load(first, weights_only=True)["step"] == 4  # the checkpoint resumed from is left as it was
 
     mixed = _train("--online-synthesis", "--train-dir", str(real), "--mix", "synthetic=3,real=1",
                    "--sd-model", str(tiny_model), "--captions", str(caption_store.path), "--num-inference-steps", "1",
@@ -89,7 +97,7 @@ def test_real_baseline_and_real_plus_synthetic_mix(tmp_path, isolated_cache, cap
 @pytest.mark.parametrize("bad, message", [
     (["--captions", "/no/such/captions.lmdb"], "caption store /no/such/captions.lmdb does not exist"),
     (["--sd-model", "/no/such/model"], "model folder /no/such/model does not exist"),
-    (["--arch", "resnet999"], "unknown classifier architecture 'resnet999'"),
+    (["--model", "resnet999"], "unknown classifier architecture 'resnet999'"),
 ])
 def test_bad_input_is_a_clear_error_before_training(tmp_path, isolated_cache, bad, message):
     result = _train("--online-synthesis", *bad, "--out", str(tmp_path / "run"), cache=isolated_cache)
@@ -99,7 +107,7 @@ def test_bad_input_is_a_clear_error_before_training(tmp_path, isolated_cache, ba
 
 def test_cache_then_train_from_cache(tmp_path, isolated_cache, caption_store, tiny_model):
     common = ["--sd-model", str(tiny_model), "--captions", str(caption_store.path), "--steps", "3",
-              "--batch-size", "2", "--image-size", "16", "--arch", "resnet18", "--workers", "1",
+              "--batch-size", "2", "--image-size", "16", "--model", "resnet18", "--workers", "1",
               "--num-inference-steps", "1"]
     cache = tmp_path / "cache"
     first = _train("--online-synthesis", "--cache", str(cache), *common, "--out", str(tmp_path / "a"),

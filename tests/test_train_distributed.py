@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = ["--steps", "6", "--batch-size", "2", "--image-size", "16", "--arch", "resnet18",
+TINY_RUN = ["--steps", "6", "--batch-size", "2", "--image-size", "16", "--model", "resnet18",
             "--num-inference-steps", "2", "--synth-batch-size", "2", "--log-sample-ids", "--log-every", "1"]
 # Signatures long enough not to occur by chance inside model weights, searched anywhere in a file ...
 EMBEDDED_IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"JFIF\x00": "JPEG", b"Exif\x00\x00": "JPEG",

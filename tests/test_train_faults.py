@@ -12,7 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["--online-synthesis", "--steps", "8", "--batch-size", "4", "--image-size", "16", "--arch", "resnet18",
+RUN = ["--online-synthesis", "--steps", "8", "--batch-size", "4", "--image-size", "16", "--model", "resnet18",
        "--num-inference-steps", "1", "--synth-batch-size", "4", "--workers", "2", "--checkpoint-every", "4",
        "--log-sample-ids", "--worker-timeout", "20"]
 

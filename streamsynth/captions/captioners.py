@@ -86,7 +86,7 @@ class Captioner:
         self.model_type = model.config.model_type
         self.preprocessor = ImagePreprocessor(image_processor, dtype)
         if prompt and self.model_type != "blip-2":
-            raise ValueError(f"--prompt is supported for BLIP-2 models only; {name} is a {self.model_type} model")
+            raise ValueError(f"--caption-prefix is supported for BLIP-2 models only; {name} is a {self.model_type} model")
         self._prefix = self._prefix_ids()
 
     def _prefix_ids(self) -> torch.Tensor | None:

@@ -7,13 +7,17 @@ import json
 import logging
 import sys
 from itertools import islice
+from pathlib import Path
 
+from ..cliargs import add_device, comma_list, list_metavar
 from .classnames import load_name_map
 from .architectures import BLIP2_ARCHITECTURES
 from .bench import KV_CACHES, REFERENCE_BATCH_SIZE
 from .captioners import DEFAULT_MODEL, DTYPES, REFERENCE_MAX_NEW_TOKENS
 from .importers import import_captions
 from .store import CaptionStore
+
+BENCH_FILE, BENCH_CHART = "caption-bench.json", "caption-bench.png"  # what caption-bench writes inside --out
 
 
 def add_commands(subparsers) -> None:
@@ -29,13 +33,13 @@ def add_commands(subparsers) -> None:
     imp.add_argument("source", help="folder, .jsonl or .csv")
     imp.add_argument("--out", required=True, help="the caption store to create (an LMDB folder; must not exist)")
     imp.add_argument("--names", help="JSON or CSV map of class id → readable name (default: ImageNet-1K names)")
-    imp.add_argument("--class-field", default="class")
-    imp.add_argument("--caption-field", default="caption")
+    imp.add_argument("--class-field", default="class", help="field holding the class id (JSONL and CSV sources)")
+    imp.add_argument("--caption-field", default="caption", help="field holding the caption (JSONL and CSV sources)")
     imp.add_argument("--key-field", default="key", help="field naming the source image (optional in the data)")
     imp.set_defaults(func=_import)
 
     stats = sub.add_parser("stats", help="counts per class and a few example captions")
-    stats.add_argument("store")
+    stats.add_argument("store", help="the caption store (an LMDB folder)")
     stats.add_argument("--examples", type=int, default=2, help="captions shown per class")
     stats.add_argument("--check", action="store_true", help="read every record and report the first damaged one")
     stats.set_defaults(func=_stats)
@@ -52,11 +56,14 @@ def add_commands(subparsers) -> None:
         help="ImageFolder root (one folder per class id), a .tar shard, a folder of shards or a brace pattern",
     )
     caption.add_argument("--out", required=True, help="the caption store (an LMDB folder) to create or --resume")
-    caption.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder (BLIP-2, BLIP or VisionEncoderDecoder)")
+    caption.add_argument("--captioner", default=DEFAULT_MODEL,
+                         help="the captioning model: hub id or local folder (BLIP-2, BLIP or VisionEncoderDecoder)")
     caption.add_argument("--names", help="JSON or CSV map of class id → readable name (default: ImageNet-1K names)")
-    caption.add_argument("--class-field", default="cls", help="WebDataset field holding the class id (default: cls)")
-    caption.add_argument("--prompt", help="BLIP-2 conditional captioning prefix, e.g. 'a photo of'; stripped from captions")
-    caption.add_argument("--max-new-tokens", type=int, default=REFERENCE_MAX_NEW_TOKENS)
+    caption.add_argument("--class-field", default="cls", help="field holding the class id (WebDataset shards)")
+    caption.add_argument("--caption-prefix",
+                         help="BLIP-2 conditional captioning prefix, e.g. 'a photo of'; stripped from the captions")
+    caption.add_argument("--max-new-tokens", type=int, default=REFERENCE_MAX_NEW_TOKENS,
+                         help="most tokens generated per caption (greedy decoding)")
     _add_run_arguments(caption)
     caption.add_argument("--devices", metavar="LIST",
                          help="several devices, e.g. cuda:0,cuda:1: one rank per device in one process tree (torchrun's "
@@ -64,8 +71,9 @@ def add_commands(subparsers) -> None:
     caption.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     caption.add_argument("--commit-every", type=int, default=1024, help="captions per LMDB transaction")
     caption.add_argument("--no-progress", action="store_true", help="no progress bar")
-    caption.add_argument("--static-kv-cache", action="store_true",
-                         help="preallocated KV cache; on CUDA the decoding step is compiled (see caption-bench)")
+    caption.add_argument("--kv-cache", choices=KV_CACHES, default="dynamic",
+                         help="dynamic (grows every token) or static (preallocated; on CUDA the decoding step is "
+                         "compiled): the same captions, speed measured by caption-bench")
     caption.set_defaults(func=_caption)
 
     bench = subparsers.add_parser(
@@ -73,32 +81,39 @@ def add_commands(subparsers) -> None:
         help="captioning images/s: streamsynth's run against plain model.generate on batches of 65",
         description="Caption the same JPEG files twice with one model: the reference loop (PIL in the main process, "
         "model.generate on batches of 65) and streamsynth's run; write images/s, dtype, device and peak memory "
-        "as JSON. Without --model the weights are random (same FLOPs as the released checkpoint).",
+        "to OUT/caption-bench.json (and a chart, OUT/caption-bench.png). Without --captioner the weights are random "
+        "(same FLOPs as the released checkpoint).",
     )
     source = bench.add_mutually_exclusive_group()
-    source.add_argument("--arch", default="blip2-opt-2.7b", choices=sorted(BLIP2_ARCHITECTURES),
-                        help="random-weight architecture (default: blip2-opt-2.7b; tiny for CPU dry runs)")
-    source.add_argument("--model", help="a checkpoint (hub id or folder) instead of random weights")
-    bench.add_argument("--images", help="images to caption (ImageFolder or shards); default: generated JPEGs")
-    bench.add_argument("--num-images", type=int, default=2048)
-    bench.add_argument("--baseline-batch-size", type=int, default=REFERENCE_BATCH_SIZE)
-    bench.add_argument("--max-new-tokens", type=int, default=REFERENCE_MAX_NEW_TOKENS)
-    bench.add_argument("--kv-cache", nargs="+", choices=KV_CACHES, default=["dynamic"],
-                       help="KV cache kinds to measure, e.g. dynamic static (static compiles the step on CUDA)")
+    source.add_argument("--captioner-arch", default="blip2-opt-2.7b", choices=sorted(BLIP2_ARCHITECTURES),
+                        help="random-weight captioner architecture (tiny for CPU dry runs)")
+    source.add_argument("--captioner", help="a captioner checkpoint (hub id or folder) instead of random weights")
+    bench.add_argument("--images", help="images to caption (ImageFolder or shards) (default: generated JPEGs)")
+    bench.add_argument("--num-images", type=int, default=2048, help="images captioned by each run")
+    bench.add_argument("--baseline-batch-size", type=int, default=REFERENCE_BATCH_SIZE,
+                       help="images per model.generate call in the reference loop")
+    bench.add_argument("--max-new-tokens", type=int, default=REFERENCE_MAX_NEW_TOKENS,
+                       help="most tokens generated per caption (greedy decoding)")
+    bench.add_argument("--kv-cache", type=comma_list(choices=KV_CACHES), default="dynamic",
+                       metavar=list_metavar("KIND", KV_CACHES),
+                       help="comma-separated KV cache kinds to measure, e.g. dynamic,static (static compiles the "
+                       "decoding step on CUDA)")
     _add_run_arguments(bench, batch_sizes=True)
-    bench.add_argument("--out", default="caption-bench.json", help="where to write the JSON result")
+    bench.add_argument("--out", default=".", metavar="DIR",
+                       help=f"folder for the result: writes OUT/{BENCH_FILE} and its chart OUT/{BENCH_CHART}")
     bench.set_defaults(func=_caption_bench)
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser, batch_sizes: bool = False) -> None:
     if batch_sizes:
-        parser.add_argument("--batch-size", type=int, nargs="+",
-                            help="images per generate call, one run each (default: 256 on CUDA, 8 on CPU)")
+        parser.add_argument("--batch-size", type=comma_list(int), metavar=list_metavar("N"),
+                            help="comma-separated images per generate call, one run each "
+                            "(default: 256 on CUDA, 8 on CPU)")
     else:
         parser.add_argument("--batch-size", type=int, help="images per generate call (default: 256 on CUDA, 8 on CPU)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
-    parser.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--num-workers", type=int, help="DataLoader processes decoding images (default: min(8, CPUs))")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="the captioner's dtype (default: fp16 on CUDA, fp32 on CPU)")
+    add_device(parser, "the captioner's device")
+    parser.add_argument("--workers", type=int, help="DataLoader processes decoding images (default: min(8, CPUs))")
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -152,13 +167,13 @@ def _caption(args: argparse.Namespace) -> int:
         collection = find_images(args.images, args.class_field)
         name_map = load_name_map(args.names) if args.names else None
         captioner = load_captioner(
-            args.model, device=device, dtype=args.dtype, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-            static_cache=args.static_kv_cache,
+            args.captioner, device=device, dtype=args.dtype, prompt=args.caption_prefix,
+            max_new_tokens=args.max_new_tokens, static_cache=args.kv_cache == "static",
         )
         try:
             report = caption_images(
                 collection, args.out, captioner, name_map=name_map, batch_size=args.batch_size,
-                num_workers=args.num_workers, resume=args.resume, commit_every=args.commit_every,
+                num_workers=args.workers, resume=args.resume, commit_every=args.commit_every,
                 progress=not args.no_progress, ranks=ranks,
             )
         except KeyboardInterrupt:
@@ -191,11 +206,12 @@ def _caption_bench(args: argparse.Namespace) -> int:
 
     logging.getLogger("streamsynth").setLevel(logging.WARNING)
     result = run_benchmark(
-        arch=None if args.model else args.arch, model=args.model, images=args.images, num_images=args.num_images,
+        arch=None if args.captioner else args.captioner_arch, model=args.captioner, images=args.images,
+        num_images=args.num_images,
         batch_sizes=args.batch_size, kv_caches=args.kv_cache, baseline_batch_size=args.baseline_batch_size,
-        num_workers=args.num_workers,
+        num_workers=args.workers,
         device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
     )
     print(json.dumps(result, indent=1))
-    print(f"wrote {write_result(result, args.out)}", file=sys.stderr)
+    print(f"wrote {write_result(result, Path(args.out) / BENCH_FILE)}", file=sys.stderr)
     return 0

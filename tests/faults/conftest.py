@@ -39,7 +39,7 @@ class StubCaptioner:
 
 @pytest.fixture
 def stub_captioner(monkeypatch) -> StubCaptioner:
-    """The stub, also what `streamsynth caption --model anything` loads."""
+    """The stub, also what `streamsynth caption --captioner anything` loads."""
     captioner = StubCaptioner()
     monkeypatch.setattr("streamsynth.captions.captioners.load_captioner", lambda *args, **kwargs: captioner)
     return captioner

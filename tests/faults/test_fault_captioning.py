@@ -23,8 +23,8 @@ A, B = "n01440764", "n02102040"
 
 
 def _caption(images: Path, out: Path, *extra: str) -> int:
-    return cli(["caption", "--images", str(images), "--out", str(out), "--model", "stub", "--device", "cpu",
-                "--batch-size", "4", "--num-workers", "0", "--no-progress", *extra])
+    return cli(["caption", "--images", str(images), "--out", str(out), "--captioner", "stub", "--device", "cpu",
+                "--batch-size", "4", "--workers", "0", "--no-progress", *extra])
 
 
 def _pairs(store: Path) -> list[list[str]]:

@@ -72,7 +72,7 @@ class Evil:
     ("a-pickle-that-runs-code", lambda p: p.write_bytes(pickle.dumps({"model": Evil()})), ["refusing to load"]),
     ("a-tensor-not-a-dict", lambda p: torch.save(torch.zeros(3), p), ["holds a Tensor"]),
     ("missing-fields", lambda p: torch.save({"model": {}, "arch": ARCH}, p), ["lacks the fields", "num_classes"]),
-    ("other-arch", lambda p: torch.save(_state(arch="resnet18"), p), ["'resnet18' classifier", f"--arch {ARCH!r}"]),
+    ("other-arch", lambda p: torch.save(_state(arch="resnet18"), p), ["'resnet18' classifier", f"--model {ARCH!r}"]),
     ("other-image-size", lambda p: torch.save(_state(image_size=64), p), ["--image-size 64", f"asks for {SIZE}"]),
     ("other-classes", lambda p: torch.save(_state(class_ids=["a", "b"], num_classes=2), p), ["it has 2 classes, this run's data 3"]),
     ("renamed-class", lambda p: torch.save(_state(class_ids=["a", "x", "c"]), p), ["label 1 is 'x'"]),

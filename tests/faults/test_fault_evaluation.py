@@ -54,21 +54,21 @@ def _evaluate(checkpoint: Path, val: Path, out: Path, *extra: str) -> int:
 
 def test_corrupt_images_are_skipped_counted_and_named(tmp_path, checkpoint, capsys, caplog):
     val = _val(tmp_path / "val", BAD)
-    assert _evaluate(checkpoint, val, tmp_path / "eval") == 0
+    assert _evaluate(checkpoint, val, tmp_path / "results") == 0
     printed = capsys.readouterr().out
     assert "4 unreadable images skipped" in printed
-    [result] = json.loads((tmp_path / "eval.json").read_text())["results"]
+    [result] = json.loads((tmp_path / "results" / "eval.json").read_text())["results"]
     assert result["images"] == 6 and len(result["unreadable"]) == 4
     assert {Path(entry.split(": ")[0]).name for entry in result["unreadable"]} == set(BAD)
-    assert next(csv.DictReader((tmp_path / "eval.csv").open()))["unreadable_images"] == "4"
+    assert next(csv.DictReader((tmp_path / "results" / "eval.csv").open()))["unreadable_images"] == "4"
     assert "images skipped because they cannot be used" in caplog.text
 
 
 def test_an_unreadable_image_file_is_skipped(tmp_path, checkpoint):
     val = _val(tmp_path / "val")
     with unreadable(val / CLASSES[1] / "0.png"):
-        assert _evaluate(checkpoint, val, tmp_path / "eval") == 0
-    [result] = json.loads((tmp_path / "eval.json").read_text())["results"]
+        assert _evaluate(checkpoint, val, tmp_path / "results") == 0
+    [result] = json.loads((tmp_path / "results" / "eval.json").read_text())["results"]
     assert result["images"] == 5 and "Permission denied" in result["unreadable"][0]
 
 
@@ -77,8 +77,8 @@ def test_a_suite_whose_every_image_is_corrupt_scores_nothing_but_ends(tmp_path, 
     for cls in CLASSES:
         (val / cls).mkdir(parents=True)
         (val / cls / "x.png").write_bytes(b"garbage")
-    assert _evaluate(checkpoint, val, tmp_path / "eval") == 0
-    [result] = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert _evaluate(checkpoint, val, tmp_path / "results") == 0
+    [result] = json.loads((tmp_path / "results" / "eval.json").read_text())["results"]
     assert result["images"] == 0 and result["top1"] is None and len(result["unreadable"]) == 3
 
 
@@ -109,14 +109,14 @@ def test_a_folder_that_cannot_be_scored_is_an_error_before_scoring(tmp_path, che
         _val(val)
     if case == "unreadable-class-folder":
         with unreadable(val / CLASSES[1]):
-            code = _evaluate(checkpoint, val, tmp_path / "eval")
+            code = _evaluate(checkpoint, val, tmp_path / "results")
     else:
-        code = _evaluate(checkpoint, val, tmp_path / "eval")
+        code = _evaluate(checkpoint, val, tmp_path / "results")
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     line = next(line for line in err.splitlines() if "error:" in line)
     assert all(word in line for word in words), line
-    assert not (tmp_path / "eval.json").exists()
+    assert not (tmp_path / "results" / "eval.json").exists()
 
 
 def test_check_eval_folder_subset_suites(tmp_path):
@@ -129,11 +129,11 @@ def test_check_eval_folder_subset_suites(tmp_path):
 def test_the_privacy_audit_survives_corrupt_images(tmp_path, checkpoint, capsys):
     members = _val(tmp_path / "members", {"bad.png": b"\x89PNG broken"})
     non_members = _val(tmp_path / "non", {"zero.jpg": b""})
-    out = tmp_path / "audit.json"
+    out = tmp_path / "audit"
     assert cli(["audit-privacy", str(checkpoint), "--members", str(members), "--non-members", str(non_members),
                 "--workers", "0", "--device", "cpu", "--out", str(out)]) == 0
     assert "2 unreadable images were left out" in capsys.readouterr().out
-    result = json.loads(out.read_text())
+    result = json.loads((out / "audit.json").read_text())
     assert result["members"] == 6 and result["non_members"] == 6 and len(result["unreadable"]) == 2
 
 

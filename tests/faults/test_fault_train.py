@@ -16,7 +16,7 @@ from conftest import png
 from faultkit import on_small_fs, random_bytes, truncate
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["--steps", "2", "--batch-size", "2", "--image-size", "16", "--arch", "resnet18", "--workers", "0"]
+SMALL = ["--steps", "2", "--batch-size", "2", "--image-size", "16", "--model", "resnet18", "--workers", "0"]
 
 
 def _train(*args: str, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -60,7 +60,7 @@ def test_bad_cache_shards_and_a_corrupt_val_image_are_survived(tmp_path, isolate
     truncate(shards[1], 0)
     truncate(shards[2], 0.5)
     (val / next(iter(os.listdir(val))) / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    result = _train("--from-cache", str(cache), "--val-dir", str(val), "--eval-every", "1", *SMALL,
+    result = _train("--from-cache", str(cache), "--imagenet-val", str(val), "--eval-every", "1", *SMALL,
                     "--out", str(tmp_path / "run"), cache=isolated_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     for shard in shards[:3]:
@@ -83,7 +83,7 @@ def test_a_val_folder_that_cannot_be_scored_fails_before_training(tmp_path, isol
             folder.rename(val / f"x{folder.name}")
     else:
         (val / "n03888257").mkdir()  # a class of the store, no images
-    result = _train("--from-cache", str(cache), "--val-dir", str(val), *SMALL, "--out", str(tmp_path / "run"),
+    result = _train("--from-cache", str(cache), "--imagenet-val", str(val), *SMALL, "--out", str(tmp_path / "run"),
                     cache=isolated_cache)
     _error_before_training(result, *words)
 
@@ -98,7 +98,7 @@ def test_resume_from_a_checkpoint_of_another_arch_is_one_short_line(tmp_path, is
                                      image_size=16, step=1, optimizer={}, scaler={}, loaders=[None]),
                out / "checkpoint.pt")
     result = _train("--from-cache", str(cache), *SMALL, "--out", str(out), "--resume", cache=isolated_cache)
-    line = _error_before_training(result, "train.py: error: checkpoint", "'resnet34' classifier", "--arch 'resnet18'")
+    line = _error_before_training(result, "train.py: error: checkpoint", "'resnet34' classifier", "--model 'resnet18'")
     assert len(line) < 400 and "layer4.2" not in result.stderr
 
 
