@@ -92,7 +92,7 @@ def train_indices() -> range:
     return range(0, TRAIN_COUNT)
 
 
-def test_indices() -> range:
+def held_out_indices() -> range:
     """The held-out test part: never seen by generator or classifier training."""
     return range(TRAIN_COUNT, NUM_IMAGES)
 
@@ -206,7 +206,7 @@ class HeldOutDigits(Dataset):
         from .evaluate import eval_transform
 
         pixels, targets = _load()
-        indices = test_indices()
+        indices = held_out_indices()
         self.images = digits_to_uint8(pixels[indices.start:indices.stop], image_size)
         labels = class_labels(class_ids)
         self.labels = torch.tensor([labels[t] for t in targets[indices.start:indices.stop]])
@@ -241,7 +241,7 @@ def report_held_out_digits(model: torch.nn.Module, image_size: int, device: torc
                            class_ids: Sequence[str]) -> float:
     """Scores `model` on the held-out real digits and prints one line saying what the number is; returns top-1."""
     top1 = held_out_top1(model, image_size, device, class_ids)
-    count = len(test_indices())
+    count = len(held_out_indices())
     print(f"held-out real digits: top-1 {top1:.1f}% on {count} real 8x8 digits that no generator or classifier "
           f"training saw (chance 10%)", flush=True)
     return top1
