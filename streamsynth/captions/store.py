@@ -105,7 +105,7 @@ class CaptionStore:
         if not self.path.exists():
             raise CaptionStoreError(
                 f"caption store {self.path} does not exist: build one with `streamsynth captions import` "
-                "or `streamsynth caption`, or leave --captions out to use the embedded illustrative set"
+                "or `streamsynth caption`, or leave --captions out to use the embedded digits captions"
             )
         try:
             self._load_header()
