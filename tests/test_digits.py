@@ -216,8 +216,9 @@ def test_train_learning_rate_warms_up_then_decays():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import train
 
-    args = train.parse_args(["--online-synthesis", "--steps", "100", "--warmup-steps", "10"])
-    rates = [train.learning_rate(step, args, 1.0) for step in range(100)]
-    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)  # linear warmup to the peak ...
-    assert max(rates) == pytest.approx(1.0) and rates[10] <= 1.0  # ... that ends
-    assert all(b <= a for a, b in zip(rates[10:], rates[11:])) and rates[-1] < 0.01  # then decays to ~0
+    for extra, warmup in [([], 2), (["--warmup-steps", "10"], 10)]:  # by default, warmup is 2% of the steps
+        args = train.parse_args(["--online-synthesis", "--steps", "100", *extra])
+        rates = [train.learning_rate(step, args, 1.0) for step in range(100)]
+        assert rates[0] == pytest.approx(1 / warmup) and rates[warmup - 1] == pytest.approx(1.0)  # a linear warmup
+        assert max(rates) == pytest.approx(1.0)  # ... to the peak, where it ends
+        assert all(b <= a for a, b in zip(rates[warmup:], rates[warmup + 1:])) and rates[-1] < 0.01  # then decay
