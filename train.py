@@ -13,7 +13,6 @@ One file, top to bottom: arguments, the data, the model, the loop, checkpoints, 
 from __future__ import annotations
 
 import argparse
-import bisect
 import csv
 import json
 import logging
@@ -22,26 +21,25 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from streamsynth import SynthesisConfig, SyntheticStream
-from streamsynth.captions import CaptionStore, CaptionStoreError
+from streamsynth import FastPathOptions, GeneratorConfig, StreamLoader, SynthesisConfig, SyntheticStream
+from streamsynth.captions import CaptionStore
+from streamsynth.checkpoints import check_checkpoint_room, load_resume_checkpoint, save_checkpoint
 from streamsynth.classifier import build_classifier, classifier_checkpoint
 from streamsynth.defaults import EMBEDDED_DEFAULT_NOTICE, embedded_captions, embedded_model
-from streamsynth.digits import report_held_out_digits
-from streamsynth.evaluate import (LabelledImageFolder, class_folders, eval_transform, evaluate_suites, format_results,
-                                  suite_folder_labels, write_results)
-from streamsynth.stream import CachedBatches, RealBatches, ResumableBatches
-from streamsynth.stream.dataset import IMAGENET_MEAN, IMAGENET_STD
+from streamsynth.digits import CLASS_IDS as DIGIT_CLASS_IDS, report_held_out_digits
+from streamsynth.errors import StreamsynthError, one_line
+from streamsynth.evaluate import (LabelledImageFolder, check_eval_folder, class_folders, eval_transform, evaluate_suites,
+                                  format_results, suite_folder_labels, write_results)
+from streamsynth.stream import CachedBatches, EpochsInARow, MixedBatches, RealBatches, mix_weights
 from streamsynth.stream.devices import synthesis_devices
 from streamsynth.stream.feedback import ClassFeedback
-from streamsynth.synth import ModelLoadError, derive_seed
-from streamsynth.synth.fast import FastPathOptions
+from streamsynth.transforms import BatchAugment, train_transform
 
 log = logging.getLogger("train")
 
@@ -54,6 +52,7 @@ REAL_PRESET = {"arch": "resnet50", "steps": 100_000, "batch_size": 256, "image_s
                "num_inference_steps": 50, "synth_batch_size": 8}
 EVAL_SUITES = {"val_dir": "imagenet-val", "v2_dir": "imagenet-v2", "sketch_dir": "imagenet-sketch",
                "r_dir": "imagenet-r", "a_dir": "imagenet-a"}
+CHECKPOINT_FORMAT = 2  # 2: one data state per rank under "data" (the synthetic stream's is the same on every rank)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--from-cache", help="WebDataset shards written by --cache (endless seeded passes)")
     data.add_argument("--train-dir", help="a real ImageFolder (the real-data baseline, or real + synthetic)")
     data.add_argument("--mix", help="weights of the sources, e.g. 'synthetic=3,real=1' (default: equal)")
-    data.add_argument("--sd-model", help="Stable Diffusion hub id or diffusers folder (default: embedded tiny digits model)")
+    data.add_argument("--sd-model",
+                      help="Stable Diffusion hub id or diffusers folder (default: the embedded tiny digits model)")
     data.add_argument("--captions", help="caption store (LMDB) (default: embedded digits captions)")
     data.add_argument("--prompt", default="cip", help="cip, basic, name, clip, or a template with {name} and {caption}")
     data.add_argument("--replay", type=int, help="times each synthetic image is used (fresh augmentation; default 1)")
@@ -145,70 +145,41 @@ def setup_distributed(device: str) -> tuple[int, int, int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), local_rank, local_world, torch.device(device)
 
 
-def train_transform(image_size: int, from_pil: bool = False):
-    """Standard ImageNet training augmentation, applied afresh to every (re)use of an image."""
-    from torchvision.transforms import v2
-
-    return v2.Compose([
-        *([v2.ToImage()] if from_pil else []),
-        v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
-def build_stream(args: argparse.Namespace, devices: list[str]) -> SyntheticStream:
-    return SyntheticStream(
-        args.captions or str(embedded_captions()), args.sd_model or str(embedded_model()),
-        prompt=args.prompt, seed=args.seed, epoch_size=args.epoch_size, replay=args.replay,
-        image_size=args.image_size, devices=devices, dtype=args.dtype, scheduler=args.scheduler,
-        synthesis=SynthesisConfig(args.num_inference_steps, args.guidance_scale, safety_check=args.safety_checker),
-        synth_batch_size=args.synth_batch_size, fast=FastPathOptions() if args.fast else None,
-        transform=train_transform(args.image_size), cache=args.cache, return_sample_ids=True,
-    )
-
-
-def endless(loader) -> Iterator:
-    while True:
-        yield from loader
-
-
-def cached_batches(args: argparse.Namespace, rank: int, world: int) -> CachedBatches:
-    """The cache in seeded passes, this rank's share of each; resumes exactly from a batch count."""
-    return CachedBatches(args.from_cache, train_transform(args.image_size), args.batch_size, seed=args.seed,
-                         rank=rank, world=world, num_workers=args.workers)
-
-
-def real_batches(args: argparse.Namespace, class_ids: list[str], rank: int, world: int) -> RealBatches:
-    """A real ImageFolder, its class folders mapped to the classifier's labels, reshuffled every epoch as
-    `DistributedSampler` does; resumes exactly from a batch count."""
-    folder_labels, skipped = suite_folder_labels(args.train_dir, class_ids, None, "--train-dir")
-    if skipped and rank == 0:
-        log.warning("--train-dir: %d class folders are not classes of the caption store and are not used: %s",
-                    len(skipped), skipped[:5])
-    transform = train_transform(args.image_size, from_pil=True)
-    dataset = LabelledImageFolder(args.train_dir, folder_labels, transform=transform)
-    return RealBatches(dataset, args.batch_size, seed=args.seed, rank=rank, world=world, num_workers=args.workers)
-
-
-def sample_keys(keys: torch.Tensor | list[str]) -> list:
-    """A batch's sample ids or image indices (collated into a tensor) or cache keys (a list of strings)."""
-    return keys.tolist() if isinstance(keys, torch.Tensor) else keys
-
-
-def parse_mix(spec: str | None, sources: list[str]) -> list[float]:
-    """Per-source weights, normalised; a step draws its batch from source s with probability w_s."""
-    weights = dict.fromkeys(sources, 1.0)
-    for part in (spec.split(",") if spec else []):
-        name, _, value = part.partition("=")
-        if name.strip() not in weights:
-            raise SystemExit(f"--mix names {name.strip()!r}, but the enabled sources are {sources}")
-        weights[name.strip()] = float(value)
-    total = sum(weights.values())
-    if total <= 0:
-        raise SystemExit(f"--mix {spec!r} gives every source weight zero")
-    return [weights[s] / total for s in sources]
+def build_data(args: argparse.Namespace, rank: int, world: int, local_rank: int, local_world: int,
+               device: torch.device) -> tuple[MixedBatches, StreamLoader | None]:
+    """The enabled sources, their classes checked against each other, mixed by --mix; and the synthetic loader."""
+    sources, class_ids, loader = {}, None, None
+    if args.online_synthesis:
+        generator = GeneratorConfig(
+            args.sd_model or embedded_model(), image_size=args.image_size, dtype=args.dtype, scheduler=args.scheduler,
+            devices=synthesis_devices(args.synth_devices, str(device), local_rank, local_world),
+            synthesis=SynthesisConfig(args.num_inference_steps, args.guidance_scale, safety_check=args.safety_checker),
+            batch_size=args.synth_batch_size, fast=FastPathOptions() if args.fast else None)
+        stream = SyntheticStream(args.captions or embedded_captions(), generator, prompt=args.prompt, seed=args.seed,
+                                 epoch_size=args.epoch_size, batch_size=args.batch_size, replay=args.replay,
+                                 transform=BatchAugment(args.image_size), cache=args.cache, return_sample_ids=True)
+        # Workers hand over each group once, as uint8; its replayed uses are augmented on the classifier's device.
+        loader = StreamLoader(stream, args.workers, prefetch_factor=args.prefetch, pin_memory=device.type == "cuda",
+                              timeout=args.worker_timeout, augment_device=device,
+                              feedback=ClassFeedback(stream.num_classes, args.feedback_floor)
+                              if args.feedback_sampling else None)
+        sources["synthetic"], class_ids = EpochsInARow(loader), stream.class_ids
+    if args.from_cache:  # the cache records its classes; a caption store given as well must agree with them
+        given = class_ids or ([c.id for c in CaptionStore(args.captions).classes] if args.captions else None)
+        sources["cache"] = CachedBatches(args.from_cache, train_transform(args.image_size), args.batch_size,
+                                         seed=args.seed, rank=rank, world=world, num_workers=args.workers,
+                                         class_ids=given)
+        class_ids = sources["cache"].class_ids
+    if args.train_dir:  # real class folders are mapped onto the classes above, or define them when alone
+        class_ids = class_ids or class_folders(args.train_dir)
+        folder_labels, skipped = suite_folder_labels(args.train_dir, class_ids, None, "--train-dir")
+        if skipped and rank == 0:
+            log.warning("--train-dir: %d class folders are not classes of the caption store and are not used: %s",
+                        len(skipped), skipped[:5])
+        images = LabelledImageFolder(args.train_dir, folder_labels, transform=train_transform(args.image_size, True))
+        sources["real"] = RealBatches(images, args.batch_size, seed=args.seed, rank=rank, world=world,
+                                      num_workers=args.workers)
+    return MixedBatches(sources, mix_weights(args.mix, list(sources)), args.seed, class_ids), loader
 
 
 def learning_rate(step: int, args: argparse.Namespace, peak: float) -> float:
@@ -220,11 +191,84 @@ def learning_rate(step: int, args: argparse.Namespace, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * progress))
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Written aside and renamed, so a crash mid-write never destroys the previous checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+class RunLog:
+    """What the run reports: the progress bar, OUT/log.csv and TensorBoard on rank 0, and every rank's sample ids."""
+
+    COLUMNS = ["step", "loss", "lr", "images_per_s", "data_wait_share", "queue_depth", "synth_images_per_s",
+               "restarts"]
+
+    def __init__(self, args: argparse.Namespace, out: Path, rank: int, first_step: int):
+        is_main = rank == 0
+        self.progress = tqdm(initial=first_step, total=args.steps, desc="train", disable=not is_main,
+                             dynamic_ncols=True)
+        self.csv_file = open(out / "log.csv", "a", newline="") if is_main else None
+        self.csv = csv.writer(self.csv_file) if self.csv_file else None
+        if self.csv and self.csv_file.tell() == 0:
+            self.csv.writerow(self.COLUMNS)
+        self.tb = None
+        if args.tensorboard and is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(out / "tensorboard")
+        self.ids = open(out / f"sample_ids-rank{rank}.csv", "a") if args.log_sample_ids else None
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self.window_start, self.window_images, self.window_wait = time.perf_counter(), 0, 0.0
+
+    def batch(self, step: int, micro: int, source: str, keys, images: int, waited: float) -> None:
+        self.window_images, self.window_wait = self.window_images + images, self.window_wait + waited
+        if self.ids:
+            keys = keys.tolist() if isinstance(keys, torch.Tensor) else keys
+            self.ids.write(f"{step},{micro},{source}," + " ".join(map(str, keys)) + "\n")
+
+    def step(self, step: int, loss: torch.Tensor, lr: float, metrics: dict, report: bool) -> None:
+        self.progress.update(1)
+        if self.ids:
+            self.ids.flush()
+        if not report:
+            return
+        elapsed = time.perf_counter() - self.window_start
+        values = {"loss": loss.mean().item(), "lr": lr, "images_per_s": self.window_images / elapsed,
+                  "data_wait_share": self.window_wait / elapsed, "queue_depth": metrics["queue_depth"],
+                  "synth_images_per_s": sum(w["images_per_s"] for w in metrics["workers"])}
+        self.progress.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{values['images_per_s']:.1f}",
+                                  wait=f"{values['data_wait_share']:.0%}", queue=metrics["queue_depth"])
+        if self.csv:
+            self.csv.writerow([step, *(f"{values[c]:.4g}" for c in self.COLUMNS[1:-1]), metrics["restarts"]])
+            self.csv_file.flush()
+        for key, value in values.items() if self.tb else ():
+            self.tb.add_scalar(f"train/{key}", value, step)
+        self._reset_window()
+
+    def close(self) -> None:
+        self.progress.close()
+        for handle in (self.csv_file, self.tb, self.ids):
+            if handle:
+                handle.close()
+
+
+def resume(path: Path, args: argparse.Namespace, holders: dict, data: MixedBatches, rank: int, world: int,
+           device: torch.device) -> int:
+    """Restore the model, optimizer and scaler (`holders`) and this rank's data from a checkpoint; return its step.
+
+    The checkpoint is checked against this run first (damaged, another --arch, --image-size or classes: one line)."""
+    state = load_resume_checkpoint(path, args.arch, args.image_size, data.class_ids, map_location=device,
+                                   required=("model", "arch", "num_classes", "class_ids", "step", "optimizer"),
+                                   **holders)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise SystemExit(f"error: {path} was written by an older streamsynth and cannot be resumed exactly: "
+                         "start a new run in another --out (its weights still load with streamsynth evaluate)")
+    data_states = state["data"]
+    if len(data_states) != world and set(data.names) != {"synthetic"}:
+        raise SystemExit(f"error: {path} was written by {len(data_states)} rank(s), this run has {world}: the cache "
+                         "and real sources resume only on the same number of ranks (the synthetic stream alone "
+                         "resumes on any number with the same global batch size)")
+    try:  # a changed setting or changed data is a ValueError that says what changed
+        data.load_state_dict(data_states[rank] if len(data_states) == world else data_states[0])
+    except ValueError as err:
+        raise SystemExit(f"error: cannot resume from {path}: {err}") from None
+    return state["step"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,59 +280,38 @@ def main(argv: list[str] | None = None) -> None:
         # threads wait on each other (measured: 4x the CPU time of the embedded default on 2 cores).
         torch.set_num_threads(max(1, torch.get_num_threads() - args.workers))
     is_main = rank == 0
-    if is_main and args.embedded_default:
+    if is_main and args.embedded_default and args.online_synthesis:  # say what the generator is before it runs
         print(EMBEDDED_DEFAULT_NOTICE, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     suites = {suite: getattr(args, flag) for flag, suite in EVAL_SUITES.items() if getattr(args, flag)}
-    try:
-        for suite, folder in [*suites.items(), *([("--train-dir", args.train_dir)] if args.train_dir else [])]:
-            class_folders(folder, suite)  # a wrong path fails now, not after training
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
 
     # ----- data: fresh synthetic batches, cached ones, real ones, mixed by fixed weights ---------------------------
-    stream = loader = feedback = None
-    if args.online_synthesis:
-        devices = synthesis_devices(args.synth_devices, str(device), local_rank, local_world)
-        stream = build_stream(args, devices)
-        class_ids = [c.id for c in stream.store.classes]
-        feedback = ClassFeedback(stream.num_classes, floor=args.feedback_floor) if args.feedback_sampling else None
-        loader = stream.loader(args.batch_size, num_workers=args.workers, prefetch_factor=args.prefetch,
-                               pin_memory=device.type == "cuda", feedback=feedback, timeout=args.worker_timeout)
-    elif args.from_cache:  # cached labels index the caption store's classes; no generator is needed
-        class_ids = [c.id for c in CaptionStore(args.captions or str(embedded_captions())).classes]
-    else:
-        class_ids = class_folders(args.train_dir)
-    sources = {}
-    if args.online_synthesis:
-        sources["synthetic"] = endless(loader)
-    try:
-        if args.from_cache:
-            sources["cache"] = cached_batches(args, rank, world)
-        if args.train_dir:
-            sources["real"] = real_batches(args, class_ids, rank, world)
+    try:  # a wrong path or an empty or unmatched class folder fails now, not after training
+        for suite, folder in [*suites.items(), *([("--train-dir", args.train_dir)] if args.train_dir else [])]:
+            check_eval_folder(folder, suite)
+        data, loader = build_data(args, rank, world, local_rank, local_world, device)
+        for suite, folder in suites.items():
+            check_eval_folder(folder, suite, data.class_ids)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-    # The cache and real sources resume from a batch count saved per rank beside the synthetic loader's state.
-    resumable = {name: source for name, source in sources.items() if isinstance(source, ResumableBatches)}
-    names = list(sources)
-    mix = parse_mix(args.mix, names)
-    mix_cumulative = [sum(mix[:i + 1]) for i in range(len(mix))]
+        raise SystemExit(f"error: {one_line(err)}") from None
+    stream = loader.stream if loader is not None else None
     if is_main:
         if stream is not None:
             print(f"synthesis: prompt {stream.sampler.template.template!r}, {args.num_inference_steps} steps, "
                   f"guidance {args.guidance_scale}, replay {args.replay}, {world} rank(s) x {args.workers} worker(s) "
-                  f"on {stream.devices}", flush=True)
-        print(f"data: {len(class_ids)} classes from {', '.join(f'{n} {w:.0%}' for n, w in zip(names, mix))}; "
+                  f"on {list(stream.generator.devices)}", flush=True)
+        print(f"data: {len(data.class_ids)} classes from "
+              f"{', '.join(f'{n} {w:.0%}' for n, w in zip(data.names, data.weights))}; "
               f"classifier {args.arch} at {args.image_size}px on {device}, amp {args.amp}", flush=True)
         (out / "run.json").write_text(json.dumps(
-            {"args": vars(args), "stream": stream.describe() if stream else None, "class_ids": class_ids}, indent=2))
+            {"args": vars(args), "stream": stream.describe() if stream else None, "class_ids": data.class_ids},
+            indent=2))
 
     # ----- model, optimizer, resume ---------------------------------------------------------------------------------
     try:
-        model = build_classifier(args.arch, len(class_ids)).to(device)
+        model = build_classifier(args.arch, len(data.class_ids)).to(device)
     except ValueError as err:
         raise SystemExit(f"--arch: {err}") from None
     if args.channels_last:
@@ -302,92 +325,57 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint_path = out / "checkpoint.pt"
     step = 0
     if args.resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if state["class_ids"] != class_ids:
-            raise SystemExit(f"{checkpoint_path} was trained on other classes than this run's data")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-        if len(state["loaders"]) != world:
-            raise SystemExit(f"{checkpoint_path} was written by {len(state['loaders'])} ranks, this run has "
-                             f"{world}: resume with the same number of ranks")
-        saved_sources = state["sources"][rank] if "sources" in state else {}
-        try:  # a changed setting or changed data is a ValueError that says what changed
-            if loader is not None:
-                loader.load_state_dict(state["loaders"][rank])
-            for name, source in resumable.items():
-                if name in saved_sources:
-                    source.load_state_dict(saved_sources[name])
-                else:  # a checkpoint from before sources were saved, or a source added since
-                    log.warning("%s holds no position of the %s source: it starts from its first batch",
-                                checkpoint_path, name)
-        except ValueError as err:
-            raise SystemExit(f"error: cannot resume from {checkpoint_path}: {err}") from None
+        step = resume(checkpoint_path, args, {"model": model, "optimizer": optimizer, "scaler": scaler}, data, rank,
+                      world, device)
         if is_main:
             print(f"resumed from {checkpoint_path} at step {step}", flush=True)
+    if is_main:  # two checkpoints must fit while one replaces the other: say so now, not at the first checkpoint
+        check_checkpoint_room(checkpoint_path, model, optimizer)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     raw_model = model.module if world > 1 else model
+    feedback = loader.feedback if loader is not None else None
 
-    # ----- logs -----------------------------------------------------------------------------------------------------
-    log_file = open(out / "log.csv", "a", newline="") if is_main else None
-    log_writer = csv.writer(log_file) if log_file else None
-    if log_writer and log_file.tell() == 0:
-        log_writer.writerow(["step", "loss", "lr", "images_per_s", "data_wait_share", "queue_depth",
-                             "synth_images_per_s", "restarts"])
-    tb = None
-    if args.tensorboard and is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(out / "tensorboard")
-    ids_file = open(out / f"sample_ids-rank{rank}.csv", "a") if args.log_sample_ids else None
+    # ----- logs, checkpoints, evaluation --------------------------------------------------------------------------
+    run_log = RunLog(args, out, rank, step)
+    no_synthesis = {"queue_depth": 0, "workers": [], "restarts": 0}
 
     def checkpoint() -> None:
-        rank_state = (loader.state_dict() if loader is not None else None,
-                      {name: source.state_dict() for name, source in resumable.items()})
         states = [None] * world
         if world > 1:
-            dist.all_gather_object(states, rank_state)
+            dist.all_gather_object(states, data.state_dict())
         else:
-            states = [rank_state]
+            states = [data.state_dict()]
         if is_main:
             save_checkpoint(checkpoint_path, classifier_checkpoint(
-                raw_model, args.arch, class_ids, image_size=args.image_size, step=step,
-                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), loaders=[s[0] for s in states],
-                sources=[s[1] for s in states], args=vars(args), stream=stream.describe() if stream else None))
+                raw_model, args.arch, data.class_ids, image_size=args.image_size, step=step, format=CHECKPOINT_FORMAT,
+                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), data=states, args=vars(args),
+                stream=stream.describe() if stream else None))
 
     def evaluate(tag: str) -> None:
-        if not (is_main and suites):
-            return
-        results = evaluate_suites(raw_model, suites, class_ids, eval_transform(args.image_size), device,
-                                  batch_size=args.batch_size, workers=min(4, os.cpu_count() or 1))
-        print(f"evaluation at step {step}:\n{format_results(results)}", flush=True)
-        write_results(results, out / f"results-{tag}", metadata={"step": step, "arch": args.arch})
-        for r in results:
-            if r.top1 is not None and tb:
-                tb.add_scalar(f"eval/{r.suite}/top1", r.top1, step)
+        if is_main and suites:
+            results = evaluate_suites(raw_model, suites, data.class_ids, eval_transform(args.image_size), device,
+                                      batch_size=args.batch_size, workers=min(4, os.cpu_count() or 1))
+            print(f"evaluation at step {step}:\n{format_results(results)}", flush=True)
+            write_results(results, out / f"results-{tag}", metadata={"step": step, "arch": args.arch})
+            for r in results:
+                if r.top1 is not None and run_log.tb:
+                    run_log.tb.add_scalar(f"eval/{r.suite}/top1", r.top1, step)
+        if world > 1 and suites:
+            dist.barrier()  # the other ranks wait here instead of in the next gradient all-reduce
 
     # ----- the loop -------------------------------------------------------------------------------------------------
-    progress = tqdm(initial=step, total=args.steps, desc="train", disable=not is_main, dynamic_ncols=True)
-    window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
     while step < args.steps:
         lr = learning_rate(step, args, peak_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(args.accum_steps):
-            # The source of each micro-batch is a coin seeded by (seed, step, micro): resume replays the same mix.
-            u = derive_seed(args.seed, "mix", step, micro) / 2**63
-            source = names[min(bisect.bisect_right(mix_cumulative, u), len(names) - 1)]
             wait_start = time.perf_counter()
-            batch = next(sources[source])
-            window_wait += time.perf_counter() - wait_start
-            images = batch[0].to(device, non_blocking=True)
-            targets = batch[1].to(device, non_blocking=True)
+            source, (images, targets, keys) = next(data)
+            run_log.batch(step, micro, source, keys, len(images) * world, time.perf_counter() - wait_start)
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            if ids_file:
-                ids_file.write(f"{step},{micro},{source}," + " ".join(map(str, sample_keys(batch[2]))) + "\n")
             sync = micro == args.accum_steps - 1 or world == 1
             with autocast, (nullcontext() if sync else model.no_sync()):
                 losses = F.cross_entropy(model(images), targets, label_smoothing=args.label_smoothing,
@@ -395,46 +383,24 @@ def main(argv: list[str] | None = None) -> None:
                 scaler.scale(losses.mean() / args.accum_steps).backward()
             if feedback is not None and source == "synthetic":
                 feedback.update(losses.float(), targets)
-            window_images += len(images) * world
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        progress.update(1)
-        if step % args.log_every == 0 or step == args.steps:
-            loss = losses.mean().item()
-            elapsed = time.perf_counter() - window_start
-            rate, wait_share = window_images / elapsed, window_wait / elapsed
-            metrics = loader.metrics() if loader is not None else {"queue_depth": 0, "workers": [], "restarts": 0}
-            synth_rate = sum(w["images_per_s"] for w in metrics["workers"])
-            progress.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.1f}", wait=f"{wait_share:.0%}",
-                                 queue=metrics["queue_depth"])
-            if log_writer:
-                log_writer.writerow([step, f"{loss:.4f}", f"{lr:.5f}", f"{rate:.2f}", f"{wait_share:.3f}",
-                                     metrics["queue_depth"], f"{synth_rate:.2f}", metrics["restarts"]])
-                log_file.flush()
-            if tb:
-                for key, value in {"loss": loss, "lr": lr, "images_per_s": rate, "data_wait_share": wait_share,
-                                   "synth_images_per_s": synth_rate, "queue_depth": metrics["queue_depth"]}.items():
-                    tb.add_scalar(f"train/{key}", value, step)
-            window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
-        if ids_file:
-            ids_file.flush()
+        run_log.step(step, losses, lr, loader.metrics() if loader is not None else no_synthesis,
+                     report=step % args.log_every == 0 or step == args.steps)
         if step % args.checkpoint_every == 0 and step < args.steps:
             checkpoint()
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             evaluate(f"step{step}")
-    progress.close()
+    run_log.close()
     checkpoint()
     if is_main:
         print(f"saved {checkpoint_path} after {step} steps", flush=True)
     evaluate("final")
-    if is_main and args.embedded_default:  # the embedded default's classes are the digits: score held-out real ones
-        report_held_out_digits(raw_model, args.image_size, device, class_ids)
-    if log_file:
-        log_file.close()
-    if tb:
-        tb.close()
+    if is_main and args.embedded_default and data.class_ids == list(DIGIT_CLASS_IDS):
+        # Trained on the embedded default's digits (synthetic, or a cache of them): score it on held-out real ones.
+        report_held_out_digits(raw_model, args.image_size, device, data.class_ids)
     if world > 1:
         dist.destroy_process_group()
 
@@ -442,5 +408,5 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (CaptionStoreError, ModelLoadError) as err:  # a wrong path or input: the message says what to do
-        raise SystemExit(f"train.py: error: {err}") from None
+    except (StreamsynthError, OSError) as err:  # the message names the thing and says what to do
+        raise SystemExit(f"train.py: error: {one_line(err)}") from None

@@ -35,10 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from streamsynth import SynthesisConfig, SyntheticStream  # noqa: E402
+from streamsynth import GeneratorConfig, StreamLoader, SynthesisConfig, SyntheticStream  # noqa: E402
 from streamsynth.defaults import embedded_captions, embedded_model  # noqa: E402
 from streamsynth.digits import (CLASS_IDS, digit_augmentation, fit_classifier, held_out_top1,  # noqa: E402
                                 real_training_batches)
+from streamsynth.stream import EpochsInARow  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,16 +79,15 @@ def conditions(args: argparse.Namespace) -> list[dict]:
     return runs
 
 
-def synthetic_batches(args: argparse.Namespace, condition: dict, seed: int):
-    stream = SyntheticStream(
-        embedded_captions(), embedded_model(), prompt=condition["prompt"], seed=seed, replay=args.replay,
-        image_size=args.image_size, devices=["cpu"], synth_batch_size=args.batch_size,
-        synthesis=SynthesisConfig(num_inference_steps=args.num_inference_steps, guidance_scale=condition["guidance"]),
-        transform=digit_augmentation(args.image_size),
-    )
-    loader = stream.loader(args.batch_size, num_workers=args.workers)
-    while True:
-        yield from loader
+def synthetic_batches(args: argparse.Namespace, condition: dict, seed: int) -> EpochsInARow:
+    """The embedded generator's stream under this condition's prompt and guidance, endlessly."""
+    generator = GeneratorConfig(
+        embedded_model(), image_size=args.image_size, devices=("cpu",), batch_size=args.batch_size,
+        synthesis=SynthesisConfig(num_inference_steps=args.num_inference_steps, guidance_scale=condition["guidance"]))
+    stream = SyntheticStream(embedded_captions(), generator, prompt=condition["prompt"], seed=seed,
+                             batch_size=args.batch_size, replay=args.replay,
+                             transform=digit_augmentation(args.image_size))
+    return EpochsInARow(StreamLoader(stream, args.workers))
 
 
 def run(args: argparse.Namespace, condition: dict, seed: int) -> dict:

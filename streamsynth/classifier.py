@@ -56,29 +56,28 @@ def classifier_checkpoint(model: nn.Module, arch: str, class_ids: Sequence[str],
 
 def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """The model of a checkpoint, on `device` and in eval mode, and the checkpoint dict itself."""
+    from .checkpoints import CheckpointError, describe_state_mismatch, read_checkpoint
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"classifier checkpoint {path} does not exist: give the file train.py wrote")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a corrupt file or a non-weights_only payload
-        raise ValueError(
-            f"{path} is not a loadable classifier checkpoint ({err}); it must be a torch.save'd dict of tensors "
-            "and plain values (see streamsynth.classifier)"
-        ) from err
-    missing = [f for f in REQUIRED_FIELDS if not isinstance(checkpoint, dict) or f not in checkpoint]
+    checkpoint = read_checkpoint(path)  # weights_only: a malicious pickle is refused, never run
+    missing = [f for f in REQUIRED_FIELDS if f not in checkpoint]
     if missing:
-        raise ValueError(f"{path} lacks the checkpoint fields {missing}: write it with streamsynth.classifier_checkpoint")
-    if checkpoint["num_classes"] != len(checkpoint["class_ids"]):
-        raise ValueError(
-            f"{path}: num_classes is {checkpoint['num_classes']} but class_ids has {len(checkpoint['class_ids'])} entries"
-        )
+        raise CheckpointError(f"{path} lacks the checkpoint fields {missing}: write it with "
+                              "streamsynth.classifier_checkpoint")
+    if not isinstance(checkpoint["class_ids"], (list, tuple)) or checkpoint["num_classes"] != len(checkpoint["class_ids"]):
+        raise CheckpointError(f"{path}: num_classes is {checkpoint['num_classes']!r} but class_ids is "
+                              f"{checkpoint['class_ids']!r:.80}")
     model = build_classifier(checkpoint["arch"], checkpoint["num_classes"])
+    mismatch = describe_state_mismatch(model, checkpoint["model"])
+    if mismatch:
+        raise CheckpointError(
+            f"{path}: its weights do not fit a {checkpoint['arch']} with {checkpoint['num_classes']} classes "
+            f"(save the unwrapped model's state_dict, not a DDP or compiled wrapper's): {mismatch}"
+        )
     try:
         model.load_state_dict(checkpoint["model"])
-    except RuntimeError as err:
-        raise ValueError(
-            f"{path}: its weights do not fit a {checkpoint['arch']} with {checkpoint['num_classes']} classes "
-            f"(save the unwrapped model's state_dict, not a DDP or compiled wrapper's): {err}"
-        ) from err
+    except (RuntimeError, TypeError) as err:
+        raise CheckpointError(f"{path}: its weights do not load ({str(err).splitlines()[0][:200]})") from None
     return model.to(device).eval(), checkpoint

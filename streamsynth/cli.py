@@ -31,14 +31,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .errors import StreamsynthError, one_line
+
     try:
         return args.func(args) or 0
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
-        # Input errors carry messages written for the user; a traceback would bury them.
+    except KeyboardInterrupt:
         if args.verbose:
             raise
-        print(f"streamsynth {args.command}: error: {err}", file=sys.stderr)
+        print(f"streamsynth {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (StreamsynthError, OSError, ValueError, RuntimeError) as err:
+        # Input errors and faults (a damaged file, a full disk) carry messages written for the user; a traceback
+        # would bury them.
+        if args.verbose:
+            raise
+        print(f"streamsynth {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug: still one line, and the way to the traceback
+        if args.verbose:
+            raise
+        print(f"streamsynth {args.command}: error: unexpected {type(err).__name__}: {one_line(err)} (run "
+              f"`streamsynth -v {args.command} ...` for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

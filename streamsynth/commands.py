@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 # Suite name → its command-line option; the names are those evaluate.SUITES and SUBSET_SUITES use.
 SUITE_OPTIONS = {
@@ -91,7 +90,7 @@ def _checkpoint_and_transform(args: argparse.Namespace):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_suites, format_results, write_results
+    from .evaluate import check_eval_folder, evaluate_suites, format_results, write_results
 
     suites = {suite: getattr(args, suite.replace("-", "_")) for suite in SUITE_OPTIONS}
     suites = {suite: folder for suite, folder in suites.items() if folder}
@@ -103,6 +102,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not suites:
         raise ValueError(f"no test set given: pass at least one of {['--' + s for s in SUITE_OPTIONS]} or --suite NAME=DIR")
     model, checkpoint, transform, device = _checkpoint_and_transform(args)
+    for suite, folder in suites.items():  # each suite scores something: a wrong folder is an error, not a "-" row
+        check_eval_folder(folder, suite, checkpoint["class_ids"])
     results = evaluate_suites(model, suites, checkpoint["class_ids"], transform, device, args.batch_size, args.workers)
     print(format_results(results))
     json_path, csv_path = write_results(results, args.out, metadata={"checkpoint": str(args.checkpoint)})
@@ -114,6 +115,7 @@ def _audit_privacy(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from .privacy import audit_membership
+    from .safeio import atomic_write_text
 
     model, checkpoint, transform, device = _checkpoint_and_transform(args)
     audit = audit_membership(
@@ -124,7 +126,7 @@ def _audit_privacy(args: argparse.Namespace) -> int:
         result = {**asdict(audit), "chance_mean": audit.chance_mean, "chance_95": audit.chance_95,
                   "checkpoint": str(args.checkpoint), "members_folder": args.members,
                   "non_members_folder": args.non_members}
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n", what="audit result")
         print(f"wrote {args.out}")
     return 0
 

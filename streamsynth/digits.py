@@ -30,14 +30,18 @@ size exactly as a synthetic one does, and is then scored with the standard evalu
 
 from __future__ import annotations
 
+import itertools
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from .transforms import BatchAugment
 
 NUM_IMAGES = 1797
 TRAIN_COUNT = 1297  # images 0..1296 are the training part, 1297..1796 the held-out test part
@@ -249,38 +253,37 @@ def report_held_out_digits(model: torch.nn.Module, image_size: int, device: torc
 
 # ----- small classifiers on digits: the benchmark's and the tests' training loop -----------------------------------
 
-def digit_augmentation(image_size: int):
-    """A mild augmentation for digits (crops of 60-100% of the frame, no flips: a mirrored 2 is not a 2), on uint8
-    CHW images as the stream hands them out, normalised as the classifiers expect."""
-    from torchvision.transforms import v2
+def digit_augmentation(image_size: int) -> "BatchAugment":
+    """A mild augmentation for digits: crops of 60-100% of the frame and no flips (a mirrored 2 is not a 2), then
+    ImageNet normalisation; a `BatchAugment`, so the stream augments each replayed use of a group in one batch."""
+    from .transforms import BatchAugment
 
-    from .stream.dataset import IMAGENET_MEAN, IMAGENET_STD
-
-    return v2.Compose([
-        v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return BatchAugment(image_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), flip=False)
 
 
-def real_training_batches(image_size: int, batch_size: int, transform=None, seed: int = 0):
+def real_training_batches(image_size: int, batch_size: int,
+                          seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless batches of the real training part (the real-data baseline): a seeded reshuffle every epoch, each
-    image augmented by `transform` (default `digit_augmentation`), labels = digits (class ids "0".."9")."""
+    image augmented by `digit_augmentation` under a seed of (seed, epoch, index), labels = digits (ids "0".."9")."""
+    from .seeding import derive_seed
+
     pixels, targets = _load()
     part = train_indices()
     images = digits_to_uint8(pixels[part.start:part.stop], image_size)
     labels = torch.from_numpy(targets[part.start:part.stop].copy())
-    transform = transform or digit_augmentation(image_size)
+    augment = digit_augmentation(image_size)
     generator = torch.Generator().manual_seed(seed)
-    while True:
+    for epoch in itertools.count():
         order = torch.randperm(len(labels), generator=generator)
         for start in range(0, len(order) - batch_size + 1, batch_size):
             index = order[start:start + batch_size]
-            yield torch.stack([transform(images[i]) for i in index]), labels[index]
+            seeds = [derive_seed(seed, "real digits", epoch, i) for i in index.tolist()]
+            yield augment(images[index], seeds), labels[index]
 
 
-def fit_classifier(batches, steps: int, arch: str = "test_resnet", num_classes: int = 10, lr: float = 0.1,
-                   weight_decay: float = 5e-5, label_smoothing: float = 0.1, seed: int = 0) -> torch.nn.Module:
+def fit_classifier(batches: Iterable[tuple], steps: int, arch: str = "test_resnet", num_classes: int = 10,
+                   lr: float = 0.1, weight_decay: float = 5e-5, label_smoothing: float = 0.1,
+                   seed: int = 0) -> torch.nn.Module:
     """Trains `build_classifier(arch)` for `steps` batches of `batches` ((images, labels, ...) tuples) with train.py's
     recipe: SGD with Nesterov momentum, linear warmup over 2% of the steps, cosine decay to zero, label smoothing."""
     import math

@@ -8,11 +8,18 @@ reported: a 10-class model is scored on the 10 classes it was trained for.
 ImageNet-R and -A hold 200 of the 1000 classes; as in their papers, a 1000-way model is scored with its logits
 restricted to those 200 (`SUBSET_SUITES`), so the suite measures robustness rather than confusion with classes
 that cannot occur. Top-k is capped at the number of classes a suite lets the model choose from.
+
+Faults (see docs/reliability.md): `check_eval_folder` finds, before any scoring (and before training in train.py),
+a missing folder, one without class folders, one none of whose classes the classifier can be scored on, and an
+empty or unreadable class folder. Images are decoded with streamsynth's one policy (`streamsynth.imagefiles`): an
+image that cannot be read or decoded is skipped, counted in its suite's `unreadable` and named in a warning, so one
+corrupt file never costs the results of an evaluation.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -24,13 +31,16 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from .classifier import DEFAULT_IMAGE_SIZE
+from .errors import StreamsynthError
+from .imagefiles import plain_rgb, read_image_file
+from .safeio import atomic_write_text
 from .prompts.classnames import imagenet_classes
-from .stream.dataset import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +73,14 @@ def eval_transform(image_size: int = DEFAULT_IMAGE_SIZE) -> Callable:
     ])
 
 
+class EvalFolderError(StreamsynthError, ValueError):
+    """An evaluation folder cannot be scored as given; the message names the folder and the fix."""
+
+
+class EmptyClassFolderError(EvalFolderError, FileNotFoundError):
+    """A class folder to score holds no image file, or cannot be listed."""
+
+
 def folder_class_ids(folders: Sequence[str], class_ids: Sequence[str] = ()) -> dict[str, str]:
     """Class folder name → class id: the name itself, except that all-numeric names are ImageNet-1K indices
     (ImageNet-V2's layout) unless they are class ids of the classifier (a dataset with numeric class ids)."""
@@ -87,13 +105,70 @@ def class_folders(root: str | os.PathLike, suite: str = "") -> list[str]:
             f"{what} does not exist: give a folder with one sub-folder of images per class "
             "(named by WordNet id, or 0..999 as in ImageNet-V2)"
         )
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    try:
+        folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    except OSError as err:
+        raise EvalFolderError(f"cannot list {what}: {err.strerror or err}") from None
     if not folders:
         raise ValueError(
             f"{what} has no class sub-folders: it must hold one sub-folder of images per class "
             "(for ImageNet val, run the usual script that moves the images into per-synset folders)"
         )
     return folders
+
+
+def _first_image(folder: str | os.PathLike) -> str | None:
+    """The first file with an image extension at any depth of `folder` (None if there is none); raises OSError if
+    the folder cannot be listed."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    for current, _, files in os.walk(folder, followlinks=True, onerror=_raise):
+        for name in files:
+            if name.lower().endswith(IMG_EXTENSIONS):
+                return os.path.join(current, name)
+    return None
+
+
+def _raise(err: OSError) -> None:
+    raise err
+
+
+def check_eval_folder(
+    root: str | os.PathLike, suite: str = "", class_ids: Sequence[str] | None = None
+) -> dict[str, int] | list[str]:
+    """Everything about an evaluation folder that can fail, checked before any scoring (in train.py, before
+    training): it exists and holds class folders; with `class_ids` (the classifier's outputs), at least one class
+    folder is a class the suite can score the classifier on; and none of the class folders to score (all of them
+    without `class_ids`) is empty or unreadable. Raises `FileNotFoundError` or `EvalFolderError` naming the folder;
+    returns the class folders, or with `class_ids` the class folder → label map `suite_folder_labels` gives."""
+    what = f"{suite} folder {root}" if suite else f"folder {root}"
+    folders = class_folders(root, suite)
+    if class_ids is None:
+        to_score: list[str] | dict[str, int] = folders
+    else:
+        to_score, skipped = suite_folder_labels(root, class_ids, suite_classes(suite), suite)
+        if not to_score:
+            subset = suite_classes(suite)
+            scorable = [cid for cid in class_ids if subset is None or cid in subset]
+            if not scorable:
+                raise EvalFolderError(
+                    f"{what}: none of the classifier's {len(class_ids)} classes is one of the {len(subset)} classes "
+                    f"{suite} is scored on, so it cannot be scored; leave it out"
+                )
+            raise EvalFolderError(
+                f"{what}: none of its {len(folders)} class folders (e.g. {folders[:3]}) is a class of the classifier "
+                f"(e.g. {list(scorable[:3])}); name class folders by class id (or 0..999 as in ImageNet-V2), or "
+                "leave it out"
+            )
+    for folder in to_score:
+        try:
+            found = _first_image(Path(root) / folder)
+        except OSError as err:
+            raise EmptyClassFolderError(f"{what}: cannot read class folder {folder} ({err.strerror or err})") from None
+        if found is None:
+            raise EmptyClassFolderError(f"{what}: class folder {folder} holds no image files; add images to it or "
+                                  "remove it")
+    return to_score
 
 
 class LabelledImageFolder(ImageFolder):
@@ -114,6 +189,48 @@ class LabelledImageFolder(ImageFolder):
         return sorted(self.folder_labels), self.folder_labels
 
 
+class ImagesOrReasons(Dataset):
+    """The images of a `LabelledImageFolder` for scoring, decoded with streamsynth's policy: item i is
+    (tensor, label, None), or (None, label, "path: why it is unusable") for an image that cannot be read, decoded
+    or transformed. Batch it with `collate_skipping`."""
+
+    def __init__(self, folder: LabelledImageFolder):
+        self.samples = folder.samples
+        self.transform = folder.transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:
+        path, label = self.samples[i]
+        image = read_image_file(path, convert=plain_rgb)
+        if isinstance(image, str):
+            return None, label, f"{path}: {image}"
+        try:
+            return (self.transform(image) if self.transform else image), label, None
+        except Exception as err:  # e.g. an image too small for the crop
+            return None, label, f"{path}: the evaluation transform failed ({type(err).__name__}: {err})"
+
+
+def collate_skipping(items: list) -> tuple[torch.Tensor | None, torch.Tensor, list[str]]:
+    """(the usable images stacked, their labels, the reasons of the unusable ones)."""
+    good = [(image, label) for image, label, _ in items if image is not None]
+    images = torch.stack([image for image, _ in good]) if good else None
+    return images, torch.tensor([label for _, label in good], dtype=torch.int64), [r for *_, r in items if r]
+
+
+def scoring_loader(folder: LabelledImageFolder, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader of (images, labels, unreadable) batches that survives corrupt images (see `ImagesOrReasons`)."""
+    return DataLoader(ImagesOrReasons(folder), batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                      collate_fn=collate_skipping)
+
+
+def warn_unreadable(where: str, unreadable: Sequence[str]) -> None:
+    if unreadable:
+        log.warning("%s: %d images skipped because they cannot be used, e.g. %s", where, len(unreadable),
+                    "; ".join(unreadable[:3]))
+
+
 @dataclass
 class SuiteResult:
     """One suite's scores. Accuracies are percentages; None when no image of the suite could be scored."""
@@ -127,6 +244,7 @@ class SuiteResult:
     candidate_classes: int  # outputs the model may choose from (all, or those in the suite's subset)
     scored_classes: int  # class folders read
     skipped_folders: list[str] = field(default_factory=list)  # classes the model lacks or outside the suite's subset
+    unreadable: list[str] = field(default_factory=list)  # "path: reason" of images that could not be decoded
 
 
 def suite_folder_labels(
@@ -145,11 +263,19 @@ def suite_folder_labels(
 
 @torch.no_grad()
 def topk_correct(
-    model: nn.Module, loader: DataLoader, k: int, mask: torch.Tensor, device: torch.device | str, desc: str = ""
+    model: nn.Module, loader: DataLoader, k: int, mask: torch.Tensor, device: torch.device | str, desc: str = "",
+    unreadable: list[str] | None = None,
 ) -> tuple[int, int, int]:
-    """(images, top-1 hits, top-k hits) of `model` over `loader`, choosing only among outputs where `mask` is True."""
+    """(images, top-1 hits, top-k hits) of `model` over `loader`, choosing only among outputs where `mask` is True.
+
+    `loader` yields (images, labels) or, from `scoring_loader`, (images or None, labels, unreadable): the reasons
+    of unreadable images are appended to `unreadable` when it is given."""
     images = top1 = topk = 0
-    for batch, labels in tqdm(loader, desc=desc, leave=False, disable=None):
+    for batch, labels, *rest in tqdm(loader, desc=desc, leave=False, disable=None):
+        if rest and unreadable is not None:
+            unreadable.extend(rest[0])
+        if batch is None:
+            continue
         logits = model(batch.to(device, non_blocking=True)).float()
         if logits.shape[1] != len(mask):
             raise ValueError(
@@ -187,11 +313,16 @@ def evaluate_suite(
         log.warning("%s: no class of %s is a class of the classifier; nothing scored", suite, folder)
         return SuiteResult(suite, str(folder), 0, None, None, k, candidates, 0, skipped)
     dataset = LabelledImageFolder(folder, folder_labels, transform)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=str(device).startswith("cuda"))
-    images, top1, topk = topk_correct(model, loader, k, mask, device, desc=suite)
+    loader = scoring_loader(dataset, batch_size, workers, pin_memory=str(device).startswith("cuda"))
+    unreadable: list[str] = []
+    images, top1, topk = topk_correct(model, loader, k, mask, device, desc=suite, unreadable=unreadable)
+    warn_unreadable(f"{suite} ({folder})", unreadable)
+    if images == 0:
+        log.warning("%s: no image of %s could be read; nothing scored", suite, folder)
+        return SuiteResult(suite, str(folder), 0, None, None, k, candidates, len(folder_labels), skipped, unreadable)
     return SuiteResult(
         suite, str(folder), images, 100.0 * top1 / images, 100.0 * topk / images, k, candidates, len(folder_labels),
-        skipped,
+        skipped, unreadable,
     )
 
 
@@ -207,11 +338,16 @@ def evaluate_suites(
     """Scores `model` on each suite (name → ImageFolder root). Names in `SUBSET_SUITES` get their class subset.
 
     `model` must already be on `device`. `class_ids` are its outputs in label order (the caption store's classes,
-    or a checkpoint's `class_ids`); `transform` defaults to `eval_transform()`. Every folder is checked before any is scored, so a
-    wrong path fails in seconds, not after an hour of ImageNet val. The model's train/eval mode is restored.
+    or a checkpoint's `class_ids`); `transform` defaults to `eval_transform()`. Every folder is checked before any is
+    scored (`check_eval_folder`, for the class folders each suite scores), so a wrong path or an empty class folder
+    fails in seconds, not after an hour of ImageNet val; an unreadable image is skipped and counted, not fatal. The
+    model's train/eval mode is restored.
     """
     for suite, folder in suites.items():
         class_folders(folder, suite)
+    for suite, folder in suites.items():
+        if suite_folder_labels(folder, class_ids, suite_classes(suite), suite)[0]:
+            check_eval_folder(folder, suite, class_ids)
     transform = transform or eval_transform()
     was_training = model.training
     model.eval()
@@ -238,6 +374,8 @@ def format_results(results: Sequence[SuiteResult]) -> str:
             note += f"  (top-5 is top-{r.top5_k})"
         if r.skipped_folders:
             note += f"  ({len(r.skipped_folders)} folders skipped: classes the model lacks)"
+        if r.unreadable:
+            note += f"  ({len(r.unreadable)} unreadable images skipped)"
         lines.append(f"{r.suite:<18}{r.images:>9}{_percent(r.top1):>10}{_percent(r.top5):>10}  {note}")
     return "\n".join(lines)
 
@@ -250,13 +388,18 @@ def write_results(
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out.with_suffix(".json"), out.with_suffix(".csv")
     rows = [asdict(r) for r in results]
-    json_path.write_text(json.dumps({"metadata": metadata or {}, "results": rows}, indent=2) + "\n")
-    # The CSV is for spreadsheets: the skipped folders (up to 990 for a small model on V2) become a count.
-    columns = [name for name in SuiteResult.__dataclass_fields__ if name != "skipped_folders"] + ["skipped_classes"]
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            skipped = row.pop("skipped_folders")
-            writer.writerow({**row, "skipped_classes": len(skipped)})
+    # Written all or nothing: a full disk is a one-line error and leaves the previous results in place.
+    atomic_write_text(json_path, json.dumps({"metadata": metadata or {}, "results": rows}, indent=2) + "\n",
+                      what="results")
+    # The CSV is for spreadsheets: the skipped folders (up to 990 for a small model on V2) and the unreadable images
+    # become counts.
+    lists = {"skipped_folders": "skipped_classes", "unreadable": "unreadable_images"}
+    columns = [name for name in SuiteResult.__dataclass_fields__ if name not in lists] + list(lists.values())
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        counts = {column: len(row.pop(name)) for name, column in lists.items()}
+        writer.writerow({**row, **counts})
+    atomic_write_text(csv_path, text.getvalue(), what="results")
     return json_path, csv_path

@@ -20,8 +20,8 @@ from .captions.store import CaptionStore
 from .prompts.templates import PromptTemplate
 from .stream.dataset import SyntheticStream
 from .stream.sampling import SampleSpec
+from .synth.config import GeneratorConfig, SynthesisConfig
 from .synth.digits_model import is_digits_model
-from .synth.sampler import SynthesisConfig
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -146,24 +146,25 @@ def preview_grid(
 
     if samples_per_class < 1:
         raise ValueError(f"samples per class must be at least 1, got {samples_per_class}")
-    stream = SyntheticStream(
-        captions or embedded_captions(), model or embedded_model(), prompt=prompt, seed=seed, image_size=image_size,
-        devices=[device], dtype=dtype, synthesis=SynthesisConfig(num_inference_steps=steps, guidance_scale=guidance),
-    )
+    generator = GeneratorConfig(model or embedded_model(), image_size=image_size, devices=(device,), dtype=dtype,
+                                synthesis=SynthesisConfig(num_inference_steps=steps, guidance_scale=guidance))
+    stream = SyntheticStream(captions or embedded_captions(), generator, prompt=prompt, seed=seed)
     labels = resolve_classes(stream, classes)
     specs = first_samples(stream, labels, samples_per_class)
     flat = [spec for row in specs for spec in row]
-    images = [image for start in range(0, len(flat), stream.synth_batch_size)
-              for image in stream.generate(flat[start:start + stream.synth_batch_size])]
+    synth, chunk = stream.synthesizer(), generator.batch_size
+    images = [image for start in range(0, len(flat), chunk)
+              for image in synth.generate_uint8([s.prompt for s in flat[start:start + chunk]],
+                                                [s.seed for s in flat[start:start + chunk]], image_size).cpu()]
     title_lines = [
-        f"generator: {stream.model}",
+        f"generator: {generator.model}",
         f"prompt: {_strategy_line(stream.sampler.template.templates)}",
         f"seed {seed}, {steps} steps, guidance {guidance}, first samples of each class in training order",
     ]
     if stream.random_weights:
         title_lines.append("RANDOM WEIGHTS: streamsynth's tiny test generator. These images are noise, not pictures "
                            "of the classes.")
-    elif is_digits_model(stream.model):
+    elif is_digits_model(generator.model):
         title_lines.append("streamsynth's embedded default: a tiny model trained on real 8x8 handwritten digits "
                            "(scikit-learn), not Stable Diffusion")
     row_names = [f"{stream.store.classes[label].name}\n({stream.store.classes[label].id})" for label in labels]
@@ -171,4 +172,4 @@ def preview_grid(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
-    return Preview(out, stream.model, stream.random_weights, is_digits_model(stream.model), specs, fig)
+    return Preview(out, generator.model, stream.random_weights, is_digits_model(generator.model), specs, fig)

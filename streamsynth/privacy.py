@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .evaluate import LabelledImageFolder, eval_transform, suite_folder_labels
+from .evaluate import (EvalFolderError, LabelledImageFolder, check_eval_folder, eval_transform, scoring_loader,
+                       suite_folder_labels, warn_unreadable)
 
 # sup of a Brownian bridge, P(sup > x) = exp(-2 x^2): its mean sqrt(pi/8) and its 95% quantile sqrt(ln(20)/2),
 # halved because balanced accuracy is 0.5 + (TPR - FPR) / 2.
@@ -48,6 +49,7 @@ class MembershipAudit:
     auc: float
     member_mean_confidence: float
     non_member_mean_confidence: float
+    unreadable: list[str] = field(default_factory=list)  # "path: reason" of images that could not be scored
 
     @property
     def chance_mean(self) -> float:
@@ -75,6 +77,8 @@ class MembershipAudit:
             f"  chance, for these sizes: {100 * self.chance_mean:.1f}% on average, below {100 * self.chance_95:.1f}% "
             "in 95% of audits",
             f"  verdict: {verdict}",
+            *([f"  {len(self.unreadable)} unreadable images were left out, e.g. {self.unreadable[0]}"]
+              if self.unreadable else []),
             "  How to read it: 50% means an attacker cannot tell training images from unseen ones by the model's "
             "confidence; 100% means every training image is exposed. See docs/privacy.md.",
         ])
@@ -102,10 +106,18 @@ def threshold_attack(member_scores: np.ndarray, non_member_scores: np.ndarray) -
 
 
 @torch.no_grad()
-def true_class_log_confidence(model: nn.Module, loader: DataLoader, device: torch.device | str) -> np.ndarray:
-    """log softmax probability of each image's true class. Logs keep members' near-1 confidences distinct."""
-    scores = []
-    for images, labels in tqdm(loader, leave=False, disable=None):
+def true_class_log_confidence(
+    model: nn.Module, loader: DataLoader, device: torch.device | str, unreadable: list[str] | None = None
+) -> np.ndarray:
+    """log softmax probability of each image's true class. Logs keep members' near-1 confidences distinct.
+
+    `loader` yields (images, labels) or, from `evaluate.scoring_loader`, (images or None, labels, unreadable)."""
+    scores = [torch.empty(0)]
+    for images, labels, *rest in tqdm(loader, leave=False, disable=None):
+        if rest and unreadable is not None:
+            unreadable.extend(rest[0])
+        if images is None:
+            continue
         log_probs = F.log_softmax(model(images.to(device)).float(), dim=1)
         scores.append(log_probs.gather(1, labels.to(log_probs.device)[:, None]).squeeze(1).cpu())
     return torch.cat(scores).numpy()
@@ -116,10 +128,11 @@ def _labelled_folder(
 ) -> LabelledImageFolder:
     folder_labels, skipped = suite_folder_labels(root, class_ids, None, role)
     if not folder_labels:
-        raise ValueError(
+        raise EvalFolderError(
             f"no class folder of {role} folder {root} is a class of the classifier: name class folders by the "
             f"checkpoint's class ids (e.g. {list(class_ids[:3])})"
         )
+    check_eval_folder(root, role, class_ids)  # no empty or unreadable class folder
     if skipped:
         log.warning("%s: skipping %d class folders the classifier does not know: %s", role, len(skipped), skipped[:5])
     return LabelledImageFolder(root, folder_labels, transform)
@@ -145,13 +158,19 @@ def audit_membership(
                 for root, role in [(members, "members"), (non_members, "non-members")]]
     was_training = model.training
     model.eval()
+    unreadable: list[str] = []
     try:
         member_scores, non_member_scores = [
-            true_class_log_confidence(model, DataLoader(d, batch_size=batch_size, num_workers=workers), device)
+            true_class_log_confidence(model, scoring_loader(d, batch_size, workers), device, unreadable)
             for d in datasets
         ]
     finally:
         model.train(was_training)
+    warn_unreadable("audit-privacy", unreadable)
+    for scores, root, role in [(member_scores, members, "members"), (non_member_scores, non_members, "non-members")]:
+        if len(scores) == 0:
+            raise EvalFolderError(f"no image of the {role} folder {root} could be read ({len(unreadable)} unreadable, "
+                                  f"e.g. {unreadable[0] if unreadable else '-'}); the audit needs both sets")
     balanced, log_threshold, auc = threshold_attack(member_scores, non_member_scores)
     return MembershipAudit(
         members=len(member_scores),
@@ -161,4 +180,5 @@ def audit_membership(
         auc=auc,
         member_mean_confidence=float(np.exp(member_scores).mean()),
         non_member_mean_confidence=float(np.exp(non_member_scores).mean()),
+        unreadable=unreadable,
     )

@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     model = _model_folder(args, out, device)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(settings["batch"])]
-    from .synth import derive_seed, has_random_weights
+    from .seeding import derive_seed
+    from .synth import has_random_weights
 
     seeds = [derive_seed("profile", i) for i in range(settings["batch"])]
 

@@ -34,6 +34,15 @@ IMAGENETTE_CAPTIONS = Path(__file__).parent / "data" / "imagenette_illustrative.
 
 
 @pytest.fixture(scope="session")
+def small_generator(tiny_model):
+    """The tiny random model as the stream's generator, at test sizes: 16x16 images, 2 steps, on the CPU."""
+    from streamsynth import GeneratorConfig, SynthesisConfig
+
+    return GeneratorConfig(tiny_model, synthesis=SynthesisConfig(num_inference_steps=2), image_size=16,
+                           devices=("cpu",), batch_size=4)
+
+
+@pytest.fixture(scope="session")
 def caption_store(tmp_path_factory) -> CaptionStore:
     """The ten-class illustrative Imagenette captions, imported into an LMDB store."""
     return import_captions(IMAGENETTE_CAPTIONS, tmp_path_factory.mktemp("captions") / "captions.lmdb")
@@ -42,15 +51,19 @@ def caption_store(tmp_path_factory) -> CaptionStore:
 @pytest.fixture(scope="session")
 def write_cache():
     """A writer of cache shards as `--cache` writes them (png, cls, json; one shard per entry of `counts`, named by
-    its first sample id), for tests of training from a cache that need no synthesis run."""
+    its first sample id; `class_ids`, default "c0", "c1", ..., recorded), for tests of training from a cache that need no
+    synthesis run."""
     import numpy as np
     import webdataset as wds
     from PIL import Image
 
-    from streamsynth.stream.cache import shard_name
+    from streamsynth.stream.cache import shard_name, write_cache_classes
 
-    def write(folder: Path, counts: list[int], num_classes: int = 3, first_id: int = 0) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
+    def write(folder: Path, counts: list[int], num_classes: int = 3, first_id: int = 0,
+              class_ids: list[str] | None = None) -> Path:
+        class_ids = class_ids or [f"c{i}" for i in range(num_classes)]
+        num_classes = len(class_ids)
+        write_cache_classes(folder, class_ids)
         rng = np.random.default_rng(first_id)
         sample_id = first_id
         for count in counts:

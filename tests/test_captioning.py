@@ -28,7 +28,7 @@ from streamsynth.captions import CaptionStore, CaptionStoreError, CaptionStoreWr
 from streamsynth.captions.architectures import byte_level_tokenizer, never_emit, random_blip2
 from streamsynth.captions.captioners import load_captioner
 from streamsynth.captions.captioning import _interrupt_after_block, caption_images, report_path
-from streamsynth.captions.images import decode_image
+from streamsynth.imagefiles import decode_image
 from streamsynth.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

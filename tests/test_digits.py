@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamsynth import SynthesisConfig, SyntheticStream
+from streamsynth import GeneratorConfig, StreamLoader, SynthesisConfig, SyntheticStream
 from streamsynth.captions import CaptionStore
 from streamsynth.defaults import embedded_captions, embedded_model
 from streamsynth.digits import (CLASS_IDS, CLASS_NAMES, POSITIONS, SIZES, SLANTS, STROKES, HeldOutDigits,
@@ -22,9 +22,9 @@ from streamsynth.digits import (CLASS_IDS, CLASS_NAMES, POSITIONS, SIZES, SLANTS
 from streamsynth.synth import has_random_weights, load_pipeline
 
 # The learning tests: a small classifier (timm's test_resnet at 16 px) trained for EPOCHS passes over the first STEPS
-# batches of the stream, scored on the 500 held-out real digits. Measured over stream and classifier seeds 0-3:
-# 93-96% (replay 1) and 91-95% (replay 4); shuffled labels 3-12%, the random-weights generator 7-16%. Thresholds
-# leave a wide margin either way.
+# batches of the stream, scored on the 500 held-out real digits. Measured over stream seeds 0-3: 94-95% (replay 1)
+# and 92-96% (replay 4); shuffled labels 7-13%, the random-weights generator 10-11%. Thresholds leave a wide margin
+# either way.
 IMAGE_SIZE, BATCH, STEPS, EPOCHS, DENOISING_STEPS = 16, 32, 30, 3, 10
 LEARNS, CHANCE_BAND = 75.0, 25.0  # % top-1: a learning run must reach LEARNS; a control must stay below CHANCE_BAND
 
@@ -146,17 +146,13 @@ def _one_thread():
 
 def _stream_batches(model, replay: int, steps: int = STEPS, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first `steps` batches of the stream, made by one (single-threaded) loader worker."""
-    stream = SyntheticStream(
-        embedded_captions(), model, prompt="cip", seed=seed, replay=replay, image_size=IMAGE_SIZE, devices=["cpu"],
-        synth_batch_size=BATCH, synthesis=SynthesisConfig(num_inference_steps=DENOISING_STEPS, guidance_scale=1.5),
-        transform=digit_augmentation(IMAGE_SIZE),
-    )
-    batches = []
-    for images, labels in stream.loader(BATCH, num_workers=1):
-        batches.append((images, labels))
-        if len(batches) == steps:
-            return batches
-    raise AssertionError("the stream ended early")
+    generator = GeneratorConfig(model, image_size=IMAGE_SIZE, devices=("cpu",), batch_size=BATCH,
+                                synthesis=SynthesisConfig(num_inference_steps=DENOISING_STEPS, guidance_scale=1.5))
+    stream = SyntheticStream(embedded_captions(), generator, prompt="cip", seed=seed, batch_size=BATCH, replay=replay,
+                             transform=digit_augmentation(IMAGE_SIZE))
+    batches = list(itertools.islice(StreamLoader(stream, 1), steps))
+    assert len(batches) == steps, "the stream's epoch ended early"
+    return batches
 
 
 def _top1(batches) -> float:
@@ -209,7 +205,8 @@ def test_training_script_is_seeded_and_saves_a_loadable_pipeline(tmp_path):
         assert all(torch.equal(value, getattr(again, name).state_dict()[key]) for key, value in state.items())
     assert pipe.tokenizer("a photo of seven, thick strokes").input_ids == again.tokenizer(
         "a photo of seven, thick strokes").input_ids
-    assert len(pipe.tokenizer("a photo of seven, thick strokes, slanted right").input_ids) == 12  # a token per word or comma
+    # a token per word or comma, between the start and end tokens
+    assert len(pipe.tokenizer("a photo of seven, thick strokes, slanted right").input_ids) == 12
 
 
 def test_train_learning_rate_warms_up_then_decays():

@@ -9,7 +9,7 @@ import torch
 from streamsynth.cli import main
 from streamsynth.preview import CELL_HEIGHT, CELL_WIDTH, DPI, _cell_title, preview_grid
 from streamsynth.stream import SyntheticStream
-from streamsynth.synth import SynthesisConfig
+from streamsynth.synth import GeneratorConfig, SynthesisConfig
 
 SETTINGS = dict(seed=5, steps=2, guidance=2.0, image_size=32, device="cpu")
 
@@ -25,10 +25,9 @@ def test_grid_shows_the_streams_own_samples(tmp_path, tiny_model, caption_store)
     assert png.shape[0] > 3 * CELL_HEIGHT * DPI  # three rows under a title
     assert len(preview.figure.axes) == 3 * 2
 
-    stream = SyntheticStream(
-        caption_store, tiny_model, prompt="clip", seed=5, image_size=32, devices=["cpu"],
-        synthesis=SynthesisConfig(num_inference_steps=2, guidance_scale=2.0),
-    )
+    generator = GeneratorConfig(tiny_model, SynthesisConfig(num_inference_steps=2, guidance_scale=2.0), image_size=32,
+                                devices=("cpu",))
+    stream = SyntheticStream(caption_store, generator, prompt="clip", seed=5)
     assert [[spec.label for spec in row] for row in preview.specs] == [[3] * 2, [0] * 2, [2] * 2]
     for row in preview.specs:
         ids = [spec.sample_id for spec in row]
@@ -40,7 +39,7 @@ def test_grid_shows_the_streams_own_samples(tmp_path, tiny_model, caption_store)
 
     # Each cell holds exactly the image the stream generates for its sample, titled with its prompt.
     flat = [spec for row in preview.specs for spec in row]
-    expected = stream.generate(flat)
+    expected = stream.synthesizer().generate_uint8([s.prompt for s in flat], [s.seed for s in flat], 32)
     for ax, spec, image in zip(preview.figure.axes, flat, expected):
         assert ax.get_title(loc="left") == _cell_title(spec.prompt)
         assert torch.equal(torch.from_numpy(ax.get_images()[0].get_array().data).permute(2, 0, 1), image)

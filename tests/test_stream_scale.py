@@ -1,4 +1,4 @@
-"""The stream at scale: replay, exact resume, worker faults, metrics, StatefulDataLoader, the WebDataset cache."""
+"""The stream at scale: replay, exact and elastic resume, worker faults, metrics, StatefulDataLoader, the cache."""
 
 from __future__ import annotations
 
@@ -15,11 +15,9 @@ import pytest
 import torch
 import webdataset as wds
 
-from streamsynth import SynthesisConfig, SyntheticStream
-from streamsynth.stream import CachedBatches, cache_shards
+from streamsynth import StreamLoader, SyntheticStream
+from streamsynth.stream import CachedBatches, SynthesisError, cache_shards
 from streamsynth.stream.cache import read_metadata
-
-FAST = SynthesisConfig(num_inference_steps=2)
 
 
 def _flip_and_crop():
@@ -29,19 +27,17 @@ def _flip_and_crop():
                        v2.ToDtype(torch.float32, scale=True)])
 
 
-def _stream(caption_store, tiny_model, cls=SyntheticStream, **kwargs):
-    kwargs = {"image_size": 16, "devices": ["cpu"], "synthesis": FAST, "synth_batch_size": 4,
-              "return_sample_ids": True, **kwargs}
-    return cls(caption_store, tiny_model, **kwargs)
+def _stream(caption_store, generator, cls=SyntheticStream, **kwargs):
+    return cls(caption_store, generator, **{"batch_size": 4, "return_sample_ids": True, **kwargs})
 
 
 def _ids(batches) -> list[list[int]]:
     return [batch[2].tolist() for batch in batches]
 
 
-def test_replay_uses_every_image_k_times_within_a_bounded_buffer(caption_store, tiny_model):
-    stream = _stream(caption_store, tiny_model, epoch_size=24, replay=3, transform=_flip_and_crop())
-    batches = list(stream.loader(batch_size=4))
+def test_replay_uses_every_image_k_times_within_a_bounded_buffer(caption_store, small_generator):
+    stream = _stream(caption_store, small_generator, epoch_size=24, replay=3, transform=_flip_and_crop())
+    batches = list(StreamLoader(stream, num_workers=2))
     assert len(batches) == 6
     ids = [i for batch in _ids(batches) for i in batch]
     assert Counter(ids) == {i: 3 for i in range(8)}  # 8 generated images, each used exactly k = 3 times
@@ -59,17 +55,18 @@ def test_replay_uses_every_image_k_times_within_a_bounded_buffer(caption_store, 
     assert all((v[0] - v[1]).abs().max() > 0 or (v[0] - v[2]).abs().max() > 0 for v in views)
 
 
-def _uninterrupted(caption_store, tiny_model, **kwargs) -> list[list[int]]:
-    loader = _stream(caption_store, tiny_model, epoch_size=32, **kwargs).loader(batch_size=4, num_workers=2)
+def _uninterrupted(caption_store, generator, **kwargs) -> list[list[int]]:
+    loader = StreamLoader(_stream(caption_store, generator, epoch_size=32, **kwargs), num_workers=2)
     return _ids(list(loader)) + _ids(list(loader))  # two epochs
 
 
-@pytest.mark.parametrize("replay", [1, 2])
-def test_resume_from_state_dict_is_exact(caption_store, tiny_model, replay):
-    reference = _uninterrupted(caption_store, tiny_model, replay=replay)
+@pytest.mark.parametrize("replay, workers_before, workers_after", [(1, 2, 2), (2, 2, 2), (2, 1, 2), (1, 2, 0)])
+def test_resume_from_state_dict_is_exact_on_any_worker_count(caption_store, small_generator, replay,
+                                                              workers_before, workers_after):
+    reference = _uninterrupted(caption_store, small_generator, replay=replay)
     assert len(reference) == 16 and len({i for b in reference for i in b}) == 64 // replay
 
-    first = _stream(caption_store, tiny_model, epoch_size=32, replay=replay).loader(batch_size=4, num_workers=2)
+    first = StreamLoader(_stream(caption_store, small_generator, epoch_size=32, replay=replay), workers_before)
     seen = []
     for batch in first:
         seen.append(batch[2].tolist())
@@ -78,28 +75,48 @@ def test_resume_from_state_dict_is_exact(caption_store, tiny_model, replay):
     state = first.state_dict()
     assert state["epoch"] == 0 and state["batch"] == 5
 
-    second = _stream(caption_store, tiny_model, epoch_size=32, replay=replay).loader(batch_size=4, num_workers=2)
+    second = StreamLoader(_stream(caption_store, small_generator, epoch_size=32, replay=replay), workers_after)
     second.load_state_dict(state)
     seen += _ids(list(second)) + _ids(list(second))
     assert seen == reference
 
 
-def test_resume_refuses_a_different_layout(caption_store, tiny_model):
-    state = _stream(caption_store, tiny_model, epoch_size=32).loader(batch_size=4, num_workers=2).state_dict()
-    other = _stream(caption_store, tiny_model, epoch_size=32).loader(batch_size=2, num_workers=2)
-    with pytest.raises(ValueError, match="batch_size was 4, now 2"):
+def test_resume_on_fewer_ranks_with_the_same_global_batch_continues_the_sequence(caption_store, small_generator):
+    """Two ranks of batch 2 checkpoint after 3 batches; one rank of batch 4 resumes and sees what they would have."""
+    def rank_batches(rank: int, world: int, batch_size: int, state=None, count=None) -> list[list[int]]:
+        loader = StreamLoader(_stream(caption_store, small_generator, epoch_size=32, batch_size=batch_size,
+                                      rank=rank, world_size=world))
+        if state:
+            loader.load_state_dict(state)
+        out = []
+        for batch in loader:
+            out.append(batch[2].tolist())
+            if count and len(out) == count:
+                return out, loader.state_dict()
+        return out, loader.state_dict()
+
+    (r0, state0), (r1, state1) = rank_batches(0, 2, 2, count=3), rank_batches(1, 2, 2, count=3)
+    assert state0 == state1  # the state is the same on every rank
+    resumed, _ = rank_batches(0, 1, 4, state=state0)
+    reference, _ = rank_batches(0, 1, 4)
+    assert [a + b for a, b in zip(r0, r1)] + resumed == reference
+
+
+def test_resume_refuses_another_global_batch(caption_store, small_generator):
+    state = StreamLoader(_stream(caption_store, small_generator, epoch_size=32)).state_dict()
+    other = StreamLoader(_stream(caption_store, small_generator, epoch_size=32, batch_size=2))
+    with pytest.raises(ValueError, match="global_batch_size was 4, now 2"):
         other.load_state_dict(state)
 
 
-def test_stateful_dataloader_resumes_exactly(caption_store, tiny_model):
+def test_stateful_dataloader_with_two_workers_resumes_exactly(caption_store, small_generator):
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     def make():
-        stream = _stream(caption_store, tiny_model, epoch_size=32)
-        stream.configure(batch_size=4, num_workers=2)
-        return StatefulDataLoader(stream, batch_size=4, num_workers=2)
+        return StatefulDataLoader(_stream(caption_store, small_generator, epoch_size=32), batch_size=4, num_workers=2)
 
-    reference = _ids(list(make()))
+    reference = make()
+    expected = _ids(reference) + _ids(reference)
     loader = make()
     iterator = iter(loader)
     seen = [next(iterator)[2].tolist() for _ in range(3)]
@@ -107,8 +124,8 @@ def test_stateful_dataloader_resumes_exactly(caption_store, tiny_model):
     del iterator
     resumed = make()
     resumed.load_state_dict(state)
-    seen += _ids(list(resumed))
-    assert seen == reference
+    seen += _ids(resumed) + _ids(resumed)  # the rest of epoch 0, then epoch 1 by itself
+    assert seen == expected
 
 
 class FailOnce(SyntheticStream):
@@ -117,47 +134,60 @@ class FailOnce(SyntheticStream):
     marker: str = ""
     how: str = "raise"
 
-    def _make_group(self, epoch, group):
+    def make_group(self, epoch, group, worker=0, class_weights=None):
         if group == 3 and not os.path.exists(self.marker):
             Path(self.marker).touch()
-            if self.how == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
+            if self.how in ("kill", "stop"):
+                os.kill(os.getpid(), signal.SIGKILL if self.how == "kill" else signal.SIGSTOP)
             if self.how == "hang":
                 time.sleep(600)
             raise RuntimeError("injected fault: CUDA out of memory (simulated)")
-        return super()._make_group(epoch, group)
+        return super().make_group(epoch, group, worker, class_weights)
 
 
-@pytest.mark.parametrize("how", ["raise", "kill", "hang"])
-def test_worker_fault_is_survived_without_repeat_or_gap(caption_store, tiny_model, tmp_path, how, caplog):
-    reference = _uninterrupted(caption_store, tiny_model)
-    stream = _stream(caption_store, tiny_model, cls=FailOnce, epoch_size=32)
+@pytest.mark.parametrize("how", ["raise", "kill", "hang", "stop"])
+def test_worker_fault_is_survived_without_repeat_or_gap(caption_store, small_generator, tmp_path, how, caplog):
+    reference = _uninterrupted(caption_store, small_generator)
+    stream = _stream(caption_store, small_generator, cls=FailOnce, epoch_size=32)
     stream.marker, stream.how = str(tmp_path / "failed"), how
-    loader = stream.loader(batch_size=4, num_workers=2, timeout=5 if how == "hang" else 1800)
+    loader = StreamLoader(stream, num_workers=2, timeout=15 if how in ("hang", "stop") else 1800)
     seen = _ids(list(loader)) + _ids(list(loader))
     assert seen == reference
     assert loader.restarts == 1 and loader.metrics()["restarts"] == 1
-    assert "restarting the workers" in caplog.text
+    assert "restarting them there" in caplog.text
 
 
 class AlwaysFail(SyntheticStream):
-    def _make_group(self, epoch, group):
+    def make_group(self, epoch, group, worker=0, class_weights=None):
         raise RuntimeError("injected permanent fault")
 
 
-def test_a_batch_that_keeps_failing_ends_the_run_with_its_cause(caption_store, tiny_model):
-    loader = _stream(caption_store, tiny_model, cls=AlwaysFail, epoch_size=32).loader(batch_size=4, num_workers=2)
-    loader.max_restarts = 1
-    with pytest.raises(RuntimeError, match="batch 0 of epoch 0 failed 2 times.*injected permanent fault"):
+def test_a_group_that_keeps_failing_ends_the_run_with_its_cause(caption_store, small_generator):
+    loader = StreamLoader(_stream(caption_store, small_generator, cls=AlwaysFail, epoch_size=32), num_workers=2,
+                          max_restarts=1)
+    with pytest.raises(SynthesisError, match="group 0 .*failed 2 times.*injected permanent fault"):
         list(loader)
 
 
-def test_metrics_are_readable_from_loader_and_dataset(caption_store, tiny_model):
-    stream = _stream(caption_store, tiny_model, epoch_size=16)
-    loader = stream.loader(batch_size=4, num_workers=2)
+class ModelVanishes(SyntheticStream):
+    def make_group(self, epoch, group, worker=0, class_weights=None):
+        from streamsynth.synth import ModelLoadError
+
+        raise ModelLoadError("model folder /models/sd was deleted")
+
+
+def test_a_deterministic_error_in_a_worker_ends_the_run_at_once_in_one_line(caption_store, small_generator):
+    loader = StreamLoader(_stream(caption_store, small_generator, cls=ModelVanishes, epoch_size=8), num_workers=1)
+    with pytest.raises(SynthesisError) as raised:
+        list(loader)
+    assert str(raised.value) == "ModelLoadError: model folder /models/sd was deleted"  # no worker traceback
+    assert loader.restarts == 0
+
+
+def test_metrics(caption_store, small_generator):
+    loader = StreamLoader(_stream(caption_store, small_generator, epoch_size=16), num_workers=2)
     list(loader)
-    metrics = stream.metrics()
-    assert metrics == {**loader.metrics(), "data_wait_share": metrics["data_wait_share"]}
+    metrics = loader.metrics()
     assert [w["images"] for w in metrics["workers"]] == [8, 8]
     assert all(w["images_per_s"] > 0 for w in metrics["workers"])
     # Each worker process holds a model: its peak resident memory is at least the weights' size.
@@ -167,24 +197,25 @@ def test_metrics_are_readable_from_loader_and_dataset(caption_store, tiny_model)
     assert metrics["epoch"] == 1 and metrics["batch"] == 0
 
 
-def test_drop_in_for_a_standard_training_script(caption_store, tiny_model):
-    """The lines a torchvision-style ImageNet script needs: dataset, loader, len, set_epoch, (images, target)."""
-    train_dataset = _stream(caption_store, tiny_model, epoch_size=16, return_sample_ids=False)
-    train_loader = train_dataset.loader(batch_size=4, num_workers=2)
-    train_sampler = train_dataset
-    seen = 0
-    for epoch in range(2):
-        train_sampler.set_epoch(epoch)
-        assert len(train_loader) == 4
-        for images, target in train_loader:
-            assert images.shape == (4, 3, 16, 16) and target.shape == (4,)
-            seen += 1
-    assert seen == 8
+def test_the_private_dataloader_parts_the_loader_relies_on_are_there(caption_store, small_generator):
+    """`StreamLoader` takes its workers off PyTorch's SIGCHLD handler and kills hung ones: if PyTorch renames what
+    that needs, this fails here rather than as a crash inside a training loop."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data._utils import signal_handling
+
+    from streamsynth.stream.loader import _detach_from_sigchld, _worker_processes
+
+    iterator = iter(DataLoader(range(4), num_workers=1))
+    assert iterator._worker_pids_set and hasattr(signal_handling, "_remove_worker_pids")
+    assert [p.pid for p in _worker_processes(iterator)] and all(p.is_alive() for p in _worker_processes(iterator))
+    _detach_from_sigchld(iterator)
+    assert iterator._worker_pids_set is False
+    assert list(iterator) == [torch.tensor([i]) for i in range(4)]
 
 
-def test_cache_shards_are_plain_webdataset_and_written_once(caption_store, tiny_model, tmp_path):
+def test_cache_shards_are_plain_webdataset_and_written_once(caption_store, small_generator, tmp_path):
     cache = tmp_path / "cache"
-    loader = _stream(caption_store, tiny_model, epoch_size=16, cache=cache).loader(batch_size=4, num_workers=2)
+    loader = StreamLoader(_stream(caption_store, small_generator, epoch_size=16, cache=cache), num_workers=2)
     delivered = {i for b in _ids(list(loader)) for i in b}
     shards = cache_shards(cache)
     assert len(shards) == 4
@@ -200,16 +231,18 @@ def test_cache_shards_are_plain_webdataset_and_written_once(caption_store, tiny_
     assert {s: os.stat(s).st_mtime_ns for s in cache_shards(cache)} == mtimes
     # Training from the cache: endless passes that read every sample once, labelled, keyed by shard and sample id.
     batches = CachedBatches(cache, _flip_and_crop(), 4, shuffle_window=8)
+    assert batches.class_ids == [c.id for c in caption_store.classes]  # recorded by the writer
     drawn = [next(batches) for _ in range(10)]
     assert all(images.shape == (4, 3, 16, 16) and 0 <= labels.min() and labels.max() < 10 for images, labels, _ in drawn)
     assert sorted(int(key.split("/")[1]) for _, _, keys in drawn[:4] for key in keys) == sorted(delivered)
+    with pytest.raises(ValueError, match="other classes than the caption store"):
+        CachedBatches(cache, _flip_and_crop(), 4, class_ids=["a", "b"])
 
 
 def test_kill_during_cache_write_leaves_no_visible_shard(caption_store, tmp_path):
     cache = tmp_path / "cache"
     script = f"""
 import os, signal, torch, webdataset
-from streamsynth.captions import CaptionStore
 from streamsynth.stream.cache import write_group
 from streamsynth.stream.sampling import SampleSpec
 written = 0
@@ -222,7 +255,7 @@ def write_then_die(self, sample):
         os.kill(os.getpid(), signal.SIGKILL)
 webdataset.TarWriter.write = write_then_die
 specs = [SampleSpec(i, 0, 0, "c", "p", i) for i in range(4)]
-write_group({str(cache)!r}, CaptionStore({str(caption_store.path)!r}), specs, torch.zeros(4, 3, 8, 8, dtype=torch.uint8), 0)
+write_group({str(cache)!r}, ["n0"], specs, torch.zeros(4, 3, 8, 8, dtype=torch.uint8), 0)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr
@@ -233,25 +266,9 @@ write_group({str(cache)!r}, CaptionStore({str(caption_store.path)!r}), specs, to
     assert glob.glob(str(cache / "*.tar")) == []  # what a reader of the shards would list
 
 
-def test_spawned_workers_as_with_cuda(caption_store, tiny_model):
-    """CUDA workers must be spawned, which pickles the stream with its shared counters into fresh processes."""
-    stream = _stream(caption_store, tiny_model, epoch_size=8)
-    loader = stream.loader(batch_size=4, num_workers=1, multiprocessing_context="spawn")
+def test_spawned_workers_as_with_cuda(caption_store, small_generator):
+    """CUDA workers must be spawned, which pickles the stream and the shared values into fresh processes."""
+    loader = StreamLoader(_stream(caption_store, small_generator, epoch_size=8), num_workers=1,
+                          multiprocessing_context="spawn")
     assert _ids(list(loader)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert stream.metrics()["workers"][0]["images"] == 8
-
-
-class ModelVanishes(SyntheticStream):
-    def _make_group(self, epoch, group):
-        from streamsynth.synth import ModelLoadError
-
-        raise ModelLoadError("model folder /models/sd was deleted")
-
-
-def test_a_configuration_error_in_a_worker_is_not_retried(caption_store, tiny_model):
-    from streamsynth.synth import ModelLoadError
-
-    loader = _stream(caption_store, tiny_model, cls=ModelVanishes, epoch_size=8).loader(batch_size=4, num_workers=1)
-    with pytest.raises(ModelLoadError, match="was deleted"):
-        list(loader)
-    assert loader.restarts == 0
+    assert loader.metrics()["workers"][0]["images"] == 8

@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from streamsynth.synth import ModelLoadError, SynthesisConfig, Synthesizer, derive_seed, load_pipeline, resize_to_uint8
+from streamsynth.seeding import derive_seed
+from streamsynth.synth import ModelLoadError, SynthesisConfig, Synthesizer, load_pipeline, resize_to_uint8
 from streamsynth.synth.loading import scheduler_from_name
 
 PROMPTS = ["a photo of tench, a man holding a fish", "a photo of church, a white church", "a photo of golf ball", ""]

@@ -94,7 +94,7 @@ def test_killed_mixed_run_resumes_every_source_exactly(tmp_path, isolated_cache,
                                                         write_cache, write_image_folder):
     """Synthetic, cache and real batches mixed, two micro-batches a step, killed and resumed: the same batches."""
     class_ids = [c.id for c in caption_store.classes]
-    cache = write_cache(tmp_path / "cache", [2] * 8, num_classes=len(class_ids))
+    cache = write_cache(tmp_path / "cache", [2] * 8, class_ids=class_ids)
     real = write_image_folder(tmp_path / "train", dict.fromkeys(class_ids[:3], 2))
     command = [sys.executable, str(ROOT / "train.py"), "--online-synthesis", "--from-cache", str(cache),
                "--train-dir", str(real), "--mix", "synthetic=1,cache=2,real=2", "--sd-model", str(tiny_model),
@@ -129,7 +129,7 @@ def test_two_ranks_resume_cache_and_real_exactly(tmp_path, isolated_cache, capti
                                                  write_image_folder):
     """Under torchrun each rank resumes its own cache and real positions, and the ranks read disjoint cache samples."""
     class_ids = [c.id for c in caption_store.classes]
-    cache = write_cache(tmp_path / "cache", [2] * 8, num_classes=len(class_ids))
+    cache = write_cache(tmp_path / "cache", [2] * 8, class_ids=class_ids)
     real = write_image_folder(tmp_path / "train", dict.fromkeys(class_ids[:3], 2))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "train.py"), "--from-cache", str(cache), "--train-dir", str(real),
@@ -170,3 +170,34 @@ def test_online_run_writes_no_image_bytes(tmp_path, caption_store, tiny_model):
             assert signature not in data, f"{path} holds {kind} image bytes"
         for magic, kind in IMAGE_FILE_MAGIC.items():
             assert not data.startswith(magic), f"{path} is a {kind} image"
+
+
+@pytest.mark.slow
+def test_a_run_resumes_on_another_number_of_ranks_and_workers(tmp_path, isolated_cache, caption_store, tiny_model):
+    """2 ranks x 1 worker (batch 2 each), killed right after the checkpoint at step 4, resumed on 1 rank x 2 workers
+    (batch 4): each step's global batch equals the uninterrupted 1-rank run's."""
+    models = ["--sd-model", str(tiny_model), "--captions", str(caption_store.path)]
+    one_rank = ["--batch-size", "4", "--workers", "2"]
+    reference = tmp_path / "reference"
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--online-synthesis", *models, *TINY_RUN,
+                             "--steps", "8", *one_rank, "--out", str(reference)],
+                            capture_output=True, text=True, env=_env(isolated_cache), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    run = tmp_path / "elastic"
+    two_ranks = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                 str(ROOT / "tests" / "inject_faults.py"), "--fault-during", "checkpoint", "--fault-call", "1",
+                 "--fault-signal", "SELF-KILL", "--", "--online-synthesis", *models, *TINY_RUN, "--steps", "8",
+                 "--batch-size", "2", "--workers", "1", "--checkpoint-every", "4", "--out", str(run)]
+    killed = subprocess.run(two_ranks, capture_output=True, text=True, env=_env(isolated_cache), timeout=600)
+    assert killed.returncode != 0 and (run / "checkpoint.pt").exists()
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--online-synthesis", *models, *TINY_RUN,
+                             "--steps", "8", *one_rank, "--out", str(run), "--resume"],
+                            capture_output=True, text=True, env=_env(isolated_cache), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resumed from" in result.stdout and "at step 4" in result.stdout
+
+    ranks = [_read_ids(run / f"sample_ids-rank{rank}.csv") for rank in (0, 1)]
+    seen = {step: ranks[0][step, 0][1] + (ranks[1][step, 0][1] if step < 4 else []) for step in range(8)}
+    expected = {step: keys for (step, _), (_, keys) in _read_ids(reference / "sample_ids-rank0.csv").items()}
+    assert seen == expected and sorted(int(i) for keys in seen.values() for i in keys) == list(range(32))

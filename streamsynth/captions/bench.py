@@ -86,6 +86,13 @@ def _peak(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+def _bytes_of(ref) -> bytes:
+    data = ref.read_bytes()
+    if isinstance(data, str):  # the reference loop has no skipping: an unreadable file ends it, named
+        raise OSError(f"{ref.path}: {data}")
+    return data
+
+
 @torch.inference_mode()
 def _reference_loop(collection: ImageCollection, captioner: Captioner, batch_size: int) -> dict:
     """The reference script: decode in the main process, process, `model.generate`, decode tokens."""
@@ -96,7 +103,7 @@ def _reference_loop(collection: ImageCollection, captioner: Captioner, batch_siz
     start = time.perf_counter()
     for first in range(0, len(collection.images), batch_size):
         refs = collection.images[first : first + batch_size]
-        pictures = [Image.open(io.BytesIO(ref.read_bytes())).convert("RGB") for ref in refs]
+        pictures = [Image.open(io.BytesIO(_bytes_of(ref))).convert("RGB") for ref in refs]
         pixels = image_processor(images=pictures, return_tensors="pt")["pixel_values"].to(device, captioner.dtype)
         _synchronize(device)
         generate_start = time.perf_counter()

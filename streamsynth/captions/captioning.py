@@ -27,9 +27,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..prompts.classnames import readable_names
+from ..safeio import atomic_write_text
 from .captioners import Captioner, ImagePreprocessor
-from .images import ImageCollection, ImageRef, Skipped, decode_image, find_images
-from .store import CaptionStoreWriter
+from ..imagefiles import decode_image
+from .images import ImageCollection, ImageRef, Skipped, find_images
+from .store import CaptionStore, CaptionStoreError, CaptionStoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +62,9 @@ class _DecodedImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            data = self.images[i].read_bytes()
-        except OSError as err:
-            return i, None, f"cannot read the file ({err})"
+        data = self.images[i].read_bytes()
+        if isinstance(data, str):
+            return i, None, data
         image = decode_image(data, self.preprocessor.size)
         if isinstance(image, str):
             return i, None, image
@@ -135,11 +136,16 @@ class CaptionReport:
     empty_classes: list[dict] = field(default_factory=list)
 
     def write(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(json.dumps(asdict(self), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(partial, path)
-        return path
+        return atomic_write_text(path, json.dumps(asdict(self), indent=1, ensure_ascii=False) + "\n",
+                                 what="captioning report")
+
+    def write_or_warn(self, path: str | os.PathLike) -> None:
+        """Write the report on a path that is already failing (an error, Ctrl-C): a report that cannot be written
+        (the disk is full) is a warning, so that the error that stopped the run is the one the user sees."""
+        try:
+            self.write(path)
+        except Exception as err:
+            log.warning("the captioning report %s could not be written: %s", path, err)
 
 
 def caption_images(
@@ -163,9 +169,14 @@ def caption_images(
     collection = images if isinstance(images, ImageCollection) else find_images(images, class_field)
     out = Path(out)
     classes = list(zip(collection.class_ids, readable_names(collection.class_ids, name_map)))
+    extra = {"layout": collection.layout, "captioning": captioner.settings}
+    if resume:
+        finished = _finished_run(collection, out, captioner.name, extra)
+        if finished is not None:
+            return finished
     writer = CaptionStoreWriter(
         out, classes, captioner=captioner.name, source=collection.source, resume=resume,
-        commit_every=commit_every, extra={"layout": collection.layout, "captioning": captioner.settings},
+        commit_every=commit_every, extra=extra,
     )
     todo = [image for image in collection.images if not writer.has_source(image.key)]
     report = CaptionReport(
@@ -213,19 +224,51 @@ def caption_images(
                 f"are in {report_path(out)}"
             )
     except BaseException:
-        # Ctrl-C and errors alike: keep every caption made so far; the store stays incomplete and resumable.
+        # Ctrl-C and errors alike: keep every caption made so far; the store stays incomplete and resumable. After a
+        # failed write (a full disk) there is nothing left to commit, and the error raised is that write's.
         with _interrupt_after_block():
-            writer.commit()
-            writer.close()
+            writer.close_keeping()
         _summarise(report, writer.counts, processed, start)
-        report.write(report_path(out))
+        report.write_or_warn(report_path(out))
         raise
     with _interrupt_after_block():
-        writer.finalize()
+        try:
+            writer.finalize()
+        except BaseException:
+            writer.close()
+            _summarise(report, writer.counts, processed, start)
+            report.write_or_warn(report_path(out))
+            raise
         report.complete = True
-        report.write(report_path(out))
+        report.write_or_warn(report_path(out))  # the captions are complete either way
     for entry in report.empty_classes:
         log.warning("class %s (%s) has no captions: %s", entry["id"], entry["name"], entry["reason"])
+    return report
+
+
+def _finished_run(collection: ImageCollection, out: Path, model: str, extra: dict) -> CaptionReport | None:
+    """`--resume` of a store that is already complete (e.g. a run killed while it wrote its report): nothing is left
+    to caption; the report is written again. None when the store is not complete (the writer resumes it)."""
+    try:
+        store = CaptionStore(out)
+    except CaptionStoreError:
+        return None  # incomplete (the usual resume), or damaged: the writer says which
+    made_by = {"captioner": store.meta.get("captioner"), "extra": store.meta.get("extra", {})}
+    if [c.id for c in store.classes] != collection.class_ids or made_by != {"captioner": model, "extra": extra}:
+        raise ValueError(f"cannot resume {out}: it is a complete caption store made from other classes or with "
+                         "other settings; write a new store")
+    missing = [image for image in collection.images if not store.has_source(image.key)]
+    report = CaptionReport(
+        store=str(out), source=collection.source, model=model, complete=True, images_found=len(collection.images),
+        captions_in_store=len(store), already_in_store=len(collection.images) - len(missing),
+        skipped=[_skipped_entry(s, s.reason, collection) for s in collection.unusable]
+        + [_skipped_entry(image, "not in the store: unreadable when it was captioned, or added since (caption new "
+                                 "images into a new store)", collection) for image in missing],
+        empty_classes=_empty_classes([c.num_captions for c in store.classes], list(zip(collection.class_ids,
+                                     [c.name for c in store.classes])), collection),
+    )
+    log.info("%s is already complete (%d captions); its report is written again", out, len(store))
+    report.write_or_warn(report_path(out))
     return report
 
 
@@ -250,7 +293,8 @@ def _empty_classes(counts: list[int], classes: list[tuple[str, str]], collection
             "id": cid,
             "name": name,
             "images_found": found[c],
-            "reason": f"all {found[c]} images unreadable" if found[c] else "no image files found",
+            "reason": (f"all {found[c]} images unreadable" if found[c]
+                       else collection.unreadable_classes.get(c, "no image files found")),
         }
         for c, (cid, name) in enumerate(classes)
         if counts[c] == 0

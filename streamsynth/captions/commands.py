@@ -37,6 +37,7 @@ def add_commands(subparsers) -> None:
     stats = sub.add_parser("stats", help="counts per class and a few example captions")
     stats.add_argument("store")
     stats.add_argument("--examples", type=int, default=2, help="captions shown per class")
+    stats.add_argument("--check", action="store_true", help="read every record and report the first damaged one")
     stats.set_defaults(func=_stats)
 
     caption = subparsers.add_parser(
@@ -115,7 +116,7 @@ def _stats(args: argparse.Namespace) -> int:
     meta = store.meta
     print(f"{store.path}: {len(store)} captions, {store.num_classes} classes, captioner {meta['captioner']!r}, "
           f"schema {meta['schema_version']}, created {meta['created']}")
-    counts = [c.num_captions for c in store.classes]
+    counts = [c.num_captions for c in store.classes] or [0]
     print(f"captions per class: min {min(counts)}, mean {sum(counts) / len(counts):.1f}, max {max(counts)}")
     for info in store.classes:
         print(f"{info.index:5d}  {info.id:<12} {info.name:<28} {info.num_captions:7d}")
@@ -124,6 +125,8 @@ def _stats(args: argparse.Namespace) -> int:
     empty = [c.id for c in store.classes if c.num_captions == 0]
     if empty:
         print(f"warning: {len(empty)} classes have no captions and will never be sampled: {empty[:10]}")
+    if args.check:
+        print(f"check: all {store.verify()} captions read back intact")
     return 0
 
 

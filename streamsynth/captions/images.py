@@ -11,24 +11,21 @@ Shards are indexed once by reading tar headers only (the image bytes are seeked 
 becomes an (offset, size) in its shard. That lets any DataLoader worker decode any sample, even from a single
 shard, and lets a resumed run skip what is done without reading it, which a sequential webdataset pipeline cannot.
 
-Decoding never raises for a bad file: `decode_image` returns either an RGB image or the reason it is unusable.
+Decoding follows streamsynth's one policy (`streamsynth.imagefiles`): `decode_image` never raises for a bad file, it
+returns either an RGB image or the reason it is unusable.
 """
 
 from __future__ import annotations
 
 import glob
-import io
 import os
-import tarfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from ..imagefiles import read_file_bytes
+from ..shards import index_shard
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
-_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
 class ImageSourceError(ValueError):
@@ -45,12 +42,9 @@ class ImageRef:
     offset: int = 0
     size: int = -1  # -1: the whole file
 
-    def read_bytes(self) -> bytes:
-        with open(self.path, "rb") as f:
-            if self.size < 0:
-                return f.read()
-            f.seek(self.offset)
-            return f.read(self.size)
+    def read_bytes(self) -> bytes | str:
+        """The image's bytes, or why they cannot be read (missing, permission denied, a truncated shard)."""
+        return read_file_bytes(self.path, self.offset, self.size)
 
 
 @dataclass(frozen=True)
@@ -68,6 +62,8 @@ class ImageCollection:
     class_ids: list[str]
     images: list[ImageRef]
     unusable: list[Skipped] = field(default_factory=list)
+    # class index → why its folder could not be listed (permission denied, ...): such a class has no images
+    unreadable_classes: dict[int, str] = field(default_factory=dict)
 
     def images_per_class(self) -> list[int]:
         counts = [0] * len(self.class_ids)
@@ -81,8 +77,12 @@ def find_images(source: str | os.PathLike, class_field: str = "cls") -> ImageCol
     text = str(source)
     path = Path(text)
     if path.is_dir():
-        shards = sorted(str(p) for p in path.glob("*.tar"))
-        has_class_folders = any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
+        try:
+            entries = list(path.iterdir())
+        except OSError as err:
+            raise ImageSourceError(f"--images {text}: cannot list the folder ({err.strerror or err})") from None
+        shards = sorted(str(p) for p in entries if p.name.endswith(".tar"))
+        has_class_folders = any(p.is_dir() and not p.name.startswith(".") for p in entries)
         if shards and not has_class_folders:
             return index_shards(shards, class_field, source=text)
         return list_image_folder(path)
@@ -100,8 +100,14 @@ def find_images(source: str | os.PathLike, class_field: str = "cls") -> ImageCol
 
 
 def list_image_folder(root: str | os.PathLike) -> ImageCollection:
-    """Every image file of an ImageFolder tree; class folders without readable files are kept (see README)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    """Every image file of an ImageFolder tree, listed as torchvision's `ImageFolder` lists it (classes sorted, files
+    with an image extension at any depth, in sorted order), with three differences that keep a tree with faults
+    usable: a symbolic link to a folder is followed only once and never back into the tree above it nor into
+    another class's folder (a loop would list the same images again and again, up to the OS's limit, and under
+    the wrong class); a folder that cannot be listed is named in `unusable` (or, for a class folder, in
+    `unreadable_classes`) instead of being passed over in silence. Class folders without readable files are kept
+    (see README)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
     root = Path(root)
     try:
@@ -111,59 +117,133 @@ def list_image_folder(root: str | os.PathLike) -> ImageCollection:
             f"--images {root}: no class folders found; an ImageFolder root holds one folder per class "
             "(named by class id, e.g. n01440764) with the images inside"
         ) from None
-    samples = make_dataset(str(root), class_to_index, extensions=IMG_EXTENSIONS, allow_empty=True)
-    images = [ImageRef(Path(p).relative_to(root).as_posix(), c, p) for p, c in samples]
-    return ImageCollection(str(root), "imagefolder", class_ids, images)
+    except OSError as err:
+        raise ImageSourceError(f"--images {root}: cannot list the folder ({err.strerror or err})") from None
+    root_real = os.path.realpath(root)
+    class_real = {cid: os.path.realpath(root / cid) for cid in class_ids}
+    images: list[ImageRef] = []
+    unusable: list[Skipped] = []
+    unreadable: dict[int, str] = {}
+    for cid in class_ids:
+        index = class_to_index[cid]
+        others = [real for other, real in class_real.items() if other != cid]
+        walked, problems = _walk_class_folder(root, cid, root_real, others)
+        for relative, reason in problems:
+            if relative == cid:
+                unreadable[index] = reason
+            else:
+                unusable.append(Skipped(relative, reason))
+        for folder, names in walked:
+            for name in names:
+                if name.lower().endswith(IMG_EXTENSIONS):
+                    path = os.path.join(folder, name)
+                    images.append(ImageRef(Path(path).relative_to(root).as_posix(), index, path))
+    return ImageCollection(str(root), "imagefolder", class_ids, images, unusable, unreadable)
 
 
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    f = tar.extractfile(member)
-    return f.read() if f is not None else b""
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk_class_folder(
+    root: Path, cid: str, root_real: str, other_classes: list[str]
+) -> tuple[list[tuple[str, list[str]]], list[tuple[str, str]]]:
+    """([(folder, sorted file names)] in torchvision's order, [(relative path, problem)]) of one class folder."""
+    top = os.path.join(root, cid)
+    problems: list[tuple[str, str]] = []
+    visited: set[tuple[int, int]] = set()
+    try:
+        st = os.stat(top)
+        visited.add((st.st_dev, st.st_ino))
+    except OSError as err:
+        return [], [(cid, f"class folder unreadable ({err.strerror or err})")]
+
+    def relative(path: str) -> str:
+        return Path(path).relative_to(root).as_posix()
+
+    def on_error(err: OSError) -> None:
+        where = relative(err.filename) if err.filename else cid
+        what = "class folder unreadable" if where == cid else "folder not listed"
+        problems.append((where, f"{what} ({err.strerror or err})"))
+
+    walked = []
+    for folder, dirs, files in os.walk(top, onerror=on_error, followlinks=True):
+        keep = []
+        for name in sorted(dirs):
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                real = os.path.realpath(path)
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) in visited or _inside(root_real, real):
+                    problems.append((relative(path), f"symbolic link to {real} not followed: a loop (it leads back "
+                                                     "to a folder already listed)"))
+                    continue
+                if any(_inside(real, other) for other in other_classes):
+                    problems.append((relative(path), f"symbolic link to {real} not followed: it leads into another "
+                                                     "class's folder"))
+                    continue
+            else:
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) in visited:
+                    continue
+            visited.add((st.st_dev, st.st_ino))
+            keep.append(name)
+        dirs[:] = keep
+        walked.append((folder, sorted(files)))
+    walked.sort()
+    return walked, problems
 
 
 def index_shards(shards: list[str], class_field: str = "cls", source: str = "") -> ImageCollection:
-    """Index WebDataset shards: one `ImageRef` (offset and size of the image member) per sample with an image."""
-    from webdataset.tariterators import base_plus_ext
+    """Index WebDataset shards: one `ImageRef` (offset and size of the image member) per sample with an image.
 
+    A damaged shard (not a tar, truncated, unreadable) does not end the run: its whole samples are kept and the
+    damage is listed in `unusable`, under the shard's name, with its reason."""
     found: list[tuple[str, str, str, int, int]] = []  # key, class id, shard, offset, size
     unusable: list[Skipped] = []
     for shard in shards:
         name = Path(shard).name
-        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-        try:
-            # Mode "r:" reads an uncompressed tar with seeks, so only headers and the small class members are read.
-            with tarfile.open(shard, mode="r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    prefix, suffix = base_plus_ext(member.name)
-                    if prefix is not None:
-                        samples.setdefault(prefix, {})[suffix.lower()] = member
-                for prefix, fields in samples.items():
-                    key = f"{name}/{prefix}"
-                    image_field = next((f for f in IMAGE_FIELDS if f in fields), None)
-                    if image_field is None:
-                        unusable.append(Skipped(key, f"sample has no image field (fields: {sorted(fields)})"))
-                        continue
-                    if class_field not in fields:
-                        unusable.append(
-                            Skipped(key, f"sample has no class field {class_field!r} (fields: {sorted(fields)}); "
-                                         "name the right one with --class-field")
-                        )
-                        continue
-                    class_id = _read_member(tar, fields[class_field]).decode("utf-8", "replace").strip()
-                    if not class_id:
-                        unusable.append(Skipped(key, f"class field {class_field!r} is empty"))
-                        continue
-                    member = fields[image_field]
-                    found.append((key, class_id, shard, member.offset_data, member.size))
-        except tarfile.ReadError as err:
-            raise ImageSourceError(
-                f"{shard}: not an uncompressed tar file ({err}); WebDataset shards must be plain .tar "
-                "(decompress .tar.gz shards first)"
-            ) from None
+        index = index_shard(shard)
+        if index.problem:
+            unusable.append(Skipped(name, f"shard {index.problem}; its other samples are used"
+                                          if index.samples else f"shard {index.problem}"))
+        for sample in index.samples:
+            key, fields = f"{name}/{sample.key}", sample.fields
+            image_field = next((f for f in IMAGE_FIELDS if f in fields), None)
+            if image_field is None:
+                unusable.append(Skipped(key, f"sample has no image field (fields: {sorted(fields)})"))
+                continue
+            if class_field not in fields:
+                unusable.append(
+                    Skipped(key, f"sample has no class field {class_field!r} (fields: {sorted(fields)}); "
+                                 "name the right one with --class-field")
+                )
+                continue
+            try:
+                class_id = index.read(sample, class_field).decode("utf-8", "replace").strip()
+            except OSError as err:
+                unusable.append(Skipped(key, f"cannot read its class field ({err})"))
+                continue
+            if not class_id:
+                unusable.append(Skipped(key, f"class field {class_field!r} is empty"))
+                continue
+            found.append((key, class_id, shard, *fields[image_field]))
     class_ids = _sorted_class_ids({class_id for _, class_id, *_ in found})
     if not class_ids:
+        paths = {Path(shard).name: shard for shard in shards}
+        damaged = [s for s in unusable if s.key in paths]
+        if damaged and len(damaged) == len(shards):
+            raise ImageSourceError(
+                f"{paths[damaged[0].key]}: {damaged[0].reason.removeprefix('shard ')}; WebDataset shards must be plain "
+                ".tar files (decompress .tar.gz shards first)"
+                + (f" ({len(damaged) - 1} other shards too)" if len(damaged) > 1 else "")
+            )
         raise ImageSourceError(f"--images {source}: no sample in {len(shards)} shard(s) has both an image and a class")
     index = {cid: i for i, cid in enumerate(class_ids)}
     images = [ImageRef(key, index[cid], shard, offset, size) for key, cid, shard, offset, size in found]
@@ -175,44 +255,3 @@ def _sorted_class_ids(ids: set[str]) -> list[str]:
     if all(cid.isdigit() for cid in ids):
         return sorted(ids, key=int)
     return sorted(ids)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """An upright 8-bit RGB copy of any PIL image: EXIF-rotated, 16-bit scaled, transparency on white."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in _SIXTEEN_BIT_MODES:
-        # convert("L") clips 16-bit values at 255 instead of scaling them, which turns most pictures white.
-        pixels = np.asarray(image).astype(np.uint32)
-        image = Image.fromarray((np.clip(pixels, 0, 65535) >> 8).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def decode_image(data: bytes, min_size: int | None = None) -> Image.Image | str:
-    """Decode `data` into an RGB image, or return why it cannot be used.
-
-    `min_size`: the side the captioner will resize to; large JPEGs are then decoded at a reduced scale (DCT
-    scaling), which is much faster and still at least this size. Images beyond PIL's decompression-bomb limit are
-    refused, not decoded: they would take gigabytes of memory in a worker.
-    """
-    if not data:
-        return "empty file (0 bytes)"
-    try:
-        with warnings.catch_warnings():
-            # Between PIL's warning and error thresholds an image is large but legitimate: caption it quietly.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if min_size and image.format == "JPEG":
-                image.draft(None, (min_size, min_size))
-            image.load()
-            return to_rgb(image)
-    except Image.DecompressionBombError as err:
-        return f"too large: {err}"
-    except UnidentifiedImageError:
-        return "not an image file PIL can read (unknown format or corrupt header)"
-    except (OSError, SyntaxError, ValueError, SystemError) as err:
-        # PIL reports truncated and corrupt pixel data as OSError, some broken headers as SyntaxError/ValueError.
-        return f"corrupt or truncated image data ({type(err).__name__}: {err})"

@@ -8,23 +8,34 @@ Formats:
 
 Every input is read and checked in full before anything is written, and the store is built under a temporary
 name and renamed into place only when complete, so a bad file never leaves a half-written store behind.
+
+Text is UTF-8 (a byte-order mark is dropped; other bytes are an error naming the file, line and column). Every
+line is one caption: keys need not be unique (one image may have several captions, and file names repeat across
+class folders), so a repeated key never drops a caption. Another import finishing first into the same `--out`, a
+full disk or Ctrl-C leave no store and no temporary folder behind.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from ..errors import DiskFullError, StreamsynthError
 from ..prompts.classnames import readable_names
+from ..safeio import disk_full_error, human_bytes, read_text, text_lines
 from .store import CaptionStore, CaptionStoreWriter
 
+log = logging.getLogger(__name__)
 
-class CaptionImportError(ValueError):
+
+class CaptionImportError(StreamsynthError, ValueError):
     """An input file cannot be imported; the message names the file, the line and the fix."""
 
 
@@ -39,16 +50,16 @@ def read_text_folder(folder: str | os.PathLike) -> list[CaptionRecord]:
     folder = Path(folder)
     if not folder.is_dir():
         raise CaptionImportError(f"caption folder {folder} does not exist or is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    except OSError as err:
+        raise CaptionImportError(f"cannot list caption folder {folder}: {err.strerror or err}") from None
     if not files:
         raise CaptionImportError(f"caption folder {folder} holds no files: expected one text file per class")
     records = []
     for path in files:
         class_id = path.stem if path.suffix == ".txt" else path.name
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as err:
-            raise CaptionImportError(f"{path}: not UTF-8 text ({err}); convert it to UTF-8") from None
+        lines = text_lines(read_text(path, "caption file", CaptionImportError))
         found = [
             CaptionRecord(class_id, line.strip(), f"{class_id}/{path.name}:{n}")
             for n, line in enumerate(lines, start=1)
@@ -68,8 +79,16 @@ def _record_from_fields(
     for field in (class_field, caption_field):
         if row.get(field) in (None, ""):
             raise CaptionImportError(f"{where}: missing or empty field {field!r} (fields present: {sorted(row)})")
+    for field in (class_field, caption_field, key_field):
+        value = row.get(field) if field else None
+        if value is not None and not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise CaptionImportError(f"{where}: field {field!r} must be text, not {type(value).__name__} ({value!r:.60})")
+    class_id, caption = str(row[class_field]).strip(), str(row[caption_field]).strip()
+    for field, value in ((class_field, class_id), (caption_field, caption)):
+        if not value:
+            raise CaptionImportError(f"{where}: field {field!r} holds only white space")
     key = str(row.get(key_field) or default_key) if key_field else default_key
-    return CaptionRecord(str(row[class_field]).strip(), str(row[caption_field]).strip(), key)
+    return CaptionRecord(class_id, caption, key)
 
 
 def read_jsonl(
@@ -79,17 +98,16 @@ def read_jsonl(
     if not path.is_file():
         raise CaptionImportError(f"caption file {path} does not exist")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip() or line.startswith("#"):
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CaptionImportError(f"{path}:{n}: malformed JSON ({err.msg}); fix or remove the line") from None
-            if not isinstance(row, dict):
-                raise CaptionImportError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            records.append(_record_from_fields(row, f"{path}:{n}", class_field, caption_field, key_field, f"{path.name}:{n}"))
+    for n, line in enumerate(text_lines(read_text(path, "caption file", CaptionImportError)), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CaptionImportError(f"{path}:{n}: malformed JSON ({err.msg}); fix or remove the line") from None
+        if not isinstance(row, dict):
+            raise CaptionImportError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        records.append(_record_from_fields(row, f"{path}:{n}", class_field, caption_field, key_field, f"{path.name}:{n}"))
     if not records:
         raise CaptionImportError(f"caption file {path} holds no captions")
     return records
@@ -102,8 +120,9 @@ def read_csv(
     if not path.is_file():
         raise CaptionImportError(f"caption file {path} does not exist")
     records = []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    # strict: an unclosed quote is an error, not a caption that swallows the rest of the file
+    reader = csv.DictReader(io.StringIO(read_text(path, "caption file", CaptionImportError), newline=""), strict=True)
+    try:
         missing = {class_field, caption_field} - set(reader.fieldnames or [])
         if missing:
             raise CaptionImportError(
@@ -112,7 +131,12 @@ def read_csv(
             )
         for row in reader:
             n = reader.line_num
+            if None in row:  # more cells than the header has names
+                raise CaptionImportError(f"{path}:{n}: {len(reader.fieldnames) + len(row[None])} cells, the header "
+                                         f"names {len(reader.fieldnames)}; quote cells that contain commas")
             records.append(_record_from_fields(row, f"{path}:{n}", class_field, caption_field, key_field, f"{path.name}:{n}"))
+    except csv.Error as err:
+        raise CaptionImportError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
     if not records:
         raise CaptionImportError(f"caption file {path} holds no captions")
     return records
@@ -149,16 +173,67 @@ def write_store(
     class_ids = sorted({r.class_id for r in records})
     index = {cid: i for i, cid in enumerate(class_ids)}
     names = readable_names(class_ids, name_map)
+    _report_repeated_keys(records)
+    _remove_abandoned_partials(out)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     try:
         with CaptionStoreWriter(partial, list(zip(class_ids, names)), captioner, source, extra=extra) as writer:
             for record in records:
-                writer.add(index[record.class_id], record.caption, record.key)
-        os.replace(partial, out)
+                writer.add(index[record.class_id], record.caption, record.key, dedupe=False)
+        try:
+            os.replace(partial, out)
+        except OSError:
+            if out.exists():  # another import (or anything) created it after the check above
+                raise FileExistsError(
+                    f"{out} was created by another process while this import ran; it was left as it is and this "
+                    "import wrote nothing: import into a new path"
+                ) from None
+            raise
+    except DiskFullError:
+        size = sum(len(r.caption.encode()) + len(r.key.encode()) + 100 for r in records)
+        raise disk_full_error(
+            out, "caption store", kept="nothing was written (the partial store is removed)",
+            fix=f"free at least {human_bytes(max(3 * size, 1 << 20))} and import again",
+        ) from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return CaptionStore(out)
+
+
+def _report_repeated_keys(records: list[CaptionRecord]) -> None:
+    first: dict[str, CaptionRecord] = {}
+    repeated = []
+    for record in records:
+        if record.key in first:
+            repeated.append(record)
+        else:
+            first[record.key] = record
+    if repeated:
+        example = repeated[0]
+        log.warning("%d captions share their image key with an earlier one (e.g. %r, classes %s and %s); every "
+                    "caption is kept, one per line", len(repeated), example.key, first[example.key].class_id,
+                    example.class_id)
+
+
+def _remove_abandoned_partials(out: Path) -> None:
+    """Temporary stores of imports that were killed (kill -9, a power cut) into the same `out`: their process is gone."""
+    prefix = f".{out.name}.partial-"
+    try:
+        candidates = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for candidate in candidates:
+        pid = candidate.name[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing %s, left by an import that was stopped", candidate)
+            shutil.rmtree(candidate, ignore_errors=True)
+        except OSError:
+            pass  # alive (another user's process): not ours to remove
 
 
 def import_captions(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from functools import lru_cache
@@ -26,22 +27,28 @@ def imagenet_classes() -> list[tuple[str, str]]:
 
 def load_name_map(path: str | os.PathLike) -> dict[str, str]:
     """A user's class-id → readable-name map, from JSON (`{"id": "name"}`) or CSV (`id,name` rows)."""
+    from ..safeio import read_text
+
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise FileNotFoundError(f"class-name map {path} does not exist: give a JSON object or an id,name CSV")
+    text = read_text(path, "class-name map")
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); expected an object mapping class "
+                             "id to readable name") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object mapping class id to readable name")
         return {str(k): str(v) for k, v in data.items()}
     mapping = {}
-    with path.open(newline="", encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.reader(f), start=1):
-            if not row or row[0].startswith("#"):
-                continue
-            if len(row) < 2:
-                raise ValueError(f"{path}:{line_no}: expected 'class_id,readable name', got {row!r}")
-            mapping[row[0].strip()] = row[1].strip()
+    for line_no, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+        if not row or row[0].startswith("#"):
+            continue
+        if len(row) < 2:
+            raise ValueError(f"{path}:{line_no}: expected 'class_id,readable name', got {row!r}")
+        mapping[row[0].strip()] = row[1].strip()
     return mapping
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..synth.sampler import derive_seed
+from ..seeding import derive_seed
 
 # Photo-style variations of "a photo of a {name}." in the spirit of CLIP's zero-shot prompt ensembles (our own
 # wording). They vary light, distance, framing and image quality but keep "photo", since the classifier is

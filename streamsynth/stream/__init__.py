@@ -1,24 +1,31 @@
-"""The stream: sample ids, the IterableDataset, its restartable loader, the optional WebDataset cache, and the cache
-and real images as exactly resumable batch sources."""
+"""The stream: sample ids and their layout, the IterableDataset, its fault-tolerant loader, the optional WebDataset
+cache, the cache and real images as exactly resumable batch sources, and their mix."""
 
-from .cache import CachedBatches, CacheOrder, cache_shards
-from .dataset import SyntheticStream, default_transform
-from .loader import StreamLoader
+from .cache import CachedBatches, CacheOrder, cache_classes, cache_shards
+from .dataset import SyntheticStream, TransformError
+from .layout import StreamLayout
+from .loader import StreamLoader, SynthesisError
+from .mixing import EpochsInARow, MixedBatches, mix_weights
 from .real import RealBatches
 from .resumable import ResumableBatches, ResumeError
-from .sampling import CaptionSampler, SampleSpec, keyed_permutation
+from .sampling import CaptionSampler, SampleSpec
 
 __all__ = [
     "CacheOrder",
     "CachedBatches",
     "CaptionSampler",
+    "EpochsInARow",
+    "MixedBatches",
     "RealBatches",
     "ResumableBatches",
     "ResumeError",
     "SampleSpec",
+    "StreamLayout",
     "StreamLoader",
+    "SynthesisError",
     "SyntheticStream",
+    "TransformError",
+    "cache_classes",
     "cache_shards",
-    "default_transform",
-    "keyed_permutation",
+    "mix_weights",
 ]

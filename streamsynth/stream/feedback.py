@@ -12,8 +12,6 @@ function of (seed, sample id, its epoch's weights) and resume stays exact.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-
 import torch
 
 
@@ -37,9 +35,12 @@ class ClassFeedback:
 
     def _synchronize(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # NCCL reduces only CUDA tensors; gloo takes CPU ones.
+            nccl = torch.distributed.get_backend() == "nccl"
             both = torch.stack([self.loss_sum, self.count])
+            both = both.to(torch.device("cuda", torch.cuda.current_device())) if nccl else both
             torch.distributed.all_reduce(both)
-            self.loss_sum, self.count = both[0].clone(), both[1].clone()
+            self.loss_sum, self.count = both[0].to("cpu", copy=True), both[1].to("cpu", copy=True)
 
     def next_weights(self) -> list[float] | None:
         """Fold this epoch's losses into the running mean and return next epoch's weights (None before any loss)."""
@@ -67,18 +68,3 @@ class ClassFeedback:
     def load_state_dict(self, state: dict) -> None:
         self.loss_sum, self.count = state["loss_sum"].clone(), state["count"].clone()
         self.mean_loss = None if state["mean_loss"] is None else state["mean_loss"].clone()
-
-
-class SharedClassWeights:
-    """Class weights written by the trainer's process before an epoch and read by persistent loader workers."""
-
-    def __init__(self, num_classes: int, context: str | None = None):
-        self._values = mp.get_context(context).Array("d", num_classes + 1, lock=False)  # last slot: "set" flag
-
-    def write(self, weights: list[float] | None) -> None:
-        if weights is not None:
-            self._values[:-1] = weights
-        self._values[-1] = 0.0 if weights is None else 1.0
-
-    def read(self) -> list[float] | None:
-        return list(self._values[:-1]) if self._values[-1] else None

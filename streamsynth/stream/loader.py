@@ -1,185 +1,363 @@
-"""`StreamLoader`: a `DataLoader` over a `SyntheticStream` that survives worker faults and resumes exactly.
+"""`StreamLoader`: a `SyntheticStream`'s batches through synthesis workers that may die, hang or stop at any moment.
 
-Because every trainer batch is a pure function of (seed, epoch, batch index, layout), the loader's whole state is
-two integers. That makes three things simple:
-- resume: `state_dict()` → checkpoint → `load_state_dict()` restarts at the next undelivered batch;
-- faults: if a worker raises or dies, the DataLoader is rebuilt at the next undelivered batch, so nothing already
-  delivered is repeated and nothing is skipped; a batch that keeps failing ends the run with its cause;
-- epochs: each pass ends by moving the stream to the next epoch, so a caller that never calls `set_epoch` still
-  gets fresh samples; with `feedback`, each epoch starts with class weights from the losses the trainer reported.
+Its workers hand over whole generation groups (a group's k replayed batches at once), so batch t of an epoch is the
+layout's batch t for any number of workers, and the loader's whole state is (epoch, batch): `state_dict()` resumes
+exactly on another number of workers, or of ranks with the same global batch size.
+
+Faults are survived where the trainer is, not only while it waits for data:
+- PyTorch's DataLoader raises from its SIGCHLD handler the moment a worker dies, wherever the trainer happens to be
+  (in `backward()`, in `torch.save`); this loader takes its workers off that handler, notices a dead worker when it
+  next waits for a group, and rebuilds its workers at the next undelivered group;
+- a worker that makes no progress for `timeout` seconds while the trainer waits for its group (hung, or stopped
+  with SIGSTOP, which also blocks the hand-over of a batch already queued) is killed by a watchdog and replaced
+  the same way; progress is the worker's heartbeat when it starts, while its model loads and after each group;
+- a worker reports its own errors as values: a deterministic one (the model does not load, the transform fails,
+  the caption store is damaged) ends the run at once with its one-line cause and no worker traceback; any other
+  (a CUDA out-of-memory, an I/O error) is retried, and a group that fails `max_restarts` times in a row ends the run.
+Nothing delivered is repeated and nothing is skipped: a group is a pure function of its index.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import time
-import weakref
+from dataclasses import dataclass
 from typing import Iterator
 
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, IterableDataset
 
 from ..captions.store import CaptionStoreError
+from ..errors import StreamsynthError
 from ..synth.loading import ModelLoadError
-from .dataset import SyntheticStream
-from .feedback import ClassFeedback, SharedClassWeights
-from .metrics import WorkerStats, peak_memory_kind
+from .dataset import SyntheticStream, TransformError, worker_index_and_count
+from .feedback import ClassFeedback
+from .layout import worker_groups
+from .metrics import WorkerStats, peak_memory_bytes, peak_memory_kind
+from .shared import EpochWeights
 
 log = logging.getLogger(__name__)
 
+# Errors that recur whenever the same group is made again: retrying cannot help.
+DETERMINISTIC_ERRORS = (ModelLoadError, CaptionStoreError, TransformError, ValueError, TypeError, KeyError,
+                        AttributeError, NotImplementedError, ImportError)
+
+
+class SynthesisError(StreamsynthError, RuntimeError):
+    """Synthesis cannot go on: a deterministic error in a worker, or a group that kept failing."""
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """What a worker hands over instead of a group when making it failed."""
+
+    deterministic: bool
+    message: str
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+class GroupView(IterableDataset):
+    """The stream's groups from group index `first` on, endlessly, one item per group.
+
+    Worker w of W makes groups first + w, first + w + W, ... (see `worker_groups`). Before its first group of an
+    epoch it waits for that epoch's class weights (`EpochWeights`), which the trainer publishes when the epoch
+    begins. An item is a dict: `index`, `labels`, `ids`, and either `images`, the group's uint8 images, which the
+    trainer augments a batch at a time (a `BatchAugment`), or `batches`, the k uses already augmented image by image
+    in the worker (any other transform).
+    """
+
+    def __init__(self, stream: SyntheticStream, first: int, stats: WorkerStats, weights: EpochWeights):
+        self.stream, self.first, self.stats, self.weights = stream, first, stats, weights
+
+    def __iter__(self) -> Iterator:
+        worker, num_workers = worker_index_and_count()
+        stream, layout = self.stream, self.stream.layout
+        device = torch.device(stream.generator.device(worker))
+        epoch_weights: tuple[int, list[float] | None] | None = None
+        self.stats.beat(worker)
+        for index in worker_groups(self.first, worker, num_workers):
+            epoch, group = layout.group_at(index)
+            try:
+                with self.stats.beating(worker):  # the model loads once, in one long call
+                    stream.synthesizer(worker)
+                if epoch_weights is None or epoch_weights[0] != epoch:
+                    epoch_weights = epoch, self.weights.wait(epoch)
+                started = time.perf_counter()
+                made = stream.make_group(epoch, group, worker, epoch_weights[1])
+                item = {"index": index, "labels": made.labels, "ids": made.sample_ids}
+                if stream.augments_in_batches:
+                    item["images"] = made.images
+                else:
+                    item["batches"] = [stream.augment_group(made.images, item["ids"].tolist(), use)
+                                       for use in range(layout.replay)]
+                self.stats.record(worker, len(made.specs), time.perf_counter() - started, peak_memory_bytes(device))
+                self.stats.beat(worker)
+            except Exception as err:  # handed over as a value, so the trainer sees the cause, not a traceback
+                yield WorkerFailure(isinstance(err, DETERMINISTIC_ERRORS), _one_line(err))
+                return
+            yield item
+
+
+def _worker_processes(iterator) -> list:
+    # A private attribute of PyTorch's multi-process iterator (stable since PyTorch 1.0); tests pin it.
+    return list(getattr(iterator, "_workers", []))
+
+
+def _detach_from_sigchld(iterator) -> None:
+    """Stop PyTorch's SIGCHLD handler from raising in the trainer when one of this iterator's workers dies.
+
+    The handler raises wherever the trainer is at that moment (backward, a checkpoint write); unregistered, a dead
+    worker is noticed by the iterator itself, inside `next()`, where the loader can replace it.
+    """
+    if getattr(iterator, "_worker_pids_set", False):
+        from torch.utils.data._utils import signal_handling
+
+        signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+
+
+def _kill(iterator) -> None:
+    for process in _worker_processes(iterator):
+        if process.is_alive():
+            try:
+                os.kill(process.pid, signal.SIGKILL)  # SIGKILL also ends a stopped process; SIGTERM would wait
+            except ProcessLookupError:
+                pass
+
 
 class StreamLoader:
-    """Iterates batches of a `SyntheticStream` through a `DataLoader` with `num_workers` synthesis workers.
+    """Batches of a `SyntheticStream`, `stream.batch_size` images each, from `num_workers` synthesis workers.
 
     Workers use the spawn start method when any synthesis device is CUDA (CUDA cannot be used after fork), keep
-    their model between epochs (`persistent_workers`), and each prefetch at most `prefetch_factor` batches, which
-    bounds memory. `max_restarts` is how often in a row the same batch may fail before the error is raised.
-    A worker that delivers nothing for `timeout` seconds (hung, not dead: PyTorch notices dead workers by itself)
-    counts as failed; the default leaves room for a slow first model load or compilation.
+    their model for the whole run (the worker iterator runs across epochs and is rebuilt only after a fault or a
+    jump), and each holds at most `prefetch_factor` groups ready, which bounds memory. With `num_workers=0` the
+    trainer's process generates (no fault handling: a failure there is the trainer's own).
+
+    Args:
+        timeout: seconds without progress (start-up, model loading, a group) of the worker the trainer waits for,
+            after which the workers count as hung and are replaced; the default leaves room for a slow model load
+            or compilation.
+        max_restarts: how often in a row the same group may fail before the run ends.
+        feedback: per-class losses turned into the class weights of each next epoch.
+        augment_device: where a `BatchAugment` transform runs: the workers hand over each group once, as uint8
+            images, and its k uses are augmented here a batch at a time (give the classifier's GPU: the batches
+            are then already on it). Default: the trainer's CPU. Other transforms run in the workers, image by image.
     """
 
     def __init__(
         self,
         stream: SyntheticStream,
-        batch_size: int,
         num_workers: int = 0,
         *,
-        prefetch_factor: int | None = 2,
+        prefetch_factor: int = 2,
         pin_memory: bool = False,
-        persistent_workers: bool = True,
         max_restarts: int = 3,
         timeout: float = 1800,
         multiprocessing_context: str | None = None,
         feedback: ClassFeedback | None = None,
+        augment_device: str | torch.device | None = None,
     ):
-        stream.configure(batch_size, num_workers)
-        if multiprocessing_context is None and num_workers > 0 and any(str(d).startswith("cuda") for d in stream.devices):
+        if multiprocessing_context is None and num_workers > 0 and stream.generator.uses_cuda:
             multiprocessing_context = "spawn"
-        self.dataset = stream
-        self.batch_size = batch_size
+        self.stream = stream
+        self.layout = stream.layout
         self.num_workers = num_workers
         self.max_restarts = max_restarts
+        self.timeout = timeout
+        self.feedback = feedback
         self._loader_kwargs = {
-            "batch_size": batch_size,
+            "batch_size": None,  # a worker's item is a whole group, already in batches
             "num_workers": num_workers,
             "pin_memory": pin_memory,
-            "timeout": timeout if num_workers > 0 else 0,
             "multiprocessing_context": multiprocessing_context if num_workers > 0 else None,
             "prefetch_factor": prefetch_factor if num_workers > 0 else None,
-            "persistent_workers": persistent_workers and num_workers > 0,
         }
         self.stats = WorkerStats(max(1, num_workers), multiprocessing_context)
-        stream.stats = self.stats
-        self.feedback = feedback
-        if feedback is not None:
-            stream.shared_class_weights = SharedClassWeights(stream.num_classes, multiprocessing_context)
-        stream.loader_ref = weakref.ref(self)
-        self._loader: DataLoader | None = None
-        self._workers_next_epoch: int | None = None  # where persistent workers will start without a rebuild
-        self.batch = 0  # batches of the current epoch already delivered
-        self.restarts = 0
-        self._wait_s = 0.0
-        self._started = time.perf_counter()
-        self._batches_at_build = 0
-        self._delivered_since_build = 0
+        self._weights = EpochWeights(stream.num_classes)
+        self.epoch, self.batch, self.restarts = 0, 0, 0
+        self._epoch_weights: tuple[int, list[float] | None] | None = None  # the current epoch's, once decided
+        self.augment_device = torch.device(augment_device) if augment_device is not None else None
+        self._group: dict | None = None  # the group in hand (see GroupView) ...
+        self._next_use = 0  # ... and its next use to deliver
+        self._iterator: Iterator | None = None
+        self._next_index = 0  # the group index the iterator delivers next
+        self._hung: str | None = None
+        self._wait_s, self._started = 0.0, time.perf_counter()
+        self._made_at_start = 0
+        self._first_index = 0
 
     def __len__(self) -> int:
-        return self.dataset.batches_per_epoch
+        return self.layout.batches_per_epoch
 
     @property
-    def epoch(self) -> int:
-        return self.dataset.epoch
+    def batch_size(self) -> int:
+        return self.layout.batch_size
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.dataset.epoch:
-            self.dataset.set_epoch(epoch)
-            self.batch = 0
+        """Continue with epoch `epoch` from its first batch; the current epoch is kept as it is (so a loop that calls
+        `set_epoch` every epoch still resumes mid-epoch exactly)."""
+        if epoch != self.epoch:
+            self.epoch, self.batch, self._epoch_weights, self._group = epoch, 0, None, None
+            self._stop()
+
+    def __iter__(self) -> Iterator:
+        """The rest of the current epoch; the next pass is the next epoch."""
+        while self.batch < len(self):
+            batch = self._next_batch()
+            self.batch += 1
+            yield batch
+        self.epoch, self.batch, self._epoch_weights = self.epoch + 1, 0, None
+
+    # ----- state ----------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        state = {"epoch": self.dataset.epoch, "batch": self.batch, "layout": self.dataset.layout(),
-                 "class_weights": self.dataset.class_weights}
+        state = {"epoch": self.epoch, "batch": self.batch, "sequence": self.layout.sequence_key()}
+        if self._epoch_weights is not None:
+            state["epoch_weights"] = self._epoch_weights[1]
         if self.feedback is not None:
             state["feedback"] = self.feedback.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.dataset._check_layout(state["layout"])
-        self.dataset.set_epoch(state["epoch"])
-        self.dataset.set_class_weights(state["class_weights"])
+        if "sequence" not in state:
+            raise ValueError("this loader state was written by an older streamsynth, whose layout depended on the "
+                             "number of workers: it cannot be resumed exactly; start a new run")
+        self.layout.check_resumable(state["sequence"])
         if self.feedback is not None and "feedback" in state:
             self.feedback.load_state_dict(state["feedback"])
-        self.batch = state["batch"]
-        self._discard()
+        self.epoch, self.batch, self._group = state["epoch"], state["batch"], None
+        self._epoch_weights = (self.epoch, state["epoch_weights"]) if "epoch_weights" in state else None
+        self._stop()
 
-    def _iterator(self) -> Iterator:
-        reusable = (self._loader is not None and self.batch == 0 and self._workers_next_epoch == self.dataset.epoch)
-        if not reusable:
-            self._discard()
-            self.dataset.resume_at(self.dataset.epoch, self.batch)
-            self._loader = DataLoader(self.dataset, **self._loader_kwargs)
-        self._batches_at_build = self.stats.batches_made()
-        self._delivered_since_build = 0
-        return iter(self._loader)
+    # ----- delivering ----------------------------------------------------------------------------------------------
 
-    def _discard(self) -> None:
-        # Dropping the DataLoader shuts its workers down.
-        self._loader, self._workers_next_epoch = None, None
+    def _next_batch(self):
+        if self._group is None or self._next_use == self.layout.replay:
+            self._decide_epoch_weights()
+            group, self._next_use = divmod(self.batch, self.layout.replay)  # a use > 0 only right after a resume
+            self._group = self._fetch(self.layout.group_index(self.epoch, group))
+            if "images" in self._group and self.augment_device is not None:
+                self._group["images"] = self._group["images"].to(self.augment_device, non_blocking=True)
+        group, use = self._group, self._next_use
+        self._next_use += 1
+        if "batches" in group:
+            images = group["batches"][use]
+        else:
+            images = self.stream.augment_group(group["images"], group["ids"].tolist(), use)
+        return (images, group["labels"], group["ids"]) if self.stream.return_sample_ids else (images, group["labels"])
 
-    def __iter__(self) -> Iterator:
-        epoch, failures = self.dataset.epoch, 0
-        if self.feedback is not None and self.batch == 0:
-            self.dataset.set_class_weights(self.feedback.next_weights())
-        while self.batch < len(self):
-            batches = self._iterator()
+    def _decide_epoch_weights(self) -> None:
+        if self._epoch_weights is None:
+            weights = self.feedback.next_weights() if self.feedback is not None else self.stream.class_weights
+            self._epoch_weights = (self.epoch, weights)
+        self._weights.publish(*self._epoch_weights)
+
+    def _fetch(self, index: int) -> dict:
+        """Group `index` (see GroupView), restarting the workers after failures."""
+        if self._iterator is not None and self._next_index != index:
+            self._stop()
+        failures = 0
+        while True:
+            if self._iterator is None:
+                self._start(index)
             try:
-                while self.batch < len(self):
-                    waited = time.perf_counter()
-                    batch = next(batches)
-                    self._wait_s += time.perf_counter() - waited
-                    self.batch += 1
-                    self._delivered_since_build += 1
-                    failures = 0
-                    yield batch
-            except StopIteration:
-                raise RuntimeError(
-                    f"the stream ended after {self.batch} of {len(self)} batches: its worker layout changed "
-                    "under the loader (configure it through stream.loader())"
-                ) from None
-            except (ModelLoadError, CaptionStoreError):
-                self._discard()
-                raise  # a wrong path or model stays wrong: restarting cannot help
-            except Exception as err:
-                failures += 1
-                self._discard()
-                # A worker's exception arrives wrapped with its traceback; its last line says what went wrong.
-                cause = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-                if failures > self.max_restarts:
-                    raise RuntimeError(
-                        f"batch {self.batch} of epoch {epoch} failed {failures} times in a row; last error: {cause}"
-                    ) from err
-                self.restarts += 1
-                log.warning("synthesis worker failed at batch %d of epoch %d (%s); restarting the workers there "
-                            "(restart %d)", self.batch, epoch, cause, self.restarts)
-        # Workers that ran their share to the end have moved to the next epoch on their own.
-        self._workers_next_epoch = epoch + 1 if self._loader_kwargs["persistent_workers"] else None
-        self.dataset.set_epoch(epoch + 1)
-        self.batch = 0
+                item = self._next_item()
+            except Exception as err:  # a worker died, was killed as hung, or the hand-over broke
+                cause = self._hung or _one_line(err)
+            else:
+                if not isinstance(item, WorkerFailure):
+                    self._next_index += 1
+                    return item
+                if item.deterministic:
+                    self._stop()
+                    raise SynthesisError(item.message)
+                cause = item.message
+            failures += 1
+            self._stop()
+            if failures > self.max_restarts:
+                raise SynthesisError(f"group {index} (epoch {self.epoch}) failed {failures} times in a row; "
+                                     f"last error: {cause}")
+            self.restarts += 1
+            log.warning("synthesis workers failed at batch %d of epoch %d (%s); restarting them there (restart %d)",
+                        self.batch, self.epoch, cause, self.restarts)
+
+    def _start(self, index: int) -> None:
+        view = GroupView(self.stream, index, self.stats, self._weights)
+        self._iterator = iter(DataLoader(view, **self._loader_kwargs))
+        _detach_from_sigchld(self._iterator)
+        self._next_index = self._first_index = index
+        self._made_at_start = self.stats.images_made()
+
+    def _next_item(self):
+        iterator, self._hung = self._iterator, None
+        waited = time.perf_counter()
+        if self.num_workers == 0:
+            item = next(iterator)
+            self._wait_s += time.perf_counter() - waited
+            return item
+
+        owed_by = (self._next_index - self._first_index) % self.num_workers  # the worker whose group is next
+        done = threading.Event()
+
+        def watch() -> None:
+            # Hung: the trainer has waited `timeout` seconds and the worker it waits for made no progress as long.
+            started = time.monotonic()
+            while not done.wait(0.5):
+                quiet = time.monotonic() - max(started, self.stats.last_beat(owed_by))
+                if quiet > self.timeout:
+                    self._hung = (f"worker {owed_by} made no progress for {self.timeout:g} s: it hung or was "
+                                  "stopped (it was killed)")
+                    _kill(iterator)
+                    return
+
+        watchdog = threading.Thread(target=watch, daemon=True)
+        watchdog.start()
+        try:
+            return next(iterator)
+        finally:
+            done.set()
+            self._wait_s += time.perf_counter() - waited
+
+    def _stop(self) -> None:
+        if self._iterator is not None:
+            _kill(self._iterator)  # discarded work is regenerated on demand: a group is a pure function of its index
+            self._iterator = None
+
+    # ----- metrics --------------------------------------------------------------------------------------------------
 
     def metrics(self) -> dict:
         """Images/s and peak memory per worker, batches waiting in the queue, the share of time the trainer waited."""
         wall = time.perf_counter() - self._started
         workers = []
         for i, row in enumerate(self.stats.rows()):
-            device = self.dataset.devices[i % len(self.dataset.devices)]
-            rate = row["images"] / row["busy_s"] if row["busy_s"] else 0.0
-            workers.append({"worker": i, "device": device, "images": int(row["images"]), "images_per_s": rate,
+            device = self.stream.generator.device(i)
+            workers.append({"worker": i, "device": device, "images": int(row["images"]),
+                            "images_per_s": row["images"] / row["busy_s"] if row["busy_s"] else 0.0,
+                            "cpu_s": row["cpu_s"],
                             "peak_memory_bytes": int(row["peak_memory_bytes"]),
                             "peak_memory_kind": peak_memory_kind(device)})
-        queued = self.stats.batches_made() - self._batches_at_build - self._delivered_since_build
+        made = (self.stats.images_made() - self._made_at_start) // self.layout.batch_size
+        queued = max(0, made - (self._next_index - self._first_index))  # groups made and not yet taken
+        in_hand = self.layout.replay - self._next_use if self._group is not None else 0
         return {
-            "epoch": self.dataset.epoch,
+            "epoch": self.epoch,
             "batch": self.batch,
             "restarts": self.restarts,
-            "queue_depth": max(0, queued),
+            "queue_depth": queued * self.layout.replay + in_hand,  # batches ready
+            "buffered_groups": queued + (self._group is not None),  # what the loader holds, as generation groups
             "data_wait_share": self._wait_s / wall if wall else 0.0,
             "workers": workers,
         }
+
+    def __del__(self) -> None:
+        try:
+            self._stop()  # a stopped worker would otherwise outlive the loader
+        except Exception:
+            pass

@@ -1,13 +1,18 @@
-"""Counters that loader workers share with the trainer's process: images made, busy time, batches, peak memory."""
+"""Counters that loader workers share with the trainer's process: images made, busy time, CPU time, peak memory,
+heartbeat."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import resource
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
-_FIELDS = ("images", "busy_s", "batches", "peak_memory_bytes")
+_FIELDS = ("images", "busy_s", "peak_memory_bytes", "heartbeat", "cpu_s")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -41,17 +46,43 @@ class WorkerStats:
         self._values = ctx.Array("d", num_workers * len(_FIELDS), lock=False)
 
     def record(self, worker: int, images: int, busy_s: float, peak_memory_bytes: int) -> None:
+        """Worker `worker` made `images` in `busy_s` seconds; its process's CPU time so far is recorded with it."""
         row = worker * len(_FIELDS)
         self._values[row] += images
         self._values[row + 1] += busy_s
-        self._values[row + 3] = max(self._values[row + 3], peak_memory_bytes)
+        self._values[row + 2] = max(self._values[row + 2], peak_memory_bytes)
+        self._values[row + 4] = time.process_time()
 
-    def record_batch(self, worker: int) -> None:
-        self._values[worker * len(_FIELDS) + 2] += 1
+    def beat(self, worker: int) -> None:
+        """Worker `worker` made progress (started, loaded its model, finished a group)."""
+        self._values[worker * len(_FIELDS) + 3] = time.monotonic()
+
+    @contextmanager
+    def beating(self, worker: int, every_s: float = 1.0) -> Iterator[None]:
+        """Beat for `worker` every `every_s` seconds while the block runs: for one long library call (a model load)
+        that makes progress the worker cannot report. A stopped process stops beating too."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(every_s):
+                self.beat(worker)
+
+        thread = threading.Thread(target=beat, daemon=True)
+        self.beat(worker)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            self.beat(worker)
+
+    def last_beat(self, worker: int) -> float:
+        return self._values[worker * len(_FIELDS) + 3]
 
     def rows(self) -> list[dict[str, float]]:
         n = len(_FIELDS)
         return [dict(zip(_FIELDS, self._values[w * n:(w + 1) * n])) for w in range(self.num_workers)]
 
-    def batches_made(self) -> int:
-        return int(sum(row["batches"] for row in self.rows()))
+    def images_made(self) -> int:
+        return int(sum(row["images"] for row in self.rows()))

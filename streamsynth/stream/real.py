@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import ImageFolder
 
-from ..synth.sampler import derive_seed
-from .resumable import ResumableBatches, seeded
+from ..seeding import derive_seed, seeded
+from .resumable import ResumableBatches
 
 
 def epoch_indices(num_images: int, seed: int, rank: int, world: int, epoch: int) -> list[int]:

@@ -9,23 +9,11 @@ index arithmetic: nothing before it is read or decoded, and the number of loader
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Iterable, Iterator, TypeVar
-
-import torch
-
-T = TypeVar("T")
+from typing import Iterable, Iterator
 
 
 class ResumeError(ValueError):
     """A checkpoint's source state does not fit this run; the message names the difference and the fix."""
-
-
-def seeded(seed: int, fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` under torch's RNG seeded with `seed` (and restored after): a random augmentation becomes a pure
-    function of the seed, whichever process or worker runs it and whatever ran there before."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return fn(*args)
 
 
 class ResumableBatches(ABC):

@@ -9,38 +9,13 @@ sampling) the class is drawn by weight and the caption uniformly within it, both
 from __future__ import annotations
 
 import bisect
-import hashlib
+import copy
 from dataclasses import dataclass
 from itertools import accumulate
 
 from ..captions.store import CaptionStore
 from ..prompts.templates import PromptTemplate
-from ..synth.sampler import derive_seed
-
-
-def _round_hash(key: int, round_: int, value: int, bits: int) -> int:
-    digest = hashlib.blake2b(f"{key}:{round_}:{value}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << bits) - 1)
-
-
-def keyed_permutation(index: int, n: int, key: int, rounds: int = 4) -> int:
-    """The image of `index` under a pseudo-random bijection of [0, n) chosen by `key`.
-
-    A balanced Feistel network permutes [0, 4^k) ⊇ [0, n); cycle-walking (re-applying it until the value lands
-    below n) restricts it to a bijection of [0, n). Each call costs O(rounds) hashes and no memory.
-    """
-    if not 0 <= index < n:
-        raise IndexError(f"index {index} outside [0, {n})")
-    half = max(1, ((n - 1).bit_length() + 1) // 2)
-    mask = (1 << half) - 1
-    x = index
-    while True:
-        left, right = x >> half, x & mask
-        for r in range(rounds):
-            left, right = right, left ^ _round_hash(key, r, right, half)
-        x = (left << half) | right
-        if x < n:
-            return x
+from ..seeding import derive_seed, keyed_permutation
 
 
 @dataclass(frozen=True)
@@ -87,6 +62,12 @@ class CaptionSampler:
                 raise ValueError("class weights put no mass on any class that has captions")
             self._cumulative = list(accumulate(w / total for w in weights))
         self._class_weights = weights
+
+    def weighted(self, weights: list[float] | None) -> "CaptionSampler":
+        """A copy of this sampler that draws classes with `weights` (None: every caption once per pass)."""
+        sampler = copy.copy(self)
+        sampler.class_weights = weights
+        return sampler
 
     def locate(self, sample_id: int) -> tuple[int, int]:
         """(class index, caption index) of a sample id."""

@@ -1,8 +1,9 @@
 """Stable Diffusion: loading with diffusers, the sampling loop and post-processing."""
 
+from .config import GeneratorConfig, SynthesisConfig
 from .loading import ModelLoadError, load_pipeline
 from .postprocess import resize_to_uint8
-from .sampler import SynthesisConfig, Synthesizer, derive_seed
+from .sampler import Synthesizer
 from .tiny import (
     RANDOM_WEIGHTS_NOTICE,
     ensure_tiny_pipeline,
@@ -13,10 +14,10 @@ from .tiny import (
 
 __all__ = [
     "RANDOM_WEIGHTS_NOTICE",
+    "GeneratorConfig",
     "ModelLoadError",
     "SynthesisConfig",
     "Synthesizer",
-    "derive_seed",
     "ensure_tiny_pipeline",
     "has_random_weights",
     "is_tiny_model",

@@ -1,7 +1,7 @@
 """The fast-path options in one place: what to switch on, and `apply(pipe, options)` to switch it on.
 
     fast = apply(pipe, FastPathOptions(channels_last=True))
-    synth = Synthesizer(pipe, config, fused_step=fast.fused_step)
+    synth = Synthesizer(pipe, config, fast_path=fast)
     batch = fast.postprocess(synth.decode(latents), size=224)
 
 Precision (fp16/bf16) is chosen when the pipeline is loaded (`load_pipeline(..., dtype=...)`). Which options pay
@@ -22,7 +22,7 @@ from .attention import BACKENDS, AttentionChoice, apply_attention
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FastPathOptions:
     triton_kernels: bool = True  # fused GroupNorm(+SiLU) and GEGLU swapped into the UNet and the VAE
     fused_step: bool = True  # guidance combine + scheduler update in one kernel (DDIM eta=0, PNDM/PLMS)
@@ -47,7 +47,7 @@ class FastPath:
 
     options: FastPathOptions
     attention: AttentionChoice
-    fused_step: object | None = None  # a kernels.guided_step.FusedGuidedStep, for Synthesizer(fused_step=...)
+    fused_step: object | None = None  # a kernels.guided_step.FusedGuidedStep, or None where unsupported
     applied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import StreamsynthError
+
 log = logging.getLogger(__name__)
 
 # The schedulers a user may name; each is built from the checkpoint's own scheduler config so betas and offsets match.
@@ -23,7 +25,7 @@ SCHEDULERS = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(StreamsynthError, RuntimeError):
     """A model path or hub id could not be loaded; the message says what to give instead."""
 
 

@@ -8,14 +8,14 @@ any worker and batch it any way while staying reproducible.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ..seeding import derive_seed
+from .config import GeneratorConfig, SynthesisConfig
 from .postprocess import resize_to_uint8
 
 if TYPE_CHECKING:
@@ -24,42 +24,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed that is a pure function of `parts`, the same in every process and on every machine."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-@dataclass
-class SynthesisConfig:
-    """The knobs of one sampling run; defaults follow the reference recipe."""
-
-    num_inference_steps: int = 50
-    guidance_scale: float = 1.5
-    height: int | None = None  # None: the model's native size (512 for SD1.5)
-    width: int | None = None
-    safety_check: bool = False
-    max_redraws: int = 8
-
-    def __post_init__(self) -> None:
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}")
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be non-negative, got {self.guidance_scale}")
-
-
 class Synthesizer:
     """Generates images for (prompt, seed) pairs with the components of a diffusers Stable Diffusion pipeline.
 
-    `fused_step(noise, t, latents, guidance_scale or None) -> latents`, if given, replaces the guidance combine and
-    `scheduler.step` (see `streamsynth.synth.fast`); it must compute the same thing.
+    Two steps may be swapped for fused ones (see `streamsynth.synth.fast`), each computing what it replaces:
+    `fused_step(noise, t, latents, guidance_scale or None) -> latents` replaces `guided_step` (the guidance combine
+    and `scheduler.step`), and `postprocess(decoded, size) -> uint8` replaces `resize_to_uint8`.
     """
 
-    def __init__(self, pipe, config: SynthesisConfig | None = None, fused_step: Callable | None = None):
+    def __init__(self, pipe, config: SynthesisConfig | None = None, fused_step: Callable | None = None,
+                 postprocess: Callable[[torch.Tensor, int | None], torch.Tensor] | None = None):
         self.pipe = pipe
         self.config = config or SynthesisConfig()
         self.fused_step = fused_step
-        self.fast_path = None  # set by `from_pretrained(fast=...)`: its post-processing replaces resize_to_uint8
+        self.postprocess = postprocess
         if self.config.safety_check and pipe.safety_checker is None:
             raise ValueError("safety_check=True needs a pipeline loaded with its safety checker")
         self.device = pipe.unet.device
@@ -91,9 +69,13 @@ class Synthesizer:
         if fast is None:
             return cls(pipe, config)
         fast_path = apply(pipe, fast)
-        synth = cls(pipe, config, fused_step=fast_path.fused_step)
-        synth.fast_path = fast_path
-        return synth
+        return cls(pipe, config, fused_step=fast_path.fused_step, postprocess=fast_path.postprocess)
+
+    @classmethod
+    def from_config(cls, config: GeneratorConfig, device: str | torch.device) -> "Synthesizer":
+        """The generator `config` describes, loaded on `device` (what each synthesis worker does once)."""
+        return cls.from_pretrained(config.model, device=device, dtype=config.dtype, scheduler=config.scheduler,
+                                   config=config.synthesis, fast=config.fast)
 
     @property
     def do_guidance(self) -> bool:
@@ -130,19 +112,24 @@ class Synthesizer:
         unet, scheduler, scale = self.pipe.unet, self.pipe.scheduler, self.config.guidance_scale
         if self.do_guidance:
             text = torch.cat([self.empty_prompt_embedding().expand_as(text), text])
-        step_kwargs = {"generator": generators} if self._step_takes_generator else {}
         for t in scheduler.timesteps:
             model_input = torch.cat([latents] * 2) if self.do_guidance else latents
             model_input = scheduler.scale_model_input(model_input, t)
             noise = unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
             if self.fused_step is not None:
                 latents = self.fused_step(noise, t, latents, scale if self.do_guidance else None)
-                continue
-            if self.do_guidance:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + scale * (cond - uncond)
-            latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            else:
+                latents = self.guided_step(noise, t, latents, generators)
         return latents
+
+    def guided_step(self, noise: torch.Tensor, t, latents: torch.Tensor,
+                    generators: list[torch.Generator]) -> torch.Tensor:
+        """The classifier-free guidance combine, then the scheduler's update: what `fused_step` computes at once."""
+        if self.do_guidance:
+            uncond, cond = noise.chunk(2)
+            noise = uncond + self.config.guidance_scale * (cond - uncond)
+        step_kwargs = {"generator": generators} if self._step_takes_generator else {}
+        return self.pipe.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -178,8 +165,8 @@ class Synthesizer:
     def generate_uint8(self, prompts: list[str], seeds: list[int], size: int | None) -> torch.Tensor:
         """uint8 images resized to `size` on the generator's device: what a classifier's loader takes."""
         decoded = self.generate_decoded(prompts, seeds)
-        if self.fast_path is not None:
-            return self.fast_path.postprocess(decoded, size)
+        if self.postprocess is not None:
+            return self.postprocess(decoded, size)
         return resize_to_uint8((decoded / 2 + 0.5).clamp(0, 1), size)
 
     def _draw(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:

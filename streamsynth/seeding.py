@@ -1,0 +1,55 @@
+"""Seeds and keyed shuffles that are pure functions of their inputs: the bottom layer every other module uses.
+
+Everything random in streamsynth (a sample's class and caption, its noise, its augmentation, the order of cached and
+real images) is derived here from the run seed and integers, so any process on any machine computes the same value
+without coordination. Seeds come from `hashlib.blake2b` rather than Python's `hash`, which differs between processes;
+shuffles are keyed bijections rather than `torch.randperm` tables, so that no N-sized table is built or kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed that is a pure function of `parts`, the same in every process and on every machine."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def seeded(seed: int, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` under torch's RNG seeded with `seed` (and restored after): a random augmentation becomes a pure
+    function of the seed, whichever process or worker runs it and whatever ran there before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn(*args)
+
+
+def _round_hash(key: int, round_: int, value: int, bits: int) -> int:
+    digest = hashlib.blake2b(f"{key}:{round_}:{value}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << bits) - 1)
+
+
+def keyed_permutation(index: int, n: int, key: int, rounds: int = 4) -> int:
+    """The image of `index` under a pseudo-random bijection of [0, n) chosen by `key`.
+
+    A balanced Feistel network permutes [0, 4^k) ⊇ [0, n); cycle-walking (re-applying it until the value lands
+    below n) restricts it to a bijection of [0, n). Each call costs O(rounds) hashes and no memory.
+    """
+    if not 0 <= index < n:
+        raise IndexError(f"index {index} outside [0, {n})")
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = (1 << half) - 1
+    x = index
+    while True:
+        left, right = x >> half, x & mask
+        for r in range(rounds):
+            left, right = right, left ^ _round_hash(key, r, right, half)
+        x = (left << half) | right
+        if x < n:
+            return x

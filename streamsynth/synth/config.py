@@ -1,0 +1,88 @@
+"""The generator's settings as frozen data: what each synthesis worker builds its `Synthesizer` from.
+
+`SynthesisConfig` holds the knobs of one sampling run (steps, guidance, resolution, safety check);
+`GeneratorConfig` adds which model, where, in which precision and with which fast-path options. Both are frozen and
+picklable, so a config crosses into spawned workers as it is and no worker can change it under another.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .fast import FastPathOptions
+from .loading import check_model_source
+from .tiny import has_random_weights
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """The knobs of one sampling run; defaults follow the reference recipe."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 1.5
+    height: int | None = None  # None: the model's native size (512 for SD1.5)
+    width: int | None = None
+    safety_check: bool = False
+    max_redraws: int = 8
+
+    def __post_init__(self) -> None:
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be non-negative, got {self.guidance_scale}")
+
+
+def default_devices() -> tuple[str, ...]:
+    return ("cuda",) if torch.cuda.is_available() else ("cpu",)
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Which Stable Diffusion makes the images, where, and how they come out.
+
+    Args:
+        model: a hub id or diffusers folder, loaded with `from_pretrained` once per worker (a local path is
+            checked here, so a wrong one fails in the trainer, not in every worker).
+        synthesis: steps, guidance scale, resolution and safety check.
+        image_size: side of the square uint8 images handed out (resized on the generator's device); None keeps
+            the model's resolution.
+        devices: where workers generate; worker w uses `devices[w % len(devices)]`. Default: CUDA if present.
+        dtype: "fp16", "bf16" or "fp32"; default fp16 on CUDA, fp32 on the CPU.
+        scheduler: a scheduler name (see `streamsynth.synth.loading.SCHEDULERS`); default: the model's own.
+        batch_size: images per UNet batch in a worker (a generation group is made in chunks of this size).
+        fast: fast-path options (Triton kernels, fused guidance step, attention backend, compile); None runs the
+            plain diffusers components.
+    """
+
+    model: str
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    image_size: int | None = 224
+    devices: tuple[str, ...] = field(default_factory=default_devices)
+    dtype: str | None = None
+    scheduler: str | None = None
+    batch_size: int = 8
+    fast: FastPathOptions | None = None
+
+    def __post_init__(self) -> None:
+        check_model_source(self.model)
+        # Normalise what callers may pass as a path or a list, so that equal configs compare and pickle equal.
+        object.__setattr__(self, "model", os.fspath(self.model))
+        object.__setattr__(self, "devices", tuple(str(d) for d in self.devices) or default_devices())
+        if self.batch_size < 1:
+            raise ValueError(f"the generator's batch_size must be at least 1, got {self.batch_size}")
+
+    def device(self, worker: int) -> str:
+        """The device of loader worker `worker` (workers share the devices round-robin)."""
+        return self.devices[worker % len(self.devices)]
+
+    @property
+    def uses_cuda(self) -> bool:
+        return any(d.startswith("cuda") for d in self.devices)
+
+    @property
+    def random_weights(self) -> bool:
+        """True for a model streamsynth built with random weights (its images are noise)."""
+        return has_random_weights(self.model)
