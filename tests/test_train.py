@@ -22,9 +22,9 @@ def _train(*args: str, cache: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-# The default main job's classifier, trained on synthetic digits alone, scored on the held-out real digits: measured
-# well above this (see README), and near 10% when it learns nothing.
-DEFAULT_JOB_LEARNS = 50.0
+# The default main job's classifier, trained on synthetic digits alone, scored on the held-out real digits: the
+# issue's acceptance figure; measured 90% (see README), and near 10% when it learns nothing.
+DEFAULT_JOB_LEARNS = 70.0
 
 
 @pytest.mark.slow
