@@ -58,11 +58,11 @@ def add_commands(subparsers) -> None:
         help="a PNG grid of synthetic samples per class, labelled with their prompts",
         description="Draw the first samples of chosen classes exactly as the training stream would make them "
         "(same sampler, prompts, seeds and generator). Without --sd-model/--captions it uses the embedded default, "
-        "a random-weight generator whose images are noise.",
+        "a tiny generator trained on 8x8 handwritten digits (not Stable Diffusion).",
     )
     preview.add_argument("--sd-model",
-                         help="Stable Diffusion hub id or diffusers folder (default: the embedded tiny random model)")
-    preview.add_argument("--captions", help="caption store (default: the embedded illustrative Imagenette captions)")
+                         help="Stable Diffusion hub id or diffusers folder (default: the embedded digits model)")
+    preview.add_argument("--captions", help="caption store (default: the embedded digits captions)")
     preview.add_argument("--prompt", default="cip",
                          help="prompt strategy: cip, basic, name, clip, or a template with {name} and {caption}")
     preview.add_argument("--classes", type=comma_list(), metavar=list_metavar("CLASS"),
@@ -133,6 +133,7 @@ def _audit_privacy(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
+    from .defaults import EMBEDDED_DEFAULT_NOTICE
     from .preview import preview_grid
     from .synth.tiny import RANDOM_WEIGHTS_NOTICE
 
@@ -145,4 +146,6 @@ def _preview(args: argparse.Namespace) -> int:
     print(f"wrote {preview.path}: {len(preview.specs)} classes x {len(preview.specs[0])} samples from {preview.model}")
     if preview.random_weights:
         print(f"NOTE: {RANDOM_WEIGHTS_NOTICE}")
+    elif preview.digits_model:
+        print(f"NOTE: {EMBEDDED_DEFAULT_NOTICE}")
     return 0

@@ -37,8 +37,8 @@ def add_commands(subparsers) -> None:
         description=__doc__.split("\n\n")[1],
     )
     p.add_argument("--sd-model",
-                   help="Stable Diffusion hub id or diffusers folder (default: the embedded tiny random model)")
-    p.add_argument("--captions", help="caption store (default: the embedded illustrative captions)")
+                   help="Stable Diffusion hub id or diffusers folder (default: the embedded digits model)")
+    p.add_argument("--captions", help="caption store (default: the embedded digits captions)")
     add_device(p, "the synthesis device")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="synthesis dtype (default: fp16 on CUDA, else fp32)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch")

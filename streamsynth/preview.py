@@ -21,6 +21,7 @@ from .prompts.templates import PromptTemplate
 from .stream.dataset import SyntheticStream
 from .stream.sampling import SampleSpec
 from .synth.config import GeneratorConfig, SynthesisConfig
+from .synth.digits_model import is_digits_model
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -38,6 +39,7 @@ class Preview:
     path: Path
     model: str
     random_weights: bool
+    digits_model: bool  # the embedded default's tiny digits generator
     specs: list[list[SampleSpec]]  # rows of the grid
     figure: Figure
 
@@ -137,8 +139,8 @@ def preview_grid(
 ) -> Preview:
     """Generates the preview grid and writes it to `out` (a PNG).
 
-    `captions` and `model` default to the embedded illustrative captions and the tiny random-weight generator; the
-    grid's title then says that the images are noise.
+    `captions` and `model` default to the embedded default (the digits captions and the tiny generator trained on
+    them); the grid's title then says what that model is. A model with random weights is named as such too.
     """
     from .defaults import embedded_captions, embedded_model
 
@@ -162,9 +164,12 @@ def preview_grid(
     if stream.random_weights:
         title_lines.append("RANDOM WEIGHTS: streamsynth's tiny test generator. These images are noise, not pictures "
                            "of the classes.")
+    elif is_digits_model(generator.model):
+        title_lines.append("streamsynth's embedded default: a tiny model trained on real 8x8 handwritten digits "
+                           "(scikit-learn), not Stable Diffusion")
     row_names = [f"{stream.store.classes[label].name}\n({stream.store.classes[label].id})" for label in labels]
     fig = render_grid(images, specs, row_names, title_lines)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
-    return Preview(out, generator.model, stream.random_weights, specs, fig)
+    return Preview(out, generator.model, stream.random_weights, is_digits_model(generator.model), specs, fig)

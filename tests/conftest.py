@@ -12,7 +12,6 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest
 
 from streamsynth.captions import CaptionStore, import_captions
-from streamsynth.defaults import embedded_caption_source
 from streamsynth.synth import save_tiny_pipeline
 
 
@@ -30,6 +29,10 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
+# Ten hand-written caption lists for the Imagenette classes (ImageNet WordNet ids), a test fixture.
+IMAGENETTE_CAPTIONS = Path(__file__).parent / "data" / "imagenette_illustrative.jsonl"
+
+
 @pytest.fixture(scope="session")
 def small_generator(tiny_model):
     """The tiny random model as the stream's generator, at test sizes: 16x16 images, 2 steps, on the CPU."""
@@ -42,7 +45,7 @@ def small_generator(tiny_model):
 @pytest.fixture(scope="session")
 def caption_store(tmp_path_factory) -> CaptionStore:
     """The ten-class illustrative Imagenette captions, imported into an LMDB store."""
-    return import_captions(embedded_caption_source(), tmp_path_factory.mktemp("captions") / "captions.lmdb")
+    return import_captions(IMAGENETTE_CAPTIONS, tmp_path_factory.mktemp("captions") / "captions.lmdb")
 
 
 @pytest.fixture(scope="session")

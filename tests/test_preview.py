@@ -57,12 +57,13 @@ def test_unknown_class_is_named(tmp_path, tiny_model, caption_store):
         preview_grid(caption_store, tiny_model, classes=["zebra"], out=tmp_path / "x.png", **SETTINGS)
 
 
-def test_cli_with_the_embedded_default_says_the_weights_are_random(tmp_path, capsys):
+def test_cli_with_the_embedded_default_says_what_the_model_is(tmp_path, capsys):
     code = main(["preview", "--samples", "2", "--num-inference-steps", "1", "--image-size", "32", "--device", "cpu",
                  "--classes", "0,1", "--out", str(tmp_path)])
     out = tmp_path / "preview.png"
     assert code == 0
     printed = capsys.readouterr().out
-    assert "RANDOM WEIGHTS" in printed and f"wrote {out}" in printed
+    assert "RANDOM WEIGHTS" not in printed and f"wrote {out}" in printed
+    assert "TINY text-to-image model" in printed and "not Stable Diffusion" in printed
     png = matplotlib.image.imread(out)
     assert png.shape[1] == round(2 * CELL_WIDTH * DPI)

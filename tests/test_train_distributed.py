@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--steps", "6", "--batch-size", "2", "--image-size", "16", "--model", "resnet18",
@@ -81,6 +82,11 @@ def test_killed_run_resumes_with_the_same_samples(tmp_path, isolated_cache, capt
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resumed from" in result.stdout
     assert _read_ids(ids_log) == _read_ids(reference / "sample_ids-rank0.csv")
+    # ... and ends with the uninterrupted run's weights (and optimizer state): nothing of the model was lost.
+    finished, uninterrupted = (torch.load(folder / "checkpoint.pt", weights_only=True) for folder in (run, reference))
+    assert finished["step"] == uninterrupted["step"] == 10
+    for part in ("model", "optimizer"):
+        torch.testing.assert_close(finished[part], uninterrupted[part], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -245,7 +245,7 @@ class CaptionStore:
         if not self.path.exists():
             raise CaptionStoreError(
                 f"caption store {self.path} does not exist: build one with `streamsynth captions import` "
-                "or `streamsynth caption`, or leave --captions out to use the embedded illustrative set"
+                "or `streamsynth caption`, or leave --captions out to use the embedded digits captions"
             )
         if self.path.is_dir() and not (self.path / "data.mdb").exists():
             raise CaptionStoreError(

@@ -1,8 +1,9 @@
 """A tiny, randomly initialised Stable Diffusion with the component classes of SD1.5.
 
-No weights can be downloaded where streamsynth is developed and tested, so the embedded default and the tests use
-this model. It is saved with `save_pretrained` and always loaded back with `from_pretrained`, the path a real
-checkpoint takes. Its images are noise-like: it exercises the machinery, it does not draw.
+No weights can be downloaded where streamsynth is developed and tested, so the tests and the speed benchmarks use
+this model where any generator will do (the embedded default is the trained digits model,
+`streamsynth.synth.digits_model`). It is saved with `save_pretrained` and always loaded back with `from_pretrained`,
+the path a real checkpoint takes. Its images are noise-like: it exercises the machinery, it does not draw.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def is_tiny_model(folder: str | os.PathLike) -> bool:
 
 
 def ensure_tiny_pipeline() -> Path:
-    """The embedded default model's folder, built and saved on first use."""
+    """The tiny random model's folder under the cache folder, built and saved on first use."""
     folder = cache_dir() / TINY_MODEL_VERSION
     if not is_tiny_model(folder):
         save_tiny_pipeline(folder)

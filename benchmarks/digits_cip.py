@@ -1,0 +1,151 @@
+"""The Caption-in-Prompt comparison in miniature, on real handwritten digits (a benchmark, not a test).
+
+    python benchmarks/digits_cip.py --out runs/digits-cip                 # the README's table; see --help
+    python benchmarks/digits_cip.py --seeds 0 --steps 40 --out runs/dry    # a quick look
+
+Classifiers of one architecture and one training recipe are trained on
+
+  (a) real:   the real training part of scikit-learn's digits (1,297 images, the images the generator learned from),
+  (b) cip:    the stream from the embedded digits generator with Caption-in-Prompt prompts ("a photo of {name},
+              {caption}") at the default guidance scale,
+  (c) basic:  the same stream with the basic prompt "a photo of {name}",
+  (d) cip at other guidance scales,
+
+each from several seeds, and every classifier is scored on the 500 held-out real digits that neither the generator
+nor any classifier saw. Synthetic classifiers see synthetic images only. It prints a table (mean, standard
+deviation and every seed's top-1) and writes it with all settings and timings to OUT/results.json and
+OUT/table.md. This is the quality harness that speed levers (fewer steps, other schedulers, limited guidance) are
+judged by: run it with the lever and compare the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from streamsynth import GeneratorConfig, StreamLoader, SynthesisConfig, SyntheticStream  # noqa: E402
+from streamsynth.defaults import embedded_captions, embedded_model  # noqa: E402
+from streamsynth.cliargs import ArgumentParser, comma_list  # noqa: E402
+from streamsynth.digits import (CLASS_IDS, digit_augmentation, fit_classifier, held_out_top1,  # noqa: E402
+                                real_training_batches)
+from streamsynth.stream import EpochsInARow  # noqa: E402
+
+
+CONDITIONS = ("real", "cip", "basic", "guidance")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--out", default="runs/digits-cip", help="folder for results.json and table.md")
+    p.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2], help="one classifier per seed and condition")
+    p.add_argument("--guidance-scale", type=comma_list(float), default=[1.0, 1.5, 3.0, 5.0],
+                   help="guidance scales for the CiP prompt (condition d)")
+    p.add_argument("--default-guidance", type=float, default=1.5, help="the guidance of conditions (b) and (c)")
+    p.add_argument("--conditions", type=comma_list(str, CONDITIONS), default=list(CONDITIONS),
+                   help="which comparisons to run")
+    p.add_argument("--model", default="test_resnet", help="classifier (a torchvision or timm name)")
+    p.add_argument("--image-size", type=int, default=16, help="classifier input side")
+    # 150 steps of 64 with replay 8: 1,200 synthetic digits per classifier, so that the 15 synthetic classifiers of
+    # the default table fit in about an hour on a shared 2-core CPU (synthesis is nearly all of the cost).
+    p.add_argument("--steps", type=int, default=150, help="classifier optimizer steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--replay", type=int, default=8, help="uses of each synthetic image (fresh augmentation each)")
+    p.add_argument("--num-inference-steps", type=int, default=20)
+    p.add_argument("--workers", type=int, default=2, help="synthesis worker processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer process")
+    return p.parse_args(argv)
+
+
+def conditions(args: argparse.Namespace) -> list[dict]:
+    runs = []
+    if "real" in args.conditions:
+        runs.append({"name": "real", "data": "real"})
+    if "cip" in args.conditions:
+        runs.append({"name": f"cip, guidance {args.default_guidance:g}", "data": "stream", "prompt": "cip",
+                     "guidance": args.default_guidance})
+    if "basic" in args.conditions:
+        runs.append({"name": f"basic, guidance {args.default_guidance:g}", "data": "stream", "prompt": "basic",
+                     "guidance": args.default_guidance})
+    if "guidance" in args.conditions:
+        runs += [{"name": f"cip, guidance {g:g}", "data": "stream", "prompt": "cip", "guidance": g}
+                 for g in args.guidance_scale if g != args.default_guidance or "cip" not in args.conditions]
+    return runs
+
+
+def synthetic_batches(args: argparse.Namespace, condition: dict, seed: int) -> EpochsInARow:
+    """The embedded generator's stream under this condition's prompt and guidance, endlessly."""
+    generator = GeneratorConfig(
+        embedded_model(), image_size=args.image_size, devices=("cpu",), batch_size=args.batch_size,
+        synthesis=SynthesisConfig(num_inference_steps=args.num_inference_steps, guidance_scale=condition["guidance"]))
+    stream = SyntheticStream(embedded_captions(), generator, prompt=condition["prompt"], seed=seed,
+                             batch_size=args.batch_size, replay=args.replay,
+                             transform=digit_augmentation(args.image_size))
+    # One group ready per worker: the workers stop soon after the classifier's last step, wasting little synthesis.
+    return EpochsInARow(StreamLoader(stream, args.workers, prefetch_factor=1))
+
+
+def run(args: argparse.Namespace, condition: dict, seed: int) -> dict:
+    started = time.perf_counter()
+    if condition["data"] == "real":
+        batches = real_training_batches(args.image_size, args.batch_size, seed=seed)
+    else:
+        batches = synthetic_batches(args, condition, seed)
+    model = fit_classifier(batches, args.steps, arch=args.model, lr=args.lr, seed=seed)
+    top1 = held_out_top1(model, args.image_size, "cpu", CLASS_IDS)
+    return {"condition": condition["name"], "seed": seed, "top1": top1,
+            "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def table(results: list[dict], names: list[str]) -> str:
+    lines = ["| training data | top-1 on held-out real digits (mean ± std) | seeds |", "| --- | --- | --- |"]
+    for name in names:
+        values = [r["top1"] for r in results if r["condition"] == name]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(f"| {name} | {statistics.mean(values):.1f} ± {spread:.1f} % | "
+                     f"{', '.join(f'{v:.1f}' for v in values)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = conditions(args)
+    results, started, load_at_start = [], time.perf_counter(), os.getloadavg()
+    for condition in runs:
+        for seed in args.seeds:
+            result = run(args, condition, seed)
+            results.append(result)
+            print(f"{result['condition']:>22}  seed {seed}: top-1 {result['top1']:.1f}%  ({result['wall_s']:.0f} s)",
+                  flush=True)
+    names = [c["name"] for c in runs]
+    text = table(results, names)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    (out / "results.json").write_text(json.dumps({
+        "settings": settings, "model": str(embedded_model()), "results": results,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "load_average_at_start": load_at_start,
+                    "load_average_at_end": os.getloadavg()},
+    }, indent=1) + "\n")
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+    print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
+
+
+if __name__ == "__main__":
+    main()
