@@ -246,7 +246,7 @@ def test_train_resume_takes_an_optional_path(tmp_path, capsys):
     checkpoint = tmp_path / "somewhere.pt"
     checkpoint.write_bytes(b"")
     args = train.parse_args(["--online-synthesis", "--resume", str(checkpoint)])
-    assert args.resume == str(checkpoint) and args.model == "resnet18"
+    assert args.resume == str(checkpoint) and args.model == train.EMBEDDED_PRESET["model"]
     with pytest.raises(SystemExit):
         train.parse_args(["--online-synthesis", "--resume", str(tmp_path / "missing.pt")])
     assert "no such checkpoint file" in capsys.readouterr().err
