@@ -40,7 +40,7 @@ def test_the_wheel_installs_no_top_level_kernels_package(tmp_path):
                  for p in (ROOT / "kernels").rglob("*.py")}
     assert expected - names == set(), "modules left out of the wheel: list their package in pyproject.toml"
     assert {n for n in names if n.endswith(".py")} == expected
-    assert "streamsynth/captions/data/imagenette_illustrative.jsonl" in names
+    assert "streamsynth/data/digits-sd/unet/diffusion_pytorch_model.safetensors" in names  # the embedded generator
 
     # Installed, streamsynth.kernels is the installed folder (no finder for a checkout), and it patches a model.
     site = tmp_path / "site"
