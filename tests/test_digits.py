@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import re
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from streamsynth.digits import (CLASS_IDS, CLASS_NAMES, POSITIONS, SIZES, SLANTS
                                 ensure_digits_captions, fit_classifier, held_out_indices, held_out_top1, image_key,
                                 train_indices)
 from streamsynth.synth import has_random_weights, load_pipeline
+from streamsynth.transforms import one_thread
 
 # The learning tests: a small classifier (timm's test_resnet at 16 px) trained for EPOCHS passes over the first STEPS
 # batches of the stream, scored on the 500 held-out real digits. Measured over stream seeds 0-3: 94-95% (replay 1)
@@ -133,17 +133,6 @@ def test_held_out_digits_reach_the_classifier_as_synthetic_ones_do():
 
 # ----- learning on the stream, and the controls that must not learn --------------------------------------------------
 
-@contextmanager
-def _one_thread():
-    """Train with one thread: on a busy 2-core machine, two OpenMP threads can cost several times the CPU time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _stream_batches(model, replay: int, steps: int = STEPS, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first `steps` batches of the stream, made by one (single-threaded) loader worker."""
     generator = GeneratorConfig(model, image_size=IMAGE_SIZE, devices=("cpu",), batch_size=BATCH,
@@ -157,7 +146,7 @@ def _stream_batches(model, replay: int, steps: int = STEPS, seed: int = 0) -> li
 
 def _top1(batches) -> float:
     """Top-1 on the held-out real digits of a classifier trained for EPOCHS passes over `batches`."""
-    with _one_thread():
+    with one_thread():
         model = fit_classifier(itertools.chain.from_iterable([batches] * EPOCHS), EPOCHS * len(batches), seed=0)
         return held_out_top1(model, IMAGE_SIZE, "cpu", CLASS_IDS)
 
