@@ -227,7 +227,7 @@ class SyntheticStream(IterableDataset):
         synth, size, chunk = self.synthesizer(worker), self.generator.image_size, self.generator.batch_size
         images = torch.cat([
             synth.generate_uint8([s.prompt for s in specs[i:i + chunk]], [s.seed for s in specs[i:i + chunk]],
-                                 size).cpu()
+                                 size).contiguous(memory_format=torch.channels_last).cpu()  # see resize_to_uint8
             for i in range(0, len(specs), chunk)
         ])
         return specs, images
