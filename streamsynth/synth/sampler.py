@@ -87,11 +87,6 @@ class Synthesizer:
         return cls.from_pretrained(config.model, device=device, dtype=config.dtype, scheduler=config.scheduler,
                                    config=config.synthesis, fast=config.fast)
 
-    @property
-    def do_guidance(self) -> bool:
-        # The same rule as diffusers: a scale of 1 or less means one conditional pass, no guidance.
-        return self.config.guidance_scale > 1.0
-
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         tokenizer = self.pipe.tokenizer
@@ -120,22 +115,23 @@ class Synthesizer:
     def denoise(self, latents: torch.Tensor, text: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """Runs the scheduler's timesteps, which `set_timesteps` must have prepared."""
         unet, scheduler, scale = self.pipe.unet, self.pipe.scheduler, self.config.guidance_scale
-        if self.do_guidance:
-            text = torch.cat([self.empty_prompt_embedding().expand_as(text), text])
-        for t in scheduler.timesteps:
-            model_input = torch.cat([latents] * 2) if self.do_guidance else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            noise = unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
+        timesteps = scheduler.timesteps
+        plan = [self.config.guided(i, len(timesteps)) for i in range(len(timesteps))]
+        both = torch.cat([self.empty_prompt_embedding().expand_as(text), text]) if any(plan) else None
+        for t, guided in zip(timesteps, plan):
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            noise = unet(model_input, t, encoder_hidden_states=both if guided else text, return_dict=False)[0]
             if self.fused_step is not None:
-                latents = self.fused_step(noise, t, latents, scale if self.do_guidance else None)
+                latents = self.fused_step(noise, t, latents, scale if guided else None)
             else:
-                latents = self.guided_step(noise, t, latents, generators)
+                latents = self.guided_step(noise, t, latents, generators, guided)
         return latents
 
     def guided_step(self, noise: torch.Tensor, t, latents: torch.Tensor,
-                    generators: list[torch.Generator]) -> torch.Tensor:
-        """The classifier-free guidance combine, then the scheduler's update: what `fused_step` computes at once."""
-        if self.do_guidance:
+                    generators: list[torch.Generator], guided: bool = True) -> torch.Tensor:
+        """The classifier-free guidance combine (on a guided step), then the scheduler's update: what `fused_step`
+        computes at once."""
+        if guided:
             uncond, cond = noise.chunk(2)
             noise = uncond + self.config.guidance_scale * (cond - uncond)
         step_kwargs = {"generator": generators} if self._step_takes_generator else {}
