@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from streamsynth import FastPathOptions, GeneratorConfig, StreamLoader, SynthesisConfig, SyntheticStream
+from streamsynth import FastPathOptions, GeneratorConfig, StreamLoader, SyntheticStream
 from streamsynth.captions import CaptionStore
 from streamsynth.checkpoints import check_checkpoint_room, load_resume_checkpoint, save_checkpoint
 from streamsynth.classifier import build_classifier, classifier_checkpoint
@@ -41,6 +41,7 @@ from streamsynth.evaluate import (LabelledImageFolder, check_eval_folder, class_
 from streamsynth.stream import CachedBatches, EpochsInARow, MixedBatches, RealBatches, mix_weights
 from streamsynth.stream.devices import synthesis_devices
 from streamsynth.stream.feedback import ClassFeedback
+from streamsynth.synth.speed import add_sampler_arguments, fill_from_speed_preset, sampler_settings
 from streamsynth.transforms import BatchAugment, train_transform
 
 log = logging.getLogger("train")
@@ -88,11 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds without a batch after which a synthesis worker counts as hung and is restarted")
     synth.add_argument("--synth-batch-size", type=int,
                        help="images per UNet batch in a worker (default: 8, 32 for the embedded default)")
-    synth.add_argument("--num-inference-steps", type=int,
-                       help="denoising steps (default: 50, 20 for the embedded default)")
-    synth.add_argument("--guidance-scale", type=float, default=1.5,
-                       help="classifier-free guidance scale; low guidance (1.5-2) helps diversity")
-    synth.add_argument("--scheduler", help="scheduler name (default: the model's own, PNDM for SD1.5)")
+    add_sampler_arguments(synth, default_steps="50, 20 for the embedded default")
     synth.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="synthesis dtype (default: fp16 on CUDA)")
     synth.add_argument("--safety-checker", action="store_true", help="redraw images the model's safety checker flags")
     synth.add_argument("--fast", action="store_true",
@@ -146,6 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resume and not Path(args.resume).is_file():  # a named checkpoint must exist; bare --resume may start anew
         p.error(f"--resume {args.resume}: no such checkpoint file")
     args.embedded_default = not (args.sd_model or args.captions or args.train_dir)
+    fill_from_speed_preset(args)  # before the presets below: --speed picks the sampler's steps
     preset = EMBEDDED_PRESET if args.embedded_default else REAL_PRESET
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -176,9 +174,9 @@ def build_data(args: argparse.Namespace, rank: int, world: int, local_rank: int,
     sources, class_ids, loader = {}, None, None
     if args.online_synthesis:
         generator = GeneratorConfig(
-            args.sd_model or embedded_model(), image_size=args.image_size, dtype=args.dtype, scheduler=args.scheduler,
+            args.sd_model or embedded_model(), image_size=args.image_size, dtype=args.dtype,
             devices=synthesis_devices(args.synth_devices, str(device), local_rank, local_world),
-            synthesis=SynthesisConfig(args.num_inference_steps, args.guidance_scale, safety_check=args.safety_checker),
+            **sampler_settings(args, args.num_inference_steps),
             batch_size=args.synth_batch_size, fast=FastPathOptions() if args.fast else None)
         stream = SyntheticStream(args.captions or embedded_captions(), generator, prompt=args.prompt, seed=args.seed,
                                  epoch_size=args.epoch_size, batch_size=args.batch_size, replay=args.replay,

@@ -15,7 +15,8 @@ each from several seeds, and every classifier is scored on the 500 held-out real
 nor any classifier saw. Synthetic classifiers see synthetic images only. It prints a table (mean, standard
 deviation and every seed's top-1) and writes it with all settings and timings to OUT/results.json and
 OUT/table.md. This is the quality harness that speed levers (fewer steps, other schedulers, limited guidance) are
-judged by: run it with the lever and compare the table.
+judged by: `--conditions levers` trains one set of classifiers per entry of `--levers` (the reference recipe, each
+speed lever alone, the speed presets: `streamsynth.synth.speed`), all with the CiP prompt.
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ from streamsynth.cliargs import ArgumentParser, comma_list  # noqa: E402
 from streamsynth.digits import (CLASS_IDS, digit_augmentation, fit_classifier, held_out_top1,  # noqa: E402
                                 real_training_batches)
 from streamsynth.stream import EpochsInARow  # noqa: E402
+from streamsynth.synth.speed import SPEED_LEVERS, SPEED_PRESETS  # noqa: E402
 
 
-CONDITIONS = ("real", "cip", "basic", "guidance")
+CONDITIONS = ("real", "cip", "basic", "guidance", "levers")
+# The speed presets and each speed lever alone (streamsynth.synth.speed), all at the default guidance scale.
+LEVERS = {**SPEED_PRESETS, **SPEED_LEVERS}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--replay", type=int, default=8, help="uses of each synthetic image (fresh augmentation each)")
-    p.add_argument("--num-inference-steps", type=int, default=20)
+    p.add_argument("--num-inference-steps", type=int, default=20, help="denoising steps of conditions b-d")
+    p.add_argument("--levers", type=comma_list(str, tuple(LEVERS)), default=list(LEVERS),
+                   help="which presets and levers condition 'levers' compares")
     p.add_argument("--workers", type=int, default=2, help="synthesis worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer process")
     return p.parse_args(argv)
@@ -82,14 +88,24 @@ def conditions(args: argparse.Namespace) -> list[dict]:
     if "guidance" in args.conditions:
         runs += [{"name": f"cip, guidance {g:g}", "data": "stream", "prompt": "cip", "guidance": g}
                  for g in args.guidance_scale if g != args.default_guidance or "cip" not in args.conditions]
+    if "levers" in args.conditions:
+        runs += [{"name": name, "data": "stream", "prompt": "cip", "guidance": args.default_guidance,
+                  "steps": LEVERS[name].num_inference_steps, "scheduler": LEVERS[name].scheduler,
+                  "interval": LEVERS[name].guidance_interval, "cache": LEVERS[name].feature_cache_interval}
+                 for name in args.levers]
     return runs
 
 
 def synthetic_batches(args: argparse.Namespace, condition: dict, seed: int) -> EpochsInARow:
     """The embedded generator's stream under this condition's prompt and guidance, endlessly."""
+    lever = {"guidance_interval": condition["interval"]} if "interval" in condition else {}
+    if condition.get("cache", 1) != 1:
+        lever["feature_cache_interval"] = condition["cache"]
     generator = GeneratorConfig(
         embedded_model(), image_size=args.image_size, devices=("cpu",), batch_size=args.batch_size,
-        synthesis=SynthesisConfig(num_inference_steps=args.num_inference_steps, guidance_scale=condition["guidance"]))
+        scheduler=condition.get("scheduler"),
+        synthesis=SynthesisConfig(num_inference_steps=condition.get("steps", args.num_inference_steps),
+                                  guidance_scale=condition["guidance"], **lever))
     stream = SyntheticStream(embedded_captions(), generator, prompt=condition["prompt"], seed=seed,
                              batch_size=args.batch_size, replay=args.replay,
                              transform=digit_augmentation(args.image_size))
@@ -126,22 +142,23 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     runs = conditions(args)
     results, started, load_at_start = [], time.perf_counter(), os.getloadavg()
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
     for condition in runs:
         for seed in args.seeds:
             result = run(args, condition, seed)
             results.append(result)
             print(f"{result['condition']:>22}  seed {seed}: top-1 {result['top1']:.1f}%  ({result['wall_s']:.0f} s)",
                   flush=True)
+            # Written after every classifier: an hour's run interrupted keeps what it measured.
+            (out / "results.json").write_text(json.dumps({
+                "settings": settings, "conditions": runs, "model": str(embedded_model()), "results": results,
+                "wall_s": round(time.perf_counter() - started, 1),
+                "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                            "torch": torch.__version__, "load_average_at_start": load_at_start,
+                            "load_average_at_end": os.getloadavg()},
+            }, indent=1) + "\n")
     names = [c["name"] for c in runs]
     text = table(results, names)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    (out / "results.json").write_text(json.dumps({
-        "settings": settings, "model": str(embedded_model()), "results": results,
-        "wall_s": round(time.perf_counter() - started, 1),
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "load_average_at_start": load_at_start,
-                    "load_average_at_end": os.getloadavg()},
-    }, indent=1) + "\n")
     (out / "table.md").write_text(text + "\n")
     print(text)
     print(f"wrote {out / 'results.json'} and {out / 'table.md'}")

@@ -45,9 +45,10 @@ from .stream.cache import CLASSES_FILE, shard_name, write_cache_classes, write_g
 from .stream.dataset import SyntheticStream
 from .stream.devices import synthesis_devices
 from .stream.sampling import CaptionSampler, SampleSpec
-from .synth.config import GeneratorConfig, SynthesisConfig
+from .synth.config import GeneratorConfig
 from .synth.fast import FastPathOptions
 from .synth.loading import resolve_dtype
+from .synth.speed import add_sampler_arguments, sampler_settings
 from .synth.tiny import RANDOM_WEIGHTS_NOTICE
 
 log = logging.getLogger(__name__)
@@ -233,12 +234,14 @@ def generate(stream: SyntheticStream, out: str | os.PathLike, selection: Selecti
         "version": MANIFEST_VERSION, "format": fmt, "image_format": image_format if fmt == "imagefolder" else "png",
         "seed": stream.layout.seed, "prompt": stream.sampler.template.template, "model": stream.generator.model,
         "synthesis": asdict(stream.generator.synthesis), "image_size": stream.generator.image_size,
-        "scheduler": stream.generator.scheduler, "fast": asdict(stream.generator.fast) if stream.generator.fast else None,
+        "scheduler": stream.generator.scheduler, "lora": stream.generator.lora, "decoder": stream.generator.decoder,
+        "fast": asdict(stream.generator.fast) if stream.generator.fast else None,
         "captions": {"class_ids": stream.class_ids, "num_captions": stream.sampler.num_captions,
                      "captioner": stream.store.meta.get("captioner"), "created": stream.store.meta.get("created")},
         "selection": selection.describe, "shard_size": selection.unit_size, "num_samples": len(selection),
         **(manifest_extra or {}),
     }
+    manifest = json.loads(json.dumps(manifest))  # as a resume reads it back (tuples become lists)
 
     # 1. Every rank means the same set, and all decide on rank 0's view of the folder, before anyone writes.
     states = ranks.gather({"manifest": manifest, "found": _folder_state(out)})
@@ -405,9 +408,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--synth-devices", help="'auto' (every local GPU, split among local ranks) or a comma-separated "
                                            "list, one worker process each (default: this rank's GPU, else the CPU)")
     p.add_argument("--synth-batch-size", type=int, default=8, help="images per UNet batch")
-    p.add_argument("--num-inference-steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance scale")
-    p.add_argument("--scheduler", help="scheduler name (default: the model's own, PNDM for SD1.5)")
+    add_sampler_arguments(p, default_steps="50")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="synthesis dtype (default: fp16 on CUDA)")
     p.add_argument("--image-size", type=int, help="side of the images (default: 224; 32 for the embedded model)")
     p.add_argument("--safety-checker", action="store_true", help="redraw images the model's safety checker flags")
@@ -432,8 +433,7 @@ def _generate(args: argparse.Namespace) -> int:
     with ranks_from_environment() as ranks:
         generator = GeneratorConfig(
             args.sd_model or embedded_model(), image_size=args.image_size or (32 if embedded else 224),
-            dtype=args.dtype, scheduler=args.scheduler, devices=_rank_devices(args.synth_devices, ranks),
-            synthesis=SynthesisConfig(args.num_inference_steps, args.guidance_scale, safety_check=args.safety_checker),
+            dtype=args.dtype, devices=_rank_devices(args.synth_devices, ranks), **sampler_settings(args, 50),
             batch_size=args.synth_batch_size, fast=FastPathOptions() if args.fast else None)
         stream = SyntheticStream(args.captions or embedded_captions(), generator, prompt=args.prompt, seed=args.seed,
                                  rank=0, world_size=1)

@@ -68,3 +68,78 @@ def test_an_interval_image_does_not_depend_on_its_batch(pipe):
     batch = synth.generate(PROMPTS, SEEDS)
     for i in range(len(PROMPTS)):
         assert (synth.generate([PROMPTS[i]], [SEEDS[i]])[0] - batch[i]).abs().max().item() <= 1e-5
+
+
+# ----- presets and the sampler's flags ---------------------------------------------------------------------------
+
+def _sampler_args(argv: list[str]):
+    from streamsynth.cliargs import ArgumentParser
+    from streamsynth.synth.speed import add_sampler_arguments
+
+    parser = ArgumentParser()
+    add_sampler_arguments(parser, default_steps="50")
+    return parser.parse_args(argv)
+
+
+def test_the_reference_preset_is_the_published_recipe_and_the_default():
+    from streamsynth.synth.speed import SPEED_PRESETS, sampler_settings
+
+    reference = SPEED_PRESETS["reference"]
+    assert (reference.scheduler, reference.num_inference_steps, reference.guidance_interval,
+            reference.feature_cache_interval) == ("pndm", 50, (0.0, 1.0), 1)
+    settings = sampler_settings(_sampler_args([]), 50)
+    assert settings["synthesis"] == SynthesisConfig()  # no flag: the reference recipe on the model's own scheduler
+    assert settings["scheduler"] is None and settings["lora"] is None and settings["decoder"] is None
+
+
+def test_a_speed_preset_fills_what_the_flags_leave_out_and_explicit_flags_win():
+    from streamsynth.synth.speed import SPEED_PRESETS, sampler_settings
+
+    fast = SPEED_PRESETS["fast"]
+    settings = sampler_settings(_sampler_args(["--speed", "fast"]), 50)
+    assert settings["synthesis"].num_inference_steps == fast.num_inference_steps
+    assert settings["synthesis"].guidance_interval == fast.guidance_interval
+    assert settings["scheduler"] == fast.scheduler
+    settings = sampler_settings(_sampler_args(["--speed", "fast", "--num-inference-steps", "7", "--scheduler", "unipc",
+                                               "--guidance-interval", "0.1,0.9"]), 50)
+    assert (settings["synthesis"].num_inference_steps, settings["scheduler"]) == (7, "unipc")
+    assert settings["synthesis"].guidance_interval == (0.1, 0.9)
+
+
+def test_train_py_takes_the_speed_preset_over_its_own_defaults():
+    import train
+
+    args = train.parse_args(["--online-synthesis", "--speed", "fast", "--out", "unused"])
+    assert args.num_inference_steps == 10  # not the embedded default's 20
+    assert train.parse_args(["--online-synthesis", "--out", "unused"]).num_inference_steps == 20
+
+
+def test_a_bad_guidance_interval_flag_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        _sampler_args(["--guidance-interval", "0.5"])
+    assert "expected START,STOP" in capsys.readouterr().err
+
+
+def test_the_fast_preset_makes_at_least_four_times_fewer_unet_evaluations(pipe):
+    """Counted on the UNet's calls, not computed from the settings: the acceptance's 'UNet evaluations per image'."""
+    from streamsynth.synth.loading import scheduler_from_name
+    from streamsynth.synth.speed import SPEED_PRESETS
+
+    rows = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    own = pipe.scheduler
+    try:
+        counts = {}
+        for name in ("reference", "fast"):
+            preset = SPEED_PRESETS[name]
+            pipe.scheduler = scheduler_from_name(preset.scheduler, own.config)
+            rows.clear()
+            config = SynthesisConfig(num_inference_steps=preset.num_inference_steps,
+                                     guidance_interval=preset.guidance_interval, height=32, width=32)
+            Synthesizer(pipe, config).generate(PROMPTS[:2], SEEDS[:2])
+            counts[name] = sum(rows) / 2
+    finally:
+        hook.remove()
+        pipe.scheduler = own
+    assert counts["reference"] == 102  # PNDM's 51 timesteps for 50 steps, two passes each
+    assert counts["reference"] / counts["fast"] >= 4
