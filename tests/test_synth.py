@@ -24,13 +24,15 @@ def pipe(tiny_model):
     return load_pipeline(tiny_model, "cpu", "fp32")
 
 
-@pytest.mark.parametrize("scheduler", [None, "ddim", "euler-ancestral"])
-def test_matches_diffusers_pipeline(pipe, scheduler):
-    """PNDM is the model's own (SD1.5's) scheduler; Euler ancestral draws fresh noise at every step."""
-    if scheduler:
-        pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
-    ours = Synthesizer(pipe, SynthesisConfig(num_inference_steps=12, guidance_scale=1.5)).generate(PROMPTS, SEEDS)
-    theirs = _diffusers_images(pipe, 12, 1.5)
+@pytest.mark.parametrize("scheduler, steps", [(None, 12), ("ddim", 12), ("euler-ancestral", 12), ("dpm++", 8),
+                                              ("unipc", 8), ("lcm", 4)])
+def test_matches_diffusers_pipeline(pipe, scheduler, steps, monkeypatch):
+    """PNDM is the model's own (SD1.5's) scheduler; Euler ancestral draws fresh noise at every step, LCM between
+    steps; DPM-Solver++ and UniPC are multistep solvers for 10-25 steps."""
+    if scheduler:  # for this test only: the other tests share the pipeline with the model's own scheduler
+        monkeypatch.setattr(pipe, "scheduler", scheduler_from_name(scheduler, pipe.scheduler.config))
+    ours = Synthesizer(pipe, SynthesisConfig(num_inference_steps=steps, guidance_scale=1.5)).generate(PROMPTS, SEEDS)
+    theirs = _diffusers_images(pipe, steps, 1.5)
     assert ours.shape == theirs.shape == (4, 3, 64, 64)
     assert (ours - theirs).abs().max().item() <= 1e-4
 

@@ -70,13 +70,14 @@ def choose_attention(device: str | torch.device, prefer: str = "auto") -> Attent
 
 
 def apply_attention(models: list[torch.nn.Module], device: str | torch.device, prefer: str = "auto") -> AttentionChoice:
-    """Sets the chosen backend's attention processor on each diffusers model (UNet, VAE) and logs the choice (at
-    debug level: each synthesis worker makes it)."""
+    """Sets the chosen backend's attention processor on each diffusers model (UNet, VAE) that has attention (an
+    AutoencoderTiny has none) and logs the choice (at debug level: each synthesis worker makes it)."""
     from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
 
     choice = choose_attention(device, prefer)
     processor = XFormersAttnProcessor() if choice.backend == "xformers" else AttnProcessor2_0()
     for model in models:
-        model.set_attn_processor(processor)
+        if hasattr(model, "set_attn_processor"):
+            model.set_attn_processor(processor)
     log.debug("attention backend: %s (%s)", choice.backend, choice.reason)
     return choice

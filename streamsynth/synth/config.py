@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .fast import FastPathOptions
-from .loading import check_model_source
+from .loading import check_decoder_source, check_lora_source, check_model_source
 from .tiny import has_random_weights
 
 
@@ -71,6 +71,10 @@ class GeneratorConfig:
         batch_size: images per UNet batch in a worker (a generation group is made in chunks of this size).
         fast: fast-path options (Triton kernels, fused guidance step, attention backend, compile); None runs the
             plain diffusers components.
+        lora: a LoRA (a .safetensors file, a folder as `save_lora_weights` writes it, or a hub id) fused into the
+            model's weights at load, e.g. an LCM-LoRA for 4-step sampling with scheduler "lcm" and guidance 1.
+        decoder: an `AutoencoderTiny` (TAESD) folder or hub id that decodes in place of the model's VAE, much
+            cheaper per image at some cost in detail.
     """
 
     model: str
@@ -81,11 +85,17 @@ class GeneratorConfig:
     scheduler: str | None = None
     batch_size: int = 8
     fast: FastPathOptions | None = None
+    lora: str | None = None
+    decoder: str | None = None
 
     def __post_init__(self) -> None:
         check_model_source(self.model)
         # Normalise what callers may pass as a path or a list, so that equal configs compare and pickle equal.
         object.__setattr__(self, "model", os.fspath(self.model))
+        for name, check in (("lora", check_lora_source), ("decoder", check_decoder_source)):
+            if getattr(self, name) is not None:
+                check(getattr(self, name))
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
         object.__setattr__(self, "devices", tuple(str(d) for d in self.devices) or default_devices())
         if self.batch_size < 1:
             raise ValueError(f"the generator's batch_size must be at least 1, got {self.batch_size}")

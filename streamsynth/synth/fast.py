@@ -66,7 +66,10 @@ def apply(pipe, options: FastPathOptions | None = None) -> FastPath:
     options = options or FastPathOptions()
     device = pipe.unet.device
     if options.fuse_qkv:
-        pipe.fuse_qkv_projections(unet=True, vae=True)
+        from diffusers import AutoencoderKL
+
+        # Only an AutoencoderKL has attention to fuse; diffusers refuses any other VAE (an AutoencoderTiny).
+        pipe.fuse_qkv_projections(unet=True, vae=isinstance(pipe.vae, AutoencoderKL))
         attention = AttentionChoice("sdpa", "fused QKV projections run on diffusers' FusedAttnProcessor2_0")
         log.debug("attention backend: sdpa (%s)", attention.reason)
     else:

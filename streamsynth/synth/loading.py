@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from ..errors import StreamsynthError
+from ..errors import StreamsynthError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,8 @@ SCHEDULERS = {
     "euler-ancestral": "EulerAncestralDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
+    # Latent consistency sampling: 2-8 steps with guidance 1, for LCM-distilled weights (an LCM-LoRA in `lora`).
+    "lcm": "LCMScheduler",
 }
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -59,11 +62,16 @@ def loading_options() -> dict:
     return {} if is_accelerate_available() else {"low_cpu_mem_usage": False}
 
 
+def _looks_local(source: str | os.PathLike) -> bool:
+    """Whether `source` is meant as a local path rather than a hub id ("owner/name"; only loading can check one)."""
+    path = Path(source)
+    return path.is_absolute() or str(source).startswith((".", "~")) or path.exists() or str(source).count("/") > 1
+
+
 def check_model_source(model: str | os.PathLike) -> None:
     """Fail early, with the fix, for a local path that cannot be a diffusers pipeline (hub ids are checked on load)."""
     path = Path(model)
-    looks_local = path.is_absolute() or str(model).startswith((".", "~")) or path.exists() or str(model).count("/") > 1
-    if looks_local:
+    if _looks_local(model):
         if not path.exists():
             raise ModelLoadError(
                 f"model folder {path} does not exist: give a diffusers folder (one with model_index.json) or a hub "
@@ -77,14 +85,48 @@ def check_model_source(model: str | os.PathLike) -> None:
             )
 
 
+def check_lora_source(lora: str | os.PathLike) -> None:
+    """Fail early for a local LoRA path that does not exist (a name ending in a weights suffix is a file, not a hub
+    id)."""
+    path = Path(lora)
+    if (_looks_local(lora) or path.suffix in (".safetensors", ".bin")) and not path.exists():
+        raise ModelLoadError(
+            f"LoRA {path} does not exist: give a .safetensors file, a folder with pytorch_lora_weights.safetensors "
+            "(as save_lora_weights writes it) or a hub id such as latent-consistency/lcm-lora-sdv1-5"
+        )
+
+
+def check_decoder_source(decoder: str | os.PathLike) -> None:
+    """Fail early for a local path that cannot be an AutoencoderTiny folder."""
+    path = Path(decoder)
+    if _looks_local(decoder):
+        if not path.exists():
+            raise ModelLoadError(
+                f"tiny decoder folder {path} does not exist: give an AutoencoderTiny folder (one with config.json) or "
+                "a hub id such as madebyollin/taesd"
+            )
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} is not a diffusers model folder (no config.json): save the decoder with "
+                "AutoencoderTiny.save_pretrained(folder), or give a hub id such as madebyollin/taesd"
+            )
+
+
 def load_pipeline(
     model: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     scheduler: str | None = None,
     safety_checker: bool = False,
+    lora: str | os.PathLike | None = None,
+    decoder: str | os.PathLike | None = None,
 ):
-    """A `StableDiffusionPipeline` on `device`, loaded with `from_pretrained`; components stay in eval mode."""
+    """A `StableDiffusionPipeline` on `device`, loaded with `from_pretrained`; components stay in eval mode.
+
+    `lora` (an LCM-LoRA, say) is loaded with diffusers' `load_lora_weights` and fused into the weights, so sampling
+    pays nothing for it per step. `decoder` is an `AutoencoderTiny` (TAESD) put in place of the model's VAE: its
+    decoder is many times cheaper than the full VAE's, at some cost in detail.
+    """
     from diffusers import StableDiffusionPipeline
 
     quiet_hf_progress()
@@ -92,8 +134,16 @@ def load_pipeline(
     torch_dtype = resolve_dtype(dtype, device)
     check_model_source(model)
     kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    if decoder is not None:
+        # Given to from_pretrained, the full VAE is never loaded.
+        kwargs["vae"] = load_tiny_decoder(decoder, torch_dtype)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=torch_dtype, **kwargs, **loading_options())
+        # diffusers warns at every load that a given AutoencoderTiny is not the AutoencoderKL the pipeline's `vae` is
+        # annotated with; the pipeline runs it as it is (diffusers' documentation swaps it in), so in every synthesis
+        # worker that warning is noise.
+        with _without_log_messages("Expected types for vae:", "diffusers.pipelines.pipeline_utils"):
+            pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=torch_dtype, **kwargs,
+                                                           **loading_options())
     except OSError as err:
         raise ModelLoadError(
             f"could not load Stable Diffusion from {model!r}: {err}\n"
@@ -108,7 +158,80 @@ def load_pipeline(
     if scheduler is not None:
         pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if lora is not None:
+        fuse_lora(pipe, lora)  # on the device: fusing is a matrix product per adapted layer
+    return pipe
+
+
+def load_tiny_decoder(decoder: str | os.PathLike, dtype: torch.dtype):
+    """An `AutoencoderTiny` from a folder or hub id, in `dtype`."""
+    from diffusers import AutoencoderTiny
+
+    check_decoder_source(decoder)
+    try:
+        return AutoencoderTiny.from_pretrained(os.fspath(decoder), dtype=dtype, **loading_options())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"could not load the tiny decoder {os.fspath(decoder)!r} ({type(err).__name__}: {err}): give an "
+            "AutoencoderTiny folder or a hub id in the local cache, such as madebyollin/taesd"
+        ) from err
+
+
+@contextlib.contextmanager
+def _without_log_messages(prefix: str, *loggers: str):
+    """Drops, for the duration, the records of `loggers` whose message starts with `prefix` (and only those)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
+
+    for name in loggers:
+        logging.getLogger(name).addFilter(keep)
+    try:
+        yield
+    finally:
+        for name in loggers:
+            logging.getLogger(name).removeFilter(keep)
+
+
+def fuse_lora(pipe, lora: str | os.PathLike) -> None:
+    """Loads the LoRA `lora` into `pipe` with `load_lora_weights`, fuses it into the weights and drops the adapter
+    layers (diffusers' documented fuse-then-unload), so the UNet is plain modules again, as the fast path expects.
+    A LoRA that adapts none of the pipeline's modules (made for another architecture) is an error, not a no-op."""
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+    from diffusers.utils import USE_PEFT_BACKEND
+    from huggingface_hub import is_offline_mode
+
+    source = os.fspath(lora)
+    check_lora_source(source)
+    if not USE_PEFT_BACKEND:
+        raise ModelLoadError(f"loading the LoRA {source!r} needs peft, which diffusers loads LoRAs with: "
+                             "pip install peft")
+    # Offline, diffusers cannot list a hub repository to find its weights file: name the one it saves LoRAs as (what
+    # LCM-LoRA's repositories hold), so a cached hub id loads.
+    offline_hub_id = is_offline_mode() and not Path(source).exists()
+    kwargs = {"weight_name": LORA_WEIGHT_NAME_SAFE} if offline_hub_id else {}
+    try:
+        # A LoRA for the UNet alone (LCM-LoRA) makes diffusers warn that the text encoder got no keys, in every
+        # worker; a LoRA that adapts nothing at all is refused below.
+        with _without_log_messages("No LoRA keys associated to", "diffusers.loaders.lora_base",
+                                   "diffusers.loaders.peft"):
+            pipe.load_lora_weights(source, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:  # the hub client's and peft's errors too: each means this LoRA cannot be used
+        raise ModelLoadError(
+            f"could not load the LoRA {source!r} ({type(err).__name__}: {one_line(err)}): give a LoRA for this "
+            "model's architecture as a .safetensors file, a folder with pytorch_lora_weights.safetensors, or a hub "
+            "id in the local cache"
+        ) from err
+    if not any(pipe.get_list_adapters().values()):
+        raise ModelLoadError(
+            f"the LoRA {source!r} adapts none of the model's layers: it was made for another architecture; give a "
+            "LoRA trained for this model"
+        )
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
 
 
 def scheduler_from_name(name: str, config):

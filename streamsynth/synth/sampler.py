@@ -60,12 +60,16 @@ class Synthesizer:
         scheduler: str | None = None,
         config: SynthesisConfig | None = None,
         fast: "FastPathOptions | None" = None,
+        lora: str | None = None,
+        decoder: str | None = None,
     ) -> "Synthesizer":
-        """Load a pipeline with `from_pretrained`; with `fast`, switch the fast path's options on (see `fast.py`)."""
+        """Load a pipeline with `from_pretrained` (with `lora` fused in and `decoder` as its VAE, see
+        `load_pipeline`); with `fast`, switch the fast path's options on (see `fast.py`)."""
         from .loading import load_pipeline
 
         config = config or SynthesisConfig()
-        pipe = load_pipeline(model, device, dtype, scheduler=scheduler, safety_checker=config.safety_check)
+        pipe = load_pipeline(model, device, dtype, scheduler=scheduler, safety_checker=config.safety_check,
+                             lora=lora, decoder=decoder)
         return cls.from_pipeline(pipe, config, fast)
 
     @classmethod
@@ -85,7 +89,8 @@ class Synthesizer:
     def from_config(cls, config: GeneratorConfig, device: str | torch.device) -> "Synthesizer":
         """The generator `config` describes, loaded on `device` (what each synthesis worker does once)."""
         return cls.from_pretrained(config.model, device=device, dtype=config.dtype, scheduler=config.scheduler,
-                                   config=config.synthesis, fast=config.fast)
+                                   config=config.synthesis, fast=config.fast, lora=config.lora,
+                                   decoder=config.decoder)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""A tiny, randomly initialised Stable Diffusion with the component classes of SD1.5.
+"""A tiny, randomly initialised Stable Diffusion with the component classes of SD1.5 (or of SD2.1, SD-Turbo's class).
 
 No weights can be downloaded where streamsynth is developed and tested, so the tests and the speed benchmarks use
 this model where any generator will do (the embedded default is the trained digits model,
@@ -50,8 +50,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streamsynth"
 
 
-def character_clip_tokenizer(folder: Path):
-    """A character-level CLIP tokenizer: CLIP's byte alphabet with no merges, so it needs no downloaded vocabulary."""
+def character_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>"):
+    """A character-level CLIP tokenizer: CLIP's byte alphabet with no merges, so it needs no downloaded vocabulary.
+    It pads with `pad_token`: CLIP's end-of-text token, as SD1.5's tokenizer does, or "!", as SD2's OpenCLIP one does.
+    """
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -60,29 +62,64 @@ def character_clip_tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
+                              pad_token=pad_token)
     return tokenizer
 
 
-def build_tiny_pipeline(with_safety_checker: bool = True, seed: int = 0):
-    """A `StableDiffusionPipeline` of SD1.5's classes at a few MB: 64x64 images from 8x8x4 latents, PNDM."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def _sd15_scheduler():
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+    )
+
+
+def _turbo_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, prediction_type="epsilon", timestep_spacing="trailing",
+    )
+
+
+# What sets the architectures apart, at tiny size. SD2.1 against SD1.5: attention through linear projections with
+# a head count per block, and an OpenCLIP text encoder (GELU, "!" padding). SD-Turbo, distilled from SD2.1 for 1-4
+# steps without guidance, ships an Euler scheduler with trailing timesteps, so its first step starts at pure noise.
+# `version` is what the random-weight marker records.
+ARCHITECTURES = {
+    "sd15": dict(version=TINY_MODEL_VERSION, unet={"attention_head_dim": 4}, hidden_act="quick_gelu",
+                 pad_token="<|endoftext|>", scheduler=_sd15_scheduler),
+    "sd21-turbo": dict(version="tiny-sd21-turbo-v1", unet={"attention_head_dim": (2, 4), "use_linear_projection": True},
+                       hidden_act="gelu", pad_token="!", scheduler=_turbo_scheduler),
+}
+
+
+def build_tiny_pipeline(with_safety_checker: bool = True, seed: int = 0, architecture: str = "sd15"):
+    """A `StableDiffusionPipeline` of SD1.5's classes (or SD2.1-class SD-Turbo's: `architecture="sd21-turbo"`) at a
+    few MB: 64x64 images from 8x8x4 latents; PNDM (Euler with trailing timesteps)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
 
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown tiny architecture {architecture!r}: use one of {sorted(ARCHITECTURES)}")
+    arch = ARCHITECTURES[architecture]
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = character_clip_tokenizer(Path(tmp))
-    vocab_size = len(tokenizer)
+        tokenizer = character_clip_tokenizer(Path(tmp), arch["pad_token"])
     text_config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act=arch["hidden_act"], bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     text_encoder = CLIPTextModel(text_config)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+        cross_attention_dim=32, norm_num_groups=8, **arch["unet"],
     )
     # Four VAE blocks, as SD1.5 has, give its 8x spatial factor.
     vae = AutoencoderKL(
@@ -90,11 +127,7 @@ def build_tiny_pipeline(with_safety_checker: bool = True, seed: int = 0):
         norm_num_groups=8, sample_size=64,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     )
-    # SD1.5's scheduler configuration.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-    )
+    scheduler = arch["scheduler"]()
     safety_checker = feature_extractor = None
     if with_safety_checker:
         safety_checker = StableDiffusionSafetyChecker(
@@ -115,8 +148,10 @@ def build_tiny_pipeline(with_safety_checker: bool = True, seed: int = 0):
     )
 
 
-def save_tiny_pipeline(folder: str | os.PathLike, with_safety_checker: bool = True) -> Path:
-    """Build the tiny model and `save_pretrained` it to `folder` (created atomically: built aside, then renamed)."""
+def save_tiny_pipeline(folder: str | os.PathLike, with_safety_checker: bool = True,
+                       architecture: str = "sd15") -> Path:
+    """Build the tiny model of `architecture` and `save_pretrained` it to `folder` (created atomically: built
+    aside, then renamed)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     from .loading import quiet_hf_progress
@@ -124,22 +159,23 @@ def save_tiny_pipeline(folder: str | os.PathLike, with_safety_checker: bool = Tr
     quiet_hf_progress()
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        build_tiny_pipeline(with_safety_checker).save_pretrained(staging, safe_serialization=True)
-        mark_random_weights(staging, TINY_MODEL_VERSION)
+        build_tiny_pipeline(with_safety_checker, architecture=architecture).save_pretrained(
+            staging, safe_serialization=True)
+        mark_random_weights(staging, ARCHITECTURES[architecture]["version"])
         try:
             os.replace(staging, folder)
         except OSError:
-            if not is_tiny_model(folder):  # another process won the race with the same model: keep theirs
+            if not is_tiny_model(folder, architecture):  # another process won the race with the same model: keep theirs
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
-def is_tiny_model(folder: str | os.PathLike) -> bool:
-    """True for a folder written by `save_tiny_pipeline` (this version of the tiny model)."""
+def is_tiny_model(folder: str | os.PathLike, architecture: str = "sd15") -> bool:
+    """True for a folder written by `save_tiny_pipeline` (this version of the tiny model of `architecture`)."""
     marker = _marker(folder)
-    return bool(marker and marker["architecture"] == TINY_MODEL_VERSION)
+    return bool(marker and marker["architecture"] == ARCHITECTURES[architecture]["version"])
 
 
 def ensure_tiny_pipeline() -> Path:
