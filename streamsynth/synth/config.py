@@ -32,6 +32,10 @@ class SynthesisConfig:
     # pass per step. (0, 1) guides every step, as the reference recipe does. The paper states its interval in noise
     # levels; a fraction of the steps is the same idea on any scheduler and is how diffusers' guiders state it.
     guidance_interval: tuple[float, float] = (0.0, 1.0)
+    # DeepCache (Ma et al., CVPR 2024; see `streamsynth.synth.feature_cache`): the full UNet on steps i with
+    # i % N == 0 and only its shallow path, fed with the deep feature kept from the last full step, in between.
+    # 1 runs the full UNet on every step (off).
+    feature_cache_interval: int = 1
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
@@ -43,6 +47,9 @@ class SynthesisConfig:
         if not 0.0 <= start < stop <= 1.0:
             raise ValueError(f"guidance_interval must be (start, stop) with 0 <= start < stop <= 1 (fractions of the "
                              f"steps), got {self.guidance_interval}")
+        if not isinstance(self.feature_cache_interval, int) or self.feature_cache_interval < 1:
+            raise ValueError(f"feature_cache_interval must be an integer of at least 1 (1 switches the cache off), "
+                             f"got {self.feature_cache_interval!r}")
 
     def guided(self, step: int, steps: int) -> bool:
         """Whether step `step` of `steps` runs classifier-free guidance (a scale of 1 or less never does, as in

@@ -16,6 +16,7 @@ import torch
 
 from ..seeding import derive_seed
 from .config import GeneratorConfig, SynthesisConfig
+from .feature_cache import FeatureCache
 from .postprocess import resize_to_uint8
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ class Synthesizer:
         self._step_takes_generator = "generator" in inspect.signature(pipe.scheduler.step).parameters
         self._empty_prompt_embedding: torch.Tensor | None = None
         self.fast_path = None  # the FastPath `from_pipeline` switched on, if any
+        # DeepCache across steps (off at interval 1); its full_rows/shallow_rows count the UNet rows evaluated.
+        self.feature_cache = FeatureCache(pipe.unet, self.config.feature_cache_interval)
 
     @classmethod
     def from_pretrained(
@@ -123,13 +126,15 @@ class Synthesizer:
         timesteps = scheduler.timesteps
         plan = [self.config.guided(i, len(timesteps)) for i in range(len(timesteps))]
         both = torch.cat([self.empty_prompt_embedding().expand_as(text), text]) if any(plan) else None
-        for t, guided in zip(timesteps, plan):
+        for i, (t, guided) in enumerate(zip(timesteps, plan)):
             model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-            noise = unet(model_input, t, encoder_hidden_states=both if guided else text, return_dict=False)[0]
+            with self.feature_cache.step(i, len(model_input)):
+                noise = unet(model_input, t, encoder_hidden_states=both if guided else text, return_dict=False)[0]
             if self.fused_step is not None:
                 latents = self.fused_step(noise, t, latents, scale if guided else None)
             else:
                 latents = self.guided_step(noise, t, latents, generators, guided)
+        self.feature_cache.clear()
         return latents
 
     def guided_step(self, noise: torch.Tensor, t, latents: torch.Tensor,
