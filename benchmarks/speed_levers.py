@@ -7,9 +7,8 @@ Every lever and preset of `streamsynth.synth.speed` makes the same batch (same p
 sampler on one loaded pipeline; only the scheduler and the sampling settings change between them. The timed batches
 go round-robin over the levers (one batch of each, then the next round), so that a change of load on a shared
 machine falls on all of them alike; the median per lever is reported, with the ratio to the reference recipe's
-median of the same run. UNet evaluations are counted, not assumed: a hook on the UNet counts the rows of every call
-(an image guided on a step counts two), and one on its middle block the rows of full passes, so the shallow passes
-of the feature cache show apart. Peak memory is the process's (CPU) or the allocator's (CUDA) over each lever's
+median of the same run. UNet evaluations are counted, not assumed: the sampler's feature cache counts the rows of
+every UNet call (an image guided on a step counts two), full passes and shallow ones apart. Peak memory is the process's (CPU) or the allocator's (CUDA) over each lever's
 timed batches. Quality is the other half of the table: `benchmarks/digits_cip.py --conditions levers`.
 """
 
@@ -60,24 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class UNetCounter:
-    """Rows through the UNet (every pass) and through its middle block (full passes only)."""
-
-    def __init__(self, unet) -> None:
-        self.rows = self.full_rows = 0
-        unet.register_forward_pre_hook(self._count_all)
-        unet.mid_block.register_forward_pre_hook(self._count_full)
-
-    def _count_all(self, module, args) -> None:
-        self.rows += args[0].shape[0]
-
-    def _count_full(self, module, args) -> None:
-        self.full_rows += args[0].shape[0]
-
-    def reset(self) -> None:
-        self.rows = self.full_rows = 0
-
-
 def model_folder(args: argparse.Namespace, out: Path) -> str:
     if args.sd_arch == "sd15":
         from streamsynth.synth.sd15 import save_random_sd15
@@ -103,33 +84,33 @@ def main(argv: list[str] | None = None) -> int:
     names = ["reference"] + [n for n in args.levers if n != "reference"]
     with benchtools.on_device(device):
         pipe = load_pipeline(model_folder(args, out), device, args.dtype)
-        counter = UNetCounter(pipe.unet)
         own_scheduler = pipe.scheduler.config
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
         seeds = [derive_seed("speed-levers", i) for i in range(args.batch_size)]
-
-        def synthesizer(name: str) -> Synthesizer:
+        schedulers, synths = {}, {}
+        for name in names:  # the scheduler first: a Synthesizer reads its step's signature when built
             lever = LEVERS[name]
-            pipe.scheduler = scheduler_from_name(lever.scheduler, own_scheduler) if lever.scheduler else \
-                type(pipe.scheduler).from_config(own_scheduler)
-            extra = {"feature_cache_interval": lever.feature_cache_interval} if lever.feature_cache_interval > 1 else {}
-            config = SynthesisConfig(num_inference_steps=lever.num_inference_steps, guidance_scale=args.guidance_scale,
-                                     guidance_interval=lever.guidance_interval, height=args.image_size,
-                                     width=args.image_size, **extra)
-            return Synthesizer(pipe, config)
+            pipe.scheduler = schedulers[name] = scheduler_from_name(lever.scheduler, own_scheduler) \
+                if lever.scheduler else type(pipe.scheduler).from_config(own_scheduler)
+            synths[name] = Synthesizer(pipe, SynthesisConfig(
+                num_inference_steps=lever.num_inference_steps, guidance_scale=args.guidance_scale,
+                guidance_interval=lever.guidance_interval, feature_cache_interval=lever.feature_cache_interval,
+                height=args.image_size, width=args.image_size))
 
         def batch(name: str) -> torch.Tensor:
-            images = synthesizer(name).generate_uint8(prompts, seeds, None)
+            pipe.scheduler = schedulers[name]
+            images = synths[name].generate_uint8(prompts, seeds, None)
             benchtools.synchronize(device)
             return images
 
         rows = {name: {"seconds": [], "peak_memory_bytes": 0} for name in names}
         for name in names:
-            counter.reset()
             for _ in range(max(1, args.warmup)):
                 batch(name)
-            rows[name]["unet_evaluations_per_image"] = counter.rows / args.batch_size / max(1, args.warmup)
-            rows[name]["full_evaluations_per_image"] = counter.full_rows / args.batch_size / max(1, args.warmup)
+            made = args.batch_size * max(1, args.warmup)
+            cache = synths[name].feature_cache
+            rows[name]["unet_evaluations_per_image"] = (cache.full_rows + cache.shallow_rows) / made
+            rows[name]["full_evaluations_per_image"] = cache.full_rows / made
         for _ in range(args.repeats):  # round-robin: a change of load hits every lever alike
             for name in names:
                 benchtools.reset_peak_memory(device)

@@ -210,3 +210,13 @@ def test_generator_config_with_lora_and_decoder_pickles_equal(tiny_model, lora, 
     copy = pickle.loads(pickle.dumps(config))
     assert copy == config and (copy.lora, copy.decoder) == (str(lora), str(tiny_decoder))
     assert GeneratorConfig(tiny_model).lora is None and GeneratorConfig(tiny_model).decoder is None
+
+
+def test_a_unet_that_takes_its_guidance_as_input_is_refused(tiny_model):
+    """Full LCM checkpoints embed the guidance scale; without it they would sample silently wrong images."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = load_pipeline(tiny_model, "cpu", "fp32")
+    pipe.unet = UNet2DConditionModel.from_config({**pipe.unet.config, "time_cond_proj_dim": 8})
+    with pytest.raises(ValueError, match="LCM-LoRA"):
+        Synthesizer(pipe, SynthesisConfig(num_inference_steps=2))

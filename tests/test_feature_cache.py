@@ -180,3 +180,11 @@ def test_a_bad_interval_is_refused(interval):
 def test_a_bad_interval_is_refused_by_the_cache_too(pipe):
     with pytest.raises(ValueError, match="feature_cache_interval"):
         FeatureCache(pipe.unet, 0)
+
+
+def test_the_cache_refuses_a_compiled_unet(tiny_model):
+    from streamsynth import FastPathOptions, GeneratorConfig
+
+    with pytest.raises(ValueError, match="compiled UNet"):
+        GeneratorConfig(tiny_model, synthesis=SynthesisConfig(feature_cache_interval=2),
+                        fast=FastPathOptions(compile_unet=True))

@@ -106,6 +106,12 @@ class GeneratorConfig:
         object.__setattr__(self, "devices", tuple(str(d) for d in self.devices) or default_devices())
         if self.batch_size < 1:
             raise ValueError(f"the generator's batch_size must be at least 1, got {self.batch_size}")
+        compiled = self.fast is not None and (self.fast.compile_unet or self.fast.cuda_graphs)
+        if compiled and self.synthesis.feature_cache_interval > 1:
+            # The cache swaps the deep blocks' forward between calls, which a compiled graph does not see (and
+            # CUDA graphs reuse the memory the cached features live in).
+            raise ValueError("feature_cache_interval > 1 does not combine with a compiled UNet (compile_unet, "
+                             "cuda_graphs): drop one of them")
 
     def device(self, worker: int) -> str:
         """The device of loader worker `worker` (workers share the devices round-robin)."""

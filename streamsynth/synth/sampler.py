@@ -41,6 +41,12 @@ class Synthesizer:
         self.postprocess = postprocess
         if self.config.safety_check and pipe.safety_checker is None:
             raise ValueError("safety_check=True needs a pipeline loaded with its safety checker")
+        if pipe.unet.config.get("time_cond_proj_dim") is not None:
+            # A distilled UNet that takes the guidance scale as an embedding (full LCM checkpoints) would run here
+            # without it and give other images than diffusers, silently.
+            raise ValueError("this UNet takes its guidance scale as an input (a full LCM checkpoint), which "
+                             "streamsynth's sampler does not pass: use the base model with its LCM-LoRA "
+                             "(--lora, --scheduler lcm) instead")
         self.device = pipe.unet.device
         self.dtype = pipe.unet.dtype
         scale = pipe.vae_scale_factor

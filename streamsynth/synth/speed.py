@@ -44,6 +44,7 @@ SPEED_LEVERS = {
     "dpm++ 20": SpeedPreset("dpm++", 20, summary="20 DPM-Solver++ steps"),
     "dpm++ 10": SpeedPreset("dpm++", 10, summary="10 DPM-Solver++ steps"),
     "unipc 10": SpeedPreset("unipc", 10, summary="10 UniPC steps"),
+    "dpm++ 5": SpeedPreset("dpm++", 5, summary="5 DPM-Solver++ steps"),
     "deepcache 3": SpeedPreset("pndm", 50, feature_cache_interval=3, summary="a full UNet pass every third step"),
 }
 
