@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_checks.sh synthesis-extra OUT  # compiled without the kernels; compiled with CUDA graphs
 #   bash benchmarks/gpu_checks.sh captioning OUT   # caption-bench BLIP-2 OPT-2.7b: batch sizes, then a static cache
 #   bash benchmarks/gpu_checks.sh loop OUT         # loader-bench: SD1.5 synthesis workers on the GPU feeding a consumer
+#   bash benchmarks/gpu_checks.sh levers OUT       # speed levers: SD1.5 images/s per preset and lever against the reference
 #   DRY=1 bash benchmarks/gpu_checks.sh all OUT    # every step on the CPU with tiny models: try the script here first
 #
 # Planned from shared/perf/anchors.md (H200), not measured: synthesis about 8 min, captioning about 4, loop about 2,
@@ -14,10 +15,10 @@
 # or timed-out step does not stop the next. OUT/steps.tsv gets one line per step: name, exit status, seconds.
 # On the device machine run it from the repository root after the wheel install line (shared/device/README.md).
 set -uo pipefail
-usage="usage: gpu_checks.sh synthesis|synthesis-extra|captioning|loop|all OUT"
+usage="usage: gpu_checks.sh synthesis|synthesis-extra|captioning|loop|levers|all OUT"
 what=${1:?$usage}
 OUT=${2:?$usage}
-case $what in synthesis|synthesis-extra|captioning|loop|all) ;; *) echo "$usage" >&2; exit 2 ;; esac
+case $what in synthesis|synthesis-extra|captioning|loop|levers|all) ;; *) echo "$usage" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 py=${PYTHON:-python3}
 cli=("$py" -m streamsynth.cli)
@@ -57,6 +58,7 @@ if [[ -n ${DRY:-} ]]; then
   captions=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 8,16 --workers 1)
   caption_static=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 16 --workers 1)
   loop=(--device cpu --batches 2 --workers 1 --replay 1,2)
+  levers=(--device cpu --batch-size 2 --repeats 1 --levers reference,fast,deepcache\ 3)
 else
   env_device=cuda
   kernel_bench=(--device cuda --dtype fp16 --batch-size 8)
@@ -72,6 +74,8 @@ else
                   --workers 12)
   loop=(--sd-model /tmp/sd15-random --device cuda --dtype fp16 --batch-size 16 --num-inference-steps 20 --image-size 224
         --batches 3 --workers 1 --replay 1,4 --consumer resnet18)
+  levers=(--sd-arch sd15 --model-dir /tmp/sd15-random --device cuda --dtype fp16 --batch-size 16 --image-size 512
+          --repeats 2)
 fi
 
 environment
@@ -109,6 +113,10 @@ case $what in loop|all)
   [[ -n ${DRY:-} || -f /tmp/sd15-random/model_index.json ]] ||
     "$py" -c "from streamsynth.synth.sd15 import save_random_sd15; save_random_sd15('/tmp/sd15-random', 'cuda')"
   step loader-bench 200 "${cli[@]}" loader-bench "${loop[@]}" --out "$OUT/loader-bench"
+esac
+case $what in levers|all)
+  # Each speed preset and lever of streamsynth.synth.speed against the reference recipe, round-robin in one run.
+  step speed-levers 300 "$py" benchmarks/speed_levers.py "${levers[@]}" --out "$OUT/speed-levers"
 esac
 echo "== done: $OUT/steps.tsv"
 cat "$OUT/steps.tsv"

@@ -22,6 +22,7 @@ def test_gpu_checks_dry_run_completes_every_step(tmp_path):
     assert [(name, status) for name, status, _ in steps] == [
         ("kernel-bench", "0"), ("profile-eager", "0"), ("profile-compiled", "0"), ("profile-compiled-no-kernels", "0"),
         ("profile-cuda-graphs", "0"), ("caption-jpegs", "0"), ("caption-bench", "0"), ("caption-bench-static", "0"), ("loader-bench", "0"),
+        ("speed-levers", "0"),
     ]
     assert json.loads((tmp_path / "profile-eager" / "profile.json").read_text())["ablation"]
     assert len(json.loads((tmp_path / "kernel-bench" / "kernel-bench.json").read_text())["results"]) == 107
@@ -29,4 +30,6 @@ def test_gpu_checks_dry_run_completes_every_step(tmp_path):
     assert json.loads(static.read_text())["streamsynth"]["kv_cache"] == "static"
     assert json.loads((tmp_path / "caption-bench" / "caption-bench.json").read_text())["streamsynth_runs"]
     assert (tmp_path / "loader-bench" / "loader-bench.json").is_file()
+    levers = json.loads((tmp_path / "speed-levers" / "speed-levers.json").read_text())["levers"]
+    assert [row["lever"] for row in levers] == ["reference", "fast", "deepcache 3"]
     assert "python" in (tmp_path / "environment.txt").read_text()
