@@ -42,12 +42,13 @@ from streamsynth.cliargs import ArgumentParser, comma_list  # noqa: E402
 from streamsynth.digits import (CLASS_IDS, digit_augmentation, fit_classifier, held_out_top1,  # noqa: E402
                                 real_training_batches)
 from streamsynth.stream import EpochsInARow  # noqa: E402
-from streamsynth.synth.speed import SPEED_LEVERS, SPEED_PRESETS  # noqa: E402
+from streamsynth.synth.speed import SPEED_LEVERS, SPEED_PRESETS, SpeedPreset  # noqa: E402
 
 
 CONDITIONS = ("real", "cip", "basic", "guidance", "levers")
 # The speed presets and each speed lever alone (streamsynth.synth.speed), all at the default guidance scale.
-LEVERS = {**SPEED_PRESETS, **SPEED_LEVERS}
+# A negative control: two PNDM steps leave noise in the images, a drop the table must show if it can show any.
+LEVERS = {**SPEED_PRESETS, **SPEED_LEVERS, "control: pndm 2": SpeedPreset("pndm", 2, summary="too few steps")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="which presets and levers condition 'levers' compares")
     p.add_argument("--workers", type=int, default=2, help="synthesis worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer process")
+    p.add_argument("--fidelity-images", type=int, default=500,
+                   help="with condition 'levers': samples per lever judged by a classifier trained on real digits "
+                   "(0: none)")
+    p.add_argument("--no-classifiers", action="store_true",
+                   help="only the fidelity of the levers, no synthetic-to-real classifiers")
     return p.parse_args(argv)
 
 
@@ -96,8 +102,8 @@ def conditions(args: argparse.Namespace) -> list[dict]:
     return runs
 
 
-def synthetic_batches(args: argparse.Namespace, condition: dict, seed: int) -> EpochsInARow:
-    """The embedded generator's stream under this condition's prompt and guidance, endlessly."""
+def synthetic_stream(args: argparse.Namespace, condition: dict, seed: int) -> SyntheticStream:
+    """The embedded generator's stream under this condition's prompt, guidance and sampler settings."""
     lever = {"guidance_interval": condition["interval"]} if "interval" in condition else {}
     if condition.get("cache", 1) != 1:
         lever["feature_cache_interval"] = condition["cache"]
@@ -106,11 +112,34 @@ def synthetic_batches(args: argparse.Namespace, condition: dict, seed: int) -> E
         scheduler=condition.get("scheduler"),
         synthesis=SynthesisConfig(num_inference_steps=condition.get("steps", args.num_inference_steps),
                                   guidance_scale=condition["guidance"], **lever))
-    stream = SyntheticStream(embedded_captions(), generator, prompt=condition["prompt"], seed=seed,
-                             batch_size=args.batch_size, replay=args.replay,
-                             transform=digit_augmentation(args.image_size))
-    # One group ready per worker: the workers stop soon after the classifier's last step, wasting little synthesis.
-    return EpochsInARow(StreamLoader(stream, args.workers, prefetch_factor=1))
+    return SyntheticStream(embedded_captions(), generator, prompt=condition["prompt"], seed=seed,
+                           batch_size=args.batch_size, replay=args.replay, transform=digit_augmentation(args.image_size))
+
+
+def synthetic_batches(args: argparse.Namespace, condition: dict, seed: int) -> EpochsInARow:
+    """The condition's stream, endlessly; one group ready per worker, so the workers stop soon after the
+    classifier's last step, wasting little synthesis."""
+    return EpochsInARow(StreamLoader(synthetic_stream(args, condition, seed), args.workers, prefetch_factor=1))
+
+
+def fidelity(args: argparse.Namespace, condition: dict, judge: torch.nn.Module,
+             reference: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """How recognisable the condition's images are: the share of its first `--fidelity-images` samples (seed 0)
+    that a classifier trained on the real digits gives the class they were prompted with, and their mean absolute
+    difference in grey levels from the reference recipe's images of the same samples (same prompts, same seeds).
+    More sensitive than the synthetic-to-real top-1, which a classifier can reach from rough images."""
+    from streamsynth.evaluate import eval_transform
+
+    specs, images = synthetic_stream(args, condition, seed=0).make_samples(range(args.fidelity_images))
+    view = eval_transform(args.image_size)
+    with torch.no_grad():
+        predicted = judge.eval()(torch.stack([view(image) for image in images])).argmax(1)
+    labels = torch.tensor([spec.label for spec in specs])
+    result = {"condition": condition["name"], "fidelity": 100.0 * (predicted == labels).float().mean().item(),
+              "images": len(specs)}
+    reference = images if reference is None else reference  # the reference recipe is its own yardstick
+    result["mean_abs_difference_to_reference"] = (images.float() - reference.float()).abs().mean().item()
+    return result, images
 
 
 def run(args: argparse.Namespace, condition: dict, seed: int) -> dict:
@@ -143,25 +172,61 @@ def main(argv: list[str] | None = None) -> None:
     runs = conditions(args)
     results, started, load_at_start = [], time.perf_counter(), os.getloadavg()
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    for condition in runs:
+    fidelities = lever_fidelities(args, runs) if "levers" in args.conditions and args.fidelity_images else []
+    for condition in runs if not args.no_classifiers else []:
         for seed in args.seeds:
             result = run(args, condition, seed)
             results.append(result)
             print(f"{result['condition']:>22}  seed {seed}: top-1 {result['top1']:.1f}%  ({result['wall_s']:.0f} s)",
                   flush=True)
-            # Written after every classifier: an hour's run interrupted keeps what it measured.
-            (out / "results.json").write_text(json.dumps({
-                "settings": settings, "conditions": runs, "model": str(embedded_model()), "results": results,
-                "wall_s": round(time.perf_counter() - started, 1),
-                "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                            "torch": torch.__version__, "load_average_at_start": load_at_start,
-                            "load_average_at_end": os.getloadavg()},
-            }, indent=1) + "\n")
+            write_results(out, settings, runs, results, fidelities, started, load_at_start)
+    write_results(out, settings, runs, results, fidelities, started, load_at_start)
     names = [c["name"] for c in runs]
-    text = table(results, names)
+    text = table(results, names) if results else ""
+    if fidelities:
+        text += "\n\n" + fidelity_table(fidelities)
     (out / "table.md").write_text(text + "\n")
     print(text)
     print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
+
+
+def lever_fidelities(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
+    """The fidelity of every lever condition, judged by one classifier trained on the real digits (seed 0)."""
+    judge = fit_classifier(real_training_batches(args.image_size, args.batch_size, seed=0), args.steps,
+                           arch=args.model, lr=args.lr, seed=0)
+    print(f"judge: trained on real digits, held-out top-1 {held_out_top1(judge, args.image_size, 'cpu', CLASS_IDS):.1f}%",
+          flush=True)
+    levers = [c for c in runs if c["name"] in LEVERS]
+    levers.sort(key=lambda c: c["name"] != "reference")  # the reference first: the others are compared to it
+    found, reference = [], None
+    for condition in levers:
+        result, images = fidelity(args, condition, judge, reference)
+        if condition["name"] == "reference":
+            reference = images
+        found.append(result)
+        print(f"{result['condition']:>22}  fidelity {result['fidelity']:.1f}%  "
+              f"|difference| {result['mean_abs_difference_to_reference']:.1f}", flush=True)
+    return found
+
+
+def fidelity_table(fidelities: list[dict]) -> str:
+    lines = ["| sampler | judged as its prompted class | mean \\|difference\\| to the reference's images (grey levels) |",
+             "| --- | --- | --- |"]
+    lines += [f"| {f['condition']} | {f['fidelity']:.1f} % | {f['mean_abs_difference_to_reference']:.1f} |"
+              for f in fidelities]
+    return "\n".join(lines)
+
+
+def write_results(out: Path, settings: dict, runs: list[dict], results: list[dict], fidelities: list[dict],
+                  started: float, load_at_start: tuple) -> None:
+    """Written after every classifier: an hour's run interrupted keeps what it measured."""
+    (out / "results.json").write_text(json.dumps({
+        "settings": settings, "conditions": runs, "model": str(embedded_model()), "results": results,
+        "fidelity": fidelities, "wall_s": round(time.perf_counter() - started, 1),
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "load_average_at_start": load_at_start,
+                    "load_average_at_end": os.getloadavg()},
+    }, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -143,3 +143,23 @@ def test_the_fast_preset_makes_at_least_four_times_fewer_unet_evaluations(pipe):
         pipe.scheduler = own
     assert counts["reference"] == 102  # PNDM's 51 timesteps for 50 steps, two passes each
     assert counts["reference"] / counts["fast"] >= 4
+
+
+def test_the_quality_harness_judges_each_lever_against_the_reference_images(tmp_path):
+    """benchmarks/digits_cip.py's fidelity half, at toy sizes: same samples, the reference's images as the yardstick."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import digits_cip
+    finally:
+        sys.path.pop(0)
+    digits_cip.main(["--conditions", "levers", "--levers", "fast,reference", "--no-classifiers", "--fidelity-images",
+                     "8", "--steps", "3", "--out", str(tmp_path)])
+    found = {row["condition"]: row for row in json.loads((tmp_path / "results.json").read_text())["fidelity"]}
+    assert set(found) == {"reference", "fast"} and all(row["images"] == 8 for row in found.values())
+    assert 0 <= found["fast"]["fidelity"] <= 100
+    assert found["reference"]["mean_abs_difference_to_reference"] == 0.0
+    assert found["fast"]["mean_abs_difference_to_reference"] > 0.5  # other samplers draw other images

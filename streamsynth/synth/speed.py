@@ -33,6 +33,8 @@ class SpeedPreset:
 SPEED_PRESETS = {
     "reference": SpeedPreset("pndm", 50, summary="the published recipe: 50 PNDM steps, guidance on every step"),
     "balanced": SpeedPreset("dpm++", 20, summary="20 DPM-Solver++ steps, guidance on every step"),
+    # Guidance on the first half: on the digits harness it beat guidance on the middle half on every seed (95.4 vs
+    # 93.9 % top-1), although Kynkäänniemi et al. found early guidance harmful for FID; early steps settle the class.
     "fast": SpeedPreset("dpm++", 10, guidance_interval=(0.0, 0.5),
                         summary="10 DPM-Solver++ steps, guidance on the first half only"),
 }
@@ -41,10 +43,11 @@ SPEED_PRESETS = {
 SPEED_LEVERS = {
     "interval 0.25-0.75": SpeedPreset("pndm", 50, guidance_interval=(0.25, 0.75),
                                       summary="guidance on the middle half of the steps"),
-    "dpm++ 20": SpeedPreset("dpm++", 20, summary="20 DPM-Solver++ steps"),
     "dpm++ 10": SpeedPreset("dpm++", 10, summary="10 DPM-Solver++ steps"),
     "unipc 10": SpeedPreset("unipc", 10, summary="10 UniPC steps"),
     "dpm++ 5": SpeedPreset("dpm++", 5, summary="5 DPM-Solver++ steps"),
+    "dpm++ 10 guided middle": SpeedPreset("dpm++", 10, guidance_interval=(0.25, 0.75),
+                                          summary="10 DPM-Solver++ steps, guidance on the middle half"),
     "deepcache 3": SpeedPreset("pndm", 50, feature_cache_interval=3, summary="a full UNet pass every third step"),
 }
 
