@@ -39,8 +39,9 @@ class FeatureCache:
     the cache was made: a benchmark divides them by the number of images for UNet evaluations per image. With
     `interval == 1` every step is full and the UNet is never touched; only the counters move.
 
-    Made for the eager UNet: with the fast path's `compile_unet` or `cuda_graphs` the hooks and swapped forwards meet
-    torch.compile's guards (and CUDA graphs reuse their output memory, the kept feature's), which nothing here tests.
+    Made for the eager UNet: with the fast path's `compile_unet` or `cuda_graphs` the hooks and swapped forwards would
+    meet torch.compile's guards (and CUDA graphs reuse their output memory, the kept feature's), so `GeneratorConfig`
+    refuses that combination.
     """
 
     def __init__(self, unet: nn.Module, interval: int = 1):
