@@ -63,7 +63,10 @@ def test_a_bad_guidance_interval_is_refused(interval):
         SynthesisConfig(guidance_interval=interval)
 
 
-def test_an_interval_image_does_not_depend_on_its_batch(pipe):
+@pytest.mark.parametrize("scheduler", [None, "dpm++", "unipc", "lcm"])
+def test_a_lever_image_does_not_depend_on_its_batch(tiny_model, scheduler):
+    """Each few-step sampler, with the guidance interval on: an image is a function of its (prompt, seed) alone."""
+    pipe = load_pipeline(tiny_model, "cpu", "fp32", scheduler=scheduler)
     synth = Synthesizer(pipe, SynthesisConfig(num_inference_steps=6, guidance_interval=(0.3, 0.7)))
     batch = synth.generate(PROMPTS, SEEDS)
     for i in range(len(PROMPTS)):
