@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 3 (captioning speed) and issue 5 (synthesis speed), prepared for a lent H100/H200.
 #
+#   bash benchmarks/gpu_checks.sh e2e OUT          # first: train.py on SD1.5 workers on CUDA, one worker killed; caption on CUDA
 #   bash benchmarks/gpu_checks.sh synthesis OUT    # profile SD1.5 eager fast path with ablation, then compiled
 #   bash benchmarks/gpu_checks.sh synthesis-extra OUT  # compiled without the kernels; compiled with CUDA graphs
 #   bash benchmarks/gpu_checks.sh captioning OUT   # caption-bench BLIP-2 OPT-2.7b: batch sizes, then a static cache
@@ -15,14 +16,17 @@
 # or timed-out step does not stop the next. OUT/steps.tsv gets one line per step: name, exit status, seconds.
 # On the device machine run it from the repository root after the wheel install line (shared/device/README.md).
 set -uo pipefail
-usage="usage: gpu_checks.sh synthesis|synthesis-extra|captioning|loop|levers|all OUT"
+usage="usage: gpu_checks.sh e2e|synthesis|synthesis-extra|captioning|loop|levers|all OUT"
 what=${1:?$usage}
 OUT=${2:?$usage}
-case $what in synthesis|synthesis-extra|captioning|loop|levers|all) ;; *) echo "$usage" >&2; exit 2 ;; esac
+case $what in e2e|synthesis|synthesis-extra|captioning|loop|levers|all) ;; *) echo "$usage" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 py=${PYTHON:-python3}
 cli=("$py" -m streamsynth.cli)
 export PYTHONUNBUFFERED=1
+# This checkout's streamsynth, also in scripts run by path (tests/inject_faults.py), installed or not.
+PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2 start=$SECONDS rc
@@ -48,6 +52,12 @@ environment() {
 
 if [[ -n ${DRY:-} ]]; then
   env_device=cpu
+  scratch=$OUT/scratch  # model folders, checkpoints and caption stores: too big to come back from the device
+  train_e2e=(--device cpu --model resnet18 --image-size 32 --batch-size 4 --steps 8 --num-inference-steps 1
+             --synth-batch-size 4 --checkpoint-every 4 --worker-timeout 30 --replay 1)
+  kill_at_backward=3
+  blip2_e2e=(tiny cpu)
+  caption_e2e=(--device cpu --batch-size 8 --workers 1)
   kernel_bench=(--device cpu --dtype fp32 --warmup 0 --repeats 1)
   sd15=(--sd-arch tiny --dry --device cpu)
   # No --compile on the CPU: Inductor takes minutes there. tests/test_kernels.py compiles a patched UNet instead.
@@ -61,6 +71,15 @@ if [[ -n ${DRY:-} ]]; then
   levers=(--device cpu --batch-size 2 --repeats 1 --levers reference,fast,deepcache\ 3)
 else
   env_device=cuda
+  scratch=/tmp/streamsynth-gpu-checks
+  # The acceptance shape of issue 10: SD1.5 workers on the GPU (spawned), pinned memory, bf16 autocast, ResNet-50 at
+  # 224, 20 optimizer steps. Few denoising steps: this checks the path, not the speed.
+  train_e2e=(--sd-model /tmp/sd15-random --device cuda --synth-devices cuda --amp bf16 --model resnet50
+             --image-size 224 --batch-size 32 --steps 20 --num-inference-steps 4 --synth-batch-size 16
+             --checkpoint-every 10 --worker-timeout 120 --replay 1)
+  kill_at_backward=8
+  blip2_e2e=(blip2-opt-2.7b cuda)
+  caption_e2e=(--device cuda --dtype fp16 --batch-size 32 --workers 8)
   kernel_bench=(--device cuda --dtype fp16 --batch-size 8)
   sd15=(--sd-arch sd15 --device cuda --dtype fp16 --batch-size 32 --num-inference-steps 50 --guidance-scale 1.5
         --image-size 224 --repeats 2 --model-dir /tmp/sd15-random)
@@ -79,6 +98,35 @@ else
 fi
 
 environment
+mkdir -p "$scratch"
+case $what in e2e|all)
+  # The whole path on the device, first: a crash here is the first bug to fix. The trainer's loop kills one
+  # synthesis worker (SIGKILL) inside backward(); the run must finish with every sample id seen exactly once.
+  [[ -n ${DRY:-} ]] || step sd15-build 150 "$py" -c \
+    "import sys; from streamsynth.synth.sd15 import save_random_sd15 as s; s(sys.argv[1], 'cuda')" /tmp/sd15-random
+  rm -rf "$scratch/train-e2e"
+  step train-e2e 240 "$py" tests/inject_faults.py --fault-during backward --fault-call $kill_at_backward --fault-signal KILL -- \
+    --online-synthesis "${train_e2e[@]}" --workers 2 --log-sample-ids --out "$scratch/train-e2e"
+  mkdir -p "$OUT/train-e2e" && cp "$scratch"/train-e2e/*.csv "$OUT/train-e2e/" 2>/dev/null
+  step train-e2e-ids 30 "$py" -c "
+import collections, sys
+ids = [i for line in open(sys.argv[1]) for i in line.strip().split(',')[3].split()]
+repeated = [i for i, n in collections.Counter(ids).items() if n > 1]
+print(f'{len(ids)} sample ids logged, {len(set(ids))} distinct, repeated: {repeated[:10]}')
+sys.exit(1 if repeated or not ids else 0)" "$scratch/train-e2e/sample_ids-rank0.csv"
+  # BLIP-2's architecture with random weights, saved and loaded back through from_pretrained by streamsynth caption.
+  step caption-e2e-build 180 "$py" -c "
+import sys, json, torch
+from streamsynth.captions.architectures import save_random_blip2
+from streamsynth.captions.bench import write_sample_jpegs
+save_random_blip2(sys.argv[1], sys.argv[3] + '/blip2-random', sys.argv[2], torch.float16 if sys.argv[2] == 'cuda' else torch.float32)
+write_sample_jpegs(sys.argv[3] + '/caption-e2e-jpegs', 64, num_classes=4)
+json.dump({f'class{c:03d}': n for c, n in enumerate(['tench', 'church', 'golf ball', 'parachute'])},
+          open(sys.argv[3] + '/caption-e2e-names.json', 'w'))" "${blip2_e2e[@]}" "$scratch"
+  rm -rf "$scratch/captions-e2e.lmdb"
+  step caption-e2e 150 "${cli[@]}" caption --captioner "$scratch/blip2-random" --images "$scratch/caption-e2e-jpegs" \
+    --names "$scratch/caption-e2e-names.json" --out "$scratch/captions-e2e.lmdb" --no-progress "${caption_e2e[@]}"
+esac
 case $what in synthesis|all)
   # First, in about a minute: each kernel's output and time against its reference, call by call, at SD1.5's shapes.
   step kernel-bench 120 "$py" -m streamsynth.kernel_bench "${kernel_bench[@]}" --out "$OUT/kernel-bench"

@@ -9,6 +9,7 @@ BPE with no merges, built offline.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -121,3 +122,23 @@ def random_blip2(arch: str, device: str | torch.device = "cpu", dtype: torch.dty
         size={"height": side, "width": side}, image_mean=_BLIP2_IMAGE_MEAN, image_std=_BLIP2_IMAGE_STD
     )
     return model, image_processor, tokenizer
+
+
+def save_random_blip2(arch: str, folder: str | os.PathLike, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float16) -> Path:
+    """`random_blip2` saved as a checkpoint folder (model and `Blip2Processor`), as `streamsynth caption --captioner`
+    loads a released one; unless already there. Written aside and renamed, so a killed write never looks complete."""
+    import shutil
+
+    from transformers import Blip2Processor
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model, image_processor, tokenizer = random_blip2(arch, device, dtype)
+    model.save_pretrained(staging)
+    Blip2Processor(image_processor, tokenizer, num_query_tokens=model.config.num_query_tokens).save_pretrained(staging)
+    os.replace(staging, folder)
+    return folder

@@ -31,7 +31,7 @@ TEXT_ENCODER = dict(
 )
 SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+    skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
 )
 
 
