@@ -51,15 +51,20 @@ _BLIP2_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _BLIP2_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def byte_level_tokenizer():
-    """An OPT-style byte-level BPE tokenizer with no merges: every byte is a token, so nothing is downloaded.
+def byte_level_tokenizer(size: int = 260):
+    """An OPT-style byte-level BPE tokenizer with no merges and `size` tokens: nothing is downloaded.
 
-    Ids as in OPT: 0 `<s>`, 1 `<pad>`, 2 `</s>` (BOS and EOS), 3 `<unk>`, then the 256 byte symbols.
+    Ids as in OPT: 0 `<s>`, 1 `<pad>`, 2 `</s>` (BOS and EOS), 3 `<unk>`, then the 256 byte symbols, then word tokens
+    " w260", " w261", ... up to `size`: text never encodes to them, but every id a random model of a released vocabulary
+    emits decodes to text (a caption of ids past the tokenizer would decode to nothing and be skipped as empty).
     """
     from transformers import GPT2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    tokens = ["<s>", "<pad>", "</s>", "<unk>", *bytes_to_unicode().values()]
+    byte_symbols = bytes_to_unicode()
+    tokens = ["<s>", "<pad>", "</s>", "<unk>", *byte_symbols.values()]
+    space = byte_symbols[ord(" ")]
+    tokens += [f"{space}w{n}" for n in range(len(tokens), size)]
     with tempfile.TemporaryDirectory() as tmp:
         vocab, merges = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
         vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
@@ -114,9 +119,12 @@ def random_blip2(arch: str, device: str | torch.device = "cpu", dtype: torch.dty
             part.data = part.data.float()
         else:
             part.float()
-    never_emit(model, [0, 1, 2, 3, config.image_token_index])
-    tokenizer = byte_level_tokenizer()
-    tokenizer.add_tokens(["<image>"], special_tokens=True)  # id 260, the tiny config's image_token_index
+    # The image placeholder comes right after the base vocabulary, as in the released tokenizer.
+    tokenizer = byte_level_tokenizer(config.image_token_index)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    assert tokenizer.convert_tokens_to_ids("<image>") == config.image_token_index
+    # Special tokens and the output layer's padding past the tokenizer (OPT's 50272 rows for 50266 tokens).
+    never_emit(model, [0, 1, 2, 3, *range(config.image_token_index, config.text_config.vocab_size)])
     side = config.vision_config.image_size
     image_processor = BlipImageProcessor(
         size={"height": side, "width": side}, image_mean=_BLIP2_IMAGE_MEAN, image_std=_BLIP2_IMAGE_STD
