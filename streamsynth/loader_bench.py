@@ -110,19 +110,25 @@ def _consume_loop(next_batch, consume, batches: int) -> tuple[float, float]:
     return waited, cpu
 
 
-def _consumer(kind: str, num_classes: int):
+def _consumer(kind: str, num_classes: int, device: str | torch.device):
+    """A training step on `device`, taking batches wherever the loader left them (CPU or `device`), as a trainer does.
+    On CUDA it waits for its step to finish: the wait share then counts none of the consumer's own GPU time."""
     if kind == "none":
         return lambda images, labels: None
     import torchvision
 
-    model = torchvision.models.resnet18(num_classes=num_classes)
+    device = torch.device(device)
+    model = torchvision.models.resnet18(num_classes=num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         loss = torch.nn.functional.cross_entropy(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     return step
 
@@ -153,7 +159,7 @@ def _stream_run(model: str, captions: str, args, workers: int, replay: int, augm
     stream = SyntheticStream(captions, generator, replay=replay, batch_size=args.batch_size,
                              epoch_size=needed * workers * 2, transform=_augmentation(augment, args.image_size))
     loader = StreamLoader(stream, workers, augment_device=args.device)
-    consume = _consumer(args.consumer, stream.num_classes)
+    consume = _consumer(args.consumer, stream.num_classes, args.device)
     with benchtools.Timer(clock="wall") as startup:
         batches = iter(loader)
         images, labels = next(batches)[:2]
@@ -243,12 +249,13 @@ def run(args: argparse.Namespace) -> int:
     captions = args.captions or str(embedded_captions())
     probe = SyntheticStream(captions, GeneratorConfig(model, devices=(args.device,)), epoch_size=10**6)
     specs = [probe.spec(i) for i in range((args.batches + 1) * args.batch_size)]
-    results = [_plain_diffusers(model, args, specs, _consumer(args.consumer, probe.num_classes))]
+    results = [_plain_diffusers(model, args, specs, _consumer(args.consumer, probe.num_classes, args.device))]
     pool = torch.randint(0, 256, (max(4 * args.batch_size, 256), 3, args.image_size, args.image_size),
                          dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     pool_labels = torch.arange(len(pool)) % probe.num_classes
     for workers in args.workers:
-        results.append(_in_memory_limit(args, pool, pool_labels, workers, _consumer(args.consumer, probe.num_classes)))
+        consume = _consumer(args.consumer, probe.num_classes, args.device)
+        results.append(_in_memory_limit(args, pool, pool_labels, workers, consume))
     for workers in args.workers:
         for replay in args.replay:
             for augment in args.augment:
