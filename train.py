@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from streamsynth import FastPathOptions, GeneratorConfig, StreamLoader, SyntheticStream
+from streamsynth import GeneratorConfig, StreamLoader, SyntheticStream
 from streamsynth.captions import CaptionStore
 from streamsynth.checkpoints import check_checkpoint_room, load_resume_checkpoint, save_checkpoint
 from streamsynth.classifier import build_classifier, classifier_checkpoint
@@ -41,6 +41,7 @@ from streamsynth.evaluate import (LabelledImageFolder, check_eval_folder, class_
 from streamsynth.stream import CachedBatches, EpochsInARow, MixedBatches, RealBatches, mix_weights
 from streamsynth.stream.devices import synthesis_devices
 from streamsynth.stream.feedback import ClassFeedback
+from streamsynth.synth.fast import add_fast_path_argument, fast_path_for
 from streamsynth.synth.speed import add_sampler_arguments, fill_from_speed_preset, sampler_settings
 from streamsynth.transforms import BatchAugment, train_transform
 
@@ -92,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_arguments(synth, default_steps="50, 20 for the embedded default")
     synth.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="synthesis dtype (default: fp16 on CUDA)")
     synth.add_argument("--safety-checker", action="store_true", help="redraw images the model's safety checker flags")
-    synth.add_argument("--fast", action="store_true",
-                       help="fast path: Triton GroupNorm+SiLU/GEGLU, fused guidance+scheduler step, fused resize, "
-                            "probed attention backend (see kernels/README.md)")
+    add_fast_path_argument(synth)
     train = p.add_argument_group("training")
     train.add_argument("--model", help="the classifier: a torchvision (or, if installed, timm) model name "
                        "(default, preset: resnet18 or resnet50)")
@@ -173,11 +172,11 @@ def build_data(args: argparse.Namespace, rank: int, world: int, local_rank: int,
     """The enabled sources, their classes checked against each other, mixed by --mix; and the synthetic loader."""
     sources, class_ids, loader = {}, None, None
     if args.online_synthesis:
+        devices = synthesis_devices(args.synth_devices, str(device), local_rank, local_world)
         generator = GeneratorConfig(
-            args.sd_model or embedded_model(), image_size=args.image_size, dtype=args.dtype,
-            devices=synthesis_devices(args.synth_devices, str(device), local_rank, local_world),
+            args.sd_model or embedded_model(), image_size=args.image_size, dtype=args.dtype, devices=devices,
             **sampler_settings(args, args.num_inference_steps),
-            batch_size=args.synth_batch_size, fast=FastPathOptions() if args.fast else None)
+            batch_size=args.synth_batch_size, fast=fast_path_for(args.fast, devices))
         stream = SyntheticStream(args.captions or embedded_captions(), generator, prompt=args.prompt, seed=args.seed,
                                  epoch_size=args.epoch_size, batch_size=args.batch_size, replay=args.replay,
                                  transform=BatchAugment(args.image_size), cache=args.cache, return_sample_ids=True)

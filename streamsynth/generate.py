@@ -46,7 +46,7 @@ from .stream.dataset import SyntheticStream
 from .stream.devices import synthesis_devices
 from .stream.sampling import CaptionSampler, SampleSpec
 from .synth.config import GeneratorConfig
-from .synth.fast import FastPathOptions
+from .synth.fast import add_fast_path_argument, fast_path_for
 from .synth.loading import resolve_dtype
 from .synth.speed import add_sampler_arguments, sampler_settings
 from .synth.tiny import RANDOM_WEIGHTS_NOTICE
@@ -412,7 +412,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="synthesis dtype (default: fp16 on CUDA)")
     p.add_argument("--image-size", type=int, help="side of the images (default: 224; 32 for the embedded model)")
     p.add_argument("--safety-checker", action="store_true", help="redraw images the model's safety checker flags")
-    p.add_argument("--fast", action="store_true", help="the fast path (see kernels/README.md)")
+    add_fast_path_argument(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_generate)
@@ -431,10 +431,11 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--shard-size must be at least 1, got {args.shard_size}")
     embedded = not (args.sd_model or args.captions)
     with ranks_from_environment() as ranks:
+        devices = _rank_devices(args.synth_devices, ranks)
         generator = GeneratorConfig(
             args.sd_model or embedded_model(), image_size=args.image_size or (32 if embedded else 224),
-            dtype=args.dtype, devices=_rank_devices(args.synth_devices, ranks), **sampler_settings(args, 50),
-            batch_size=args.synth_batch_size, fast=FastPathOptions() if args.fast else None)
+            dtype=args.dtype, devices=devices, **sampler_settings(args, 50),
+            batch_size=args.synth_batch_size, fast=fast_path_for(args.fast, devices))
         stream = SyntheticStream(args.captions or embedded_captions(), generator, prompt=args.prompt, seed=args.seed,
                                  rank=0, world_size=1)
         if args.images_per_class:

@@ -6,7 +6,7 @@
 
 Precision (fp16/bf16) is chosen when the pipeline is loaded (`load_pipeline(..., dtype=...)`). Which options pay
 off is a GPU measurement (`streamsynth profile`); the defaults switch on only what changes no result beyond
-rounding and costs no compile time. `apply` changes the pipeline in place; only the kernel patch has an undo
+rounding, costs no compile time and measured faster on a GPU. `apply` changes the pipeline in place; only the kernel patch has an undo
 (`streamsynth.kernels.patch.unpatch`): load a fresh pipeline for a plain diffusers baseline.
 """
 
@@ -24,9 +24,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FastPathOptions:
+    # Defaults as measured on an H200 (SD1.5, 512², batch 32, fp16; benchmarks/results/2026-11-27-h200-*): GEGLU and
+    # GroupNorm pay off (without them 4.4% and 1.0% fewer images/s); the fused step and post-processing do not (no
+    # difference in the ablation; kernel-bench times the post-processing kernel at 0.24-0.5x its reference), so they
+    # are opt-in until tuned.
     triton_kernels: bool = True  # fused GroupNorm(+SiLU) and GEGLU swapped into the UNet and the VAE
-    fused_step: bool = True  # guidance combine + scheduler update in one kernel (DDIM eta=0, PNDM/PLMS)
-    fused_postprocess: bool = True  # VAE output to classifier input in one kernel
+    fused_step: bool = False  # guidance combine + scheduler update in one kernel (DDIM eta=0, PNDM/PLMS)
+    fused_postprocess: bool = False  # VAE output to classifier input in one kernel
     attention: str = "auto"  # "auto" (xformers if its probe passes, else SDPA), "sdpa" or "xformers"
     channels_last: bool = False  # NHWC activations in the UNet and VAE (slower in eager on H200 without the kernels)
     fuse_qkv: bool = False  # one matmul for Q, K and V (diffusers' fuse_qkv_projections; runs on SDPA)
@@ -114,3 +118,20 @@ def _compile(pipe, options: FastPathOptions, fast: FastPath) -> None:
     # Not fullgraph: the Triton kernels' Python wrappers (validation, dispatch) may break the graph.
     pipe.unet = torch.compile(pipe.unet, mode=mode)
     fast.applied.append(f"torch.compile(unet, mode={mode!r})" + (" with CUDA graphs" if cuda_graphs else ""))
+
+
+def add_fast_path_argument(parser) -> None:
+    """`--fast` / `--no-fast`, as train.py and `streamsynth generate` take it (default: on where synthesis is on a GPU)."""
+    import argparse
+
+    parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                        help="the fast path: Triton GroupNorm+SiLU and GEGLU, probed attention backend (kernels/README.md); "
+                             "default: on where synthesis runs on a GPU (measured faster there, images equal within "
+                             "rounding), off on the CPU")
+
+
+def fast_path_for(requested: bool | None, devices) -> FastPathOptions | None:
+    """The fast path's default options where `requested` (or, when it is None, any of `devices` is a GPU), else None."""
+    if requested is None:
+        requested = any(str(d).startswith("cuda") for d in devices)
+    return FastPathOptions() if requested else None
