@@ -37,6 +37,22 @@ def _read_ids(path: Path) -> dict[tuple[int, int], tuple[str, list[str]]]:
     return batches
 
 
+# The uninterrupted 1-rank run two resume tests compare with (one_rank_reference): 8 steps of 4 images from 2 synthesis
+# workers, a checkpoint after every step.
+ONE_RANK = ["--online-synthesis", "--workers", "2", "--checkpoint-every", "1", *TINY_RUN, "--steps", "8",
+            "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def one_rank_reference(tmp_path_factory, isolated_cache, caption_store, tiny_model) -> Path:
+    out = tmp_path_factory.mktemp("one-rank-reference")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *ONE_RANK, "--sd-model", str(tiny_model),
+                             "--captions", str(caption_store.path), "--out", str(out)],
+                            capture_output=True, text=True, env=_env(isolated_cache), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
 def _run_until_killed(command: list[str], ids_log: Path, lines: int, env: dict) -> None:
     """Start train.py, and kill -9 it with its loader workers once `ids_log` holds `lines` micro-batches."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
@@ -62,29 +78,25 @@ def test_two_ranks_two_workers_see_every_sample_once(tmp_path, isolated_cache, c
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_with_the_same_samples(tmp_path, isolated_cache, caption_store, tiny_model):
-    common = ["--online-synthesis", "--sd-model", str(tiny_model), "--captions", str(caption_store.path),
-              "--workers", "2", "--checkpoint-every", "1", *TINY_RUN]
-    steps = ["--steps", "10"]
-    reference = tmp_path / "reference"
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *steps, "--out", str(reference)],
-                            capture_output=True, text=True, env=_env(isolated_cache), timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-
+def test_killed_run_resumes_with_the_same_samples(tmp_path, isolated_cache, caption_store, tiny_model,
+                                                  one_rank_reference):
+    command = [sys.executable, str(ROOT / "train.py"), *ONE_RANK, "--sd-model", str(tiny_model),
+               "--captions", str(caption_store.path)]
     run = tmp_path / "killed"
     ids_log = run / "sample_ids-rank0.csv"
-    _run_until_killed([sys.executable, str(ROOT / "train.py"), *common, *steps, "--out", str(run)], ids_log, 4,
-                      _env(isolated_cache))  # the trainer and its synthesis workers, mid-run
+    _run_until_killed([*command, "--out", str(run)], ids_log, 4, _env(isolated_cache))  # the trainer and its workers
     assert (run / "checkpoint.pt").exists()
 
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *steps, "--out", str(run), "--resume"],
+    result = subprocess.run([*command, "--out", str(run), "--resume"],
                             capture_output=True, text=True, env=_env(isolated_cache), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "resumed from" in result.stdout
-    assert _read_ids(ids_log) == _read_ids(reference / "sample_ids-rank0.csv")
+    resumed_at = int(result.stdout.split("resumed from ")[1].split("at step ")[1].split()[0])
+    assert 1 <= resumed_at < 8  # killed mid-run, not after its last step
+    assert _read_ids(ids_log) == _read_ids(one_rank_reference / "sample_ids-rank0.csv")
     # ... and ends with the uninterrupted run's weights (and optimizer state): nothing of the model was lost.
-    finished, uninterrupted = (torch.load(folder / "checkpoint.pt", weights_only=True) for folder in (run, reference))
-    assert finished["step"] == uninterrupted["step"] == 10
+    finished, uninterrupted = (torch.load(folder / "checkpoint.pt", weights_only=True)
+                               for folder in (run, one_rank_reference))
+    assert finished["step"] == uninterrupted["step"] == 8
     for part in ("model", "optimizer"):
         torch.testing.assert_close(finished[part], uninterrupted[part], rtol=1e-5, atol=1e-6)
 
@@ -173,17 +185,11 @@ def test_online_run_writes_no_image_bytes(tmp_path, caption_store, tiny_model):
 
 
 @pytest.mark.slow
-def test_a_run_resumes_on_another_number_of_ranks_and_workers(tmp_path, isolated_cache, caption_store, tiny_model):
+def test_a_run_resumes_on_another_number_of_ranks_and_workers(tmp_path, isolated_cache, caption_store, tiny_model,
+                                                            one_rank_reference):
     """2 ranks x 1 worker (batch 2 each), killed right after the checkpoint at step 4, resumed on 1 rank x 2 workers
     (batch 4): each step's global batch equals the uninterrupted 1-rank run's."""
     models = ["--sd-model", str(tiny_model), "--captions", str(caption_store.path)]
-    one_rank = ["--batch-size", "4", "--workers", "2"]
-    reference = tmp_path / "reference"
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--online-synthesis", *models, *TINY_RUN,
-                             "--steps", "8", *one_rank, "--out", str(reference)],
-                            capture_output=True, text=True, env=_env(isolated_cache), timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-
     run = tmp_path / "elastic"
     two_ranks = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                  str(ROOT / "tests" / "inject_faults.py"), "--fault-during", "checkpoint", "--fault-call", "1",
@@ -191,13 +197,12 @@ def test_a_run_resumes_on_another_number_of_ranks_and_workers(tmp_path, isolated
                  "--batch-size", "2", "--workers", "1", "--checkpoint-every", "4", "--out", str(run)]
     killed = subprocess.run(two_ranks, capture_output=True, text=True, env=_env(isolated_cache), timeout=600)
     assert killed.returncode != 0 and (run / "checkpoint.pt").exists()
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--online-synthesis", *models, *TINY_RUN,
-                             "--steps", "8", *one_rank, "--out", str(run), "--resume"],
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *ONE_RANK, *models, "--out", str(run), "--resume"],
                             capture_output=True, text=True, env=_env(isolated_cache), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resumed from" in result.stdout and "at step 4" in result.stdout
 
     ranks = [_read_ids(run / f"sample_ids-rank{rank}.csv") for rank in (0, 1)]
     seen = {step: ranks[0][step, 0][1] + (ranks[1][step, 0][1] if step < 4 else []) for step in range(8)}
-    expected = {step: keys for (step, _), (_, keys) in _read_ids(reference / "sample_ids-rank0.csv").items()}
+    expected = {step: keys for (step, _), (_, keys) in _read_ids(one_rank_reference / "sample_ids-rank0.csv").items()}
     assert seen == expected and sorted(int(i) for keys in seen.values() for i in keys) == list(range(32))

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# --worker-timeout: how long the stopped worker goes unnoticed. A healthy worker beats every second while its model
+# loads and after each group (a fraction of a second at these sizes), so 8 s leaves it room on a loaded machine.
 RUN = ["--online-synthesis", "--steps", "8", "--batch-size", "4", "--image-size", "16", "--model", "resnet18",
        "--num-inference-steps", "1", "--synth-batch-size", "4", "--workers", "2", "--checkpoint-every", "4",
-       "--log-sample-ids", "--worker-timeout", "20"]
+       "--log-sample-ids", "--worker-timeout", "8"]
 
 
 def _train(out: Path, cache: Path, models: list[str], *fault: str) -> subprocess.CompletedProcess:
@@ -53,6 +55,8 @@ def test_a_worker_fault_inside_the_training_loop_is_survived(tmp_path, isolated_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "injected SIG" in result.stderr and "restarting them there (restart 1)" in result.stderr
     assert "Traceback" not in result.stderr
+    if "STOP" in fault:  # a stopped worker is alive: only the watchdog's timeout can have found it
+        assert f"made no progress for {RUN[RUN.index('--worker-timeout') + 1]} s" in result.stderr
     ids = _sample_ids(tmp_path)
     assert sorted(ids) == list(range(32)) and ids == _sample_ids(uninterrupted)  # every id once, in the same order
     mine = torch.load(tmp_path / "checkpoint.pt", weights_only=True)

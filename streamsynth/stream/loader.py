@@ -105,6 +105,27 @@ class GroupView(IterableDataset):
             yield item
 
 
+def _start_method(context) -> str:
+    """The start method the DataLoader's workers will have (`context` as the DataLoader takes it)."""
+    import multiprocessing
+
+    if context is None:
+        return multiprocessing.get_start_method()  # fixes the default, as the DataLoader's first queue does anyway
+    return context if isinstance(context, str) else context.get_start_method()
+
+
+def _import_the_pipeline_library() -> None:
+    """Imports diffusers' pipeline class (and the transformers modules it imports) here, once, before workers are
+    forked: each forked worker then only loads the model's weights, instead of spending the import (about 8 s of CPU
+    on a CPU core) in every worker at every start and restart. With spawn (any CUDA device) workers import anew."""
+    try:
+        import diffusers
+
+        diffusers.StableDiffusionPipeline  # diffusers imports a class's module when it is first asked for
+    except ImportError:  # the workers' own load says what is missing, as a worker error
+        pass
+
+
 def _worker_processes(iterator) -> list:
     # A private attribute of PyTorch's multi-process iterator (stable since PyTorch 1.0); tests pin it.
     return list(getattr(iterator, "_workers", []))
@@ -289,6 +310,8 @@ class StreamLoader:
                         self.batch, self.epoch, cause, self.restarts)
 
     def _start(self, index: int) -> None:
+        if self.num_workers > 0 and _start_method(self._loader_kwargs["multiprocessing_context"]) == "fork":
+            _import_the_pipeline_library()
         view = GroupView(self.stream, index, self.stats, self._weights)
         self._iterator = iter(DataLoader(view, **self._loader_kwargs))
         _detach_from_sigchld(self._iterator)
