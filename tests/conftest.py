@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# One intra-op thread per process unless the caller chose: many tests run synthesis workers beside a trainer, and
+# torch's default of one thread per core makes tiny models many times slower on an oversubscribed 2-core machine.
+# Set before torch is imported; subprocesses (train.py runs, workers) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Triton kernels run on the CPU through Triton's interpreter. Triton reads this when it is imported and when a kernel
 # is decorated, so it must be set before anything imports torch's or streamsynth's Triton code.
 os.environ["TRITON_INTERPRET"] = "1"

@@ -20,10 +20,15 @@ def test_gpu_checks_dry_run_completes_every_step(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     steps = [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
     assert [(name, status) for name, status, _ in steps] == [
+        ("train-e2e", "0"), ("train-e2e-ids", "0"), ("caption-e2e-build", "0"), ("caption-e2e", "0"),
         ("kernel-bench", "0"), ("profile-eager", "0"), ("profile-compiled", "0"), ("profile-compiled-no-kernels", "0"),
         ("profile-cuda-graphs", "0"), ("caption-jpegs", "0"), ("caption-bench", "0"), ("caption-bench-static", "0"), ("loader-bench", "0"),
         ("speed-levers", "0"),
     ]
+    # The trainer's loop lost a synthesis worker to SIGKILL inside backward() and still saw every sample id once.
+    assert "injected SIGKILL" in (tmp_path / "train-e2e.log").read_text()
+    assert ", 32 distinct, repeated: []" in (tmp_path / "train-e2e-ids.log").read_text()
+    assert "wrote 64 captions of 4 classes" in (tmp_path / "caption-e2e.log").read_text()
     assert json.loads((tmp_path / "profile-eager" / "profile.json").read_text())["ablation"]
     assert len(json.loads((tmp_path / "kernel-bench" / "kernel-bench.json").read_text())["results"]) == 107
     static = tmp_path / "caption-bench-static" / "caption-bench.json"
