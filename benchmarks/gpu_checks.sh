@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_checks.sh synthesis OUT    # profile SD1.5 eager fast path with ablation, then compiled
 #   bash benchmarks/gpu_checks.sh synthesis-extra OUT  # compiled without the kernels; compiled with CUDA graphs
 #   bash benchmarks/gpu_checks.sh captioning OUT   # caption-bench BLIP-2 OPT-2.7b: batch sizes, then a static cache
-#   bash benchmarks/gpu_checks.sh loop OUT         # loader-bench: SD1.5 synthesis workers on the GPU feeding a consumer
+#   bash benchmarks/gpu_checks.sh loop OUT         # loader-bench: SD1.5 workers on the GPU feeding a consumer; the
+#                                                  # loader's CPU ceiling on the machine's 16 cores
 #   bash benchmarks/gpu_checks.sh levers OUT       # speed levers: SD1.5 images/s per preset and lever against the reference
 #   DRY=1 bash benchmarks/gpu_checks.sh all OUT    # every step on the CPU with tiny models: try the script here first
 #
@@ -70,6 +71,7 @@ if [[ -n ${DRY:-} ]]; then
   captions=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 8,16 --workers 1)
   caption_static=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 16 --workers 1)
   loop=(--device cpu --batches 2 --workers 1 --replay 1,2)
+  ceiling_batches=2
   levers=(--device cpu --batch-size 2 --repeats 1 --levers reference,fast,deepcache\ 3)
 else
   env_device=cuda
@@ -93,6 +95,7 @@ else
             --workers 12)
   caption_static=(--captioner-arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 512
                   --workers 12)
+  ceiling_batches=48
   loop=(--sd-model /tmp/sd15-random --device cuda --dtype fp16 --batch-size 16 --num-inference-steps 20 --image-size 224
         --batches 3 --workers 1 --replay 1,4 --consumer resnet18)
   levers=(--sd-arch sd15 --model-dir /tmp/sd15-random --device cuda --dtype fp16 --batch-size 16 --image-size 512
@@ -163,6 +166,11 @@ case $what in loop|all)
   [[ -n ${DRY:-} || -f /tmp/sd15-random/model_index.json ]] ||
     "$py" -c "from streamsynth.synth.sd15 import save_random_sd15; save_random_sd15('/tmp/sd15-random', 'cuda')"
   step loader-bench 200 "${cli[@]}" loader-bench "${loop[@]}" --out "$OUT/loader-bench"
+  # The loader's own ceiling (the acceptance run of the loader-ceiling issue) on the device machine's 16 cores: the
+  # embedded model at 1 step on the CPU, so the figure is the hand-over's, not the GPU's. On 2 cores it is bound near 5x.
+  step loader-ceiling 150 "${cli[@]}" loader-bench --device cpu --num-inference-steps 1 --guidance-scale 1 \
+    --image-size 224 --batch-size 32 --workers 1 --replay 1,8 --consumer none --augment batched,per-image \
+    --batches "$ceiling_batches" --out "$OUT/loader-ceiling"
 esac
 case $what in levers|all)
   # Each speed preset and lever of streamsynth.synth.speed against the reference recipe, round-robin in one run.

@@ -22,7 +22,8 @@ def test_gpu_checks_dry_run_completes_every_step(tmp_path):
     assert [(name, status) for name, status, _ in steps] == [
         ("train-e2e", "0"), ("train-e2e-ids", "0"), ("caption-e2e-build", "0"), ("caption-e2e", "0"),
         ("kernel-bench", "0"), ("profile-eager", "0"), ("profile-compiled", "0"), ("profile-compiled-no-kernels", "0"),
-        ("profile-cuda-graphs", "0"), ("caption-jpegs", "0"), ("caption-bench", "0"), ("caption-bench-static", "0"), ("loader-bench", "0"),
+        ("profile-cuda-graphs", "0"), ("caption-jpegs", "0"), ("caption-bench", "0"), ("caption-bench-static", "0"),
+        ("loader-bench", "0"), ("loader-ceiling", "0"),
         ("speed-levers", "0"),
     ]
     # The trainer's loop lost a synthesis worker to SIGKILL inside backward() and still saw every sample id once.
