@@ -133,9 +133,10 @@ def random_blip2(arch: str, device: str | torch.device = "cpu", dtype: torch.dty
 
 
 def save_random_blip2(arch: str, folder: str | os.PathLike, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float16) -> Path:
-    """`random_blip2` saved as a checkpoint folder (model and `Blip2Processor`), as `streamsynth caption --captioner`
-    loads a released one; unless already there. Written aside and renamed, so a killed write never looks complete."""
+                      dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
+    """`random_blip2` (weights drawn from `seed`) saved as a checkpoint folder (model and `Blip2Processor`), as
+    `streamsynth caption --captioner` loads a released one; unless already there. Written aside and renamed, so a
+    killed write never looks complete."""
     import shutil
 
     from transformers import Blip2Processor
@@ -145,6 +146,7 @@ def save_random_blip2(arch: str, folder: str | os.PathLike, device: str | torch.
         return folder
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
+    torch.manual_seed(seed)  # the same model every time: an unseeded tiny one may caption an image with blanks only
     model, image_processor, tokenizer = random_blip2(arch, device, dtype)
     model.save_pretrained(staging)
     Blip2Processor(image_processor, tokenizer, num_query_tokens=model.config.num_query_tokens).save_pretrained(staging)
