@@ -6,8 +6,8 @@
 
 Precision (fp16/bf16) is chosen when the pipeline is loaded (`load_pipeline(..., dtype=...)`). Which options pay
 off is a GPU measurement (`streamsynth profile`); the defaults switch on only what changes no result beyond
-rounding, costs no compile time and measured faster on a GPU. `apply` changes the pipeline in place; only the kernel patch has an undo
-(`streamsynth.kernels.patch.unpatch`): load a fresh pipeline for a plain diffusers baseline.
+rounding, costs no compile time and measured faster on a GPU. `apply` changes the pipeline in place; only the
+kernel patch has an undo (`streamsynth.kernels.patch.unpatch`): load a fresh pipeline for a plain diffusers baseline.
 """
 
 from __future__ import annotations
@@ -121,13 +121,14 @@ def _compile(pipe, options: FastPathOptions, fast: FastPath) -> None:
 
 
 def add_fast_path_argument(parser) -> None:
-    """`--fast` / `--no-fast`, as train.py and `streamsynth generate` take it (default: on where synthesis is on a GPU)."""
+    """`--fast` / `--no-fast`, as train.py and `streamsynth generate` take it (default: on where synthesis runs on a
+    GPU)."""
     import argparse
 
     parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                        help="the fast path: Triton GroupNorm+SiLU and GEGLU, probed attention backend (kernels/README.md); "
-                             "default: on where synthesis runs on a GPU (measured faster there, images equal within "
-                             "rounding), off on the CPU")
+                        help="the fast path: Triton GroupNorm+SiLU and GEGLU, probed attention backend "
+                             "(kernels/README.md); default: on where synthesis runs on a GPU (measured faster there, "
+                             "images equal within rounding), off on the CPU")
 
 
 def fast_path_for(requested: bool | None, devices) -> FastPathOptions | None:
