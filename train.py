@@ -17,7 +17,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -31,7 +30,7 @@ from tqdm import tqdm
 from streamsynth import GeneratorConfig, StreamLoader, SyntheticStream
 from streamsynth.captions import CaptionStore
 from streamsynth.checkpoints import check_checkpoint_room, load_resume_checkpoint, save_checkpoint
-from streamsynth.classifier import build_classifier, classifier_checkpoint
+from streamsynth.classifier import build_classifier, classifier_checkpoint, learning_rate, sgd_optimizer
 from streamsynth.cliargs import ArgumentParser, add_eval_suites, add_version, eval_suites, resolve_device
 from streamsynth.defaults import EMBEDDED_DEFAULT_NOTICE, embedded_captions, embedded_model
 from streamsynth.digits import CLASS_IDS as DIGIT_CLASS_IDS, report_held_out_digits
@@ -204,15 +203,6 @@ def build_data(args: argparse.Namespace, rank: int, world: int, local_rank: int,
     return MixedBatches(sources, mix_weights(args.mix, list(sources)), args.seed, class_ids), loader
 
 
-def learning_rate(step: int, args: argparse.Namespace, peak: float) -> float:
-    if step < args.warmup_steps:
-        return peak * (step + 1) / args.warmup_steps
-    if args.lr_schedule == "step":
-        return peak * 0.1 ** sum(step >= args.steps * f for f in (1 / 3, 2 / 3, 8 / 9))
-    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-    return 0.5 * peak * (1 + math.cos(math.pi * progress))
-
-
 class RunLog:
     """What the run reports: the progress bar, OUT/log.csv and TensorBoard on rank 0, and every rank's sample ids."""
 
@@ -341,8 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     peak_lr = args.lr * args.batch_size * args.accum_steps * world / 256
-    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9, nesterov=True,
-                                weight_decay=args.weight_decay)
+    optimizer = sgd_optimizer(model, peak_lr, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
                 if args.amp != "none" else nullcontext())
@@ -391,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ----- the loop -------------------------------------------------------------------------------------------------
     while step < args.steps:
-        lr = learning_rate(step, args, peak_lr)
+        lr = learning_rate(step, args.steps, peak_lr, args.warmup_steps, args.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(args.accum_steps):

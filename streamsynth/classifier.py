@@ -14,6 +14,7 @@ wants to keep (epoch, optimizer state, the stream's `describe()`), as long as it
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,22 @@ from torch import nn
 
 REQUIRED_FIELDS = ("model", "arch", "num_classes", "class_ids")
 DEFAULT_IMAGE_SIZE = 224
+
+
+def sgd_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.SGD:
+    """The training recipe's optimizer: SGD with Nesterov momentum 0.9."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup_steps: int, schedule: str = "cosine") -> float:
+    """The recipe's learning rate at `step` of `steps`: a linear warmup to `peak` over `warmup_steps`, then a cosine
+    decay to zero, or (`schedule="step"`) x0.1 at 1/3, 2/3 and 8/9 of the steps."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "step":
+        return peak * 0.1 ** sum(step >= steps * f for f in (1 / 3, 2 / 3, 8 / 9))
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.5 * peak * (1 + math.cos(math.pi * progress))
 
 
 def build_classifier(arch: str, num_classes: int) -> nn.Module:

@@ -286,25 +286,19 @@ def fit_classifier(batches: Iterable[tuple], steps: int, arch: str = "test_resne
                    seed: int = 0) -> torch.nn.Module:
     """Trains `build_classifier(arch)` for `steps` batches of `batches` ((images, labels, ...) tuples) with train.py's
     recipe: SGD with Nesterov momentum, linear warmup over 2% of the steps, cosine decay to zero, label smoothing."""
-    import math
-
     import torch.nn.functional as F
 
-    from .classifier import build_classifier
+    from .classifier import build_classifier, learning_rate, sgd_optimizer
 
     torch.manual_seed(seed)
     model = build_classifier(arch, num_classes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    optimizer = sgd_optimizer(model, lr, weight_decay)
     warmup = max(1, steps // 50)
     model.train()
     iterator = iter(batches)
     for step in range(steps):
-        if step < warmup:
-            rate = lr * (step + 1) / warmup
-        else:
-            rate = 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
         for group in optimizer.param_groups:
-            group["lr"] = rate
+            group["lr"] = learning_rate(step, steps, lr, warmup)
         images, labels = next(iterator)[:2]
         loss = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)

@@ -41,18 +41,7 @@ def keyed_permutation(index: int, n: int, key: int, rounds: int = 4) -> int:
     A balanced Feistel network permutes [0, 4^k) ⊇ [0, n); cycle-walking (re-applying it until the value lands
     below n) restricts it to a bijection of [0, n). Each call costs O(rounds) hashes and no memory.
     """
-    if not 0 <= index < n:
-        raise IndexError(f"index {index} outside [0, {n})")
-    half = max(1, ((n - 1).bit_length() + 1) // 2)
-    mask = (1 << half) - 1
-    x = index
-    while True:
-        left, right = x >> half, x & mask
-        for r in range(rounds):
-            left, right = right, left ^ _round_hash(key, r, right, half)
-        x = (left << half) | right
-        if x < n:
-            return x
+    return _feistel_cycle_walk("index", index, n, key, rounds, inverse=False)
 
 
 def keyed_permutation_inverse(value: int, n: int, key: int, rounds: int = 4) -> int:
@@ -61,15 +50,23 @@ def keyed_permutation_inverse(value: int, n: int, key: int, rounds: int = 4) -> 
     Each Feistel round is undone in reverse order; cycle-walking backwards from `value` meets the first point below n,
     which is the index (the forward walk left [0, n) only through points at or above n).
     """
-    if not 0 <= value < n:
-        raise IndexError(f"value {value} outside [0, {n})")
+    return _feistel_cycle_walk("value", value, n, key, rounds, inverse=True)
+
+
+def _feistel_cycle_walk(name: str, start: int, n: int, key: int, rounds: int, inverse: bool) -> int:
+    if not 0 <= start < n:
+        raise IndexError(f"{name} {start} outside [0, {n})")
     half = max(1, ((n - 1).bit_length() + 1) // 2)
     mask = (1 << half) - 1
-    x = value
+    x = start
     while True:
         left, right = x >> half, x & mask
-        for r in reversed(range(rounds)):
-            left, right = right ^ _round_hash(key, r, left, half), left
+        if inverse:
+            for r in reversed(range(rounds)):
+                left, right = right ^ _round_hash(key, r, left, half), left
+        else:
+            for r in range(rounds):
+                left, right = right, left ^ _round_hash(key, r, right, half)
         x = (left << half) | right
         if x < n:
             return x

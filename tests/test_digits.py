@@ -13,6 +13,7 @@ import torch
 
 from streamsynth import GeneratorConfig, StreamLoader, SynthesisConfig, SyntheticStream
 from streamsynth.captions import CaptionStore
+from streamsynth.classifier import learning_rate
 from streamsynth.defaults import embedded_captions, embedded_model
 from streamsynth.digits import (CLASS_IDS, CLASS_NAMES, POSITIONS, SIZES, SLANTS, STROKES, HeldOutDigits,
                                 caption_records, describe_digit, digit_augmentation, digit_pixels, digit_targets,
@@ -204,7 +205,7 @@ def test_train_learning_rate_warms_up_then_decays():
 
     for extra, warmup in [([], 2), (["--warmup-steps", "10"], 10)]:  # by default, warmup is 2% of the steps
         args = train.parse_args(["--online-synthesis", "--steps", "100", *extra])
-        rates = [train.learning_rate(step, args, 1.0) for step in range(100)]
+        rates = [learning_rate(step, args.steps, 1.0, args.warmup_steps, args.lr_schedule) for step in range(100)]
         assert rates[0] == pytest.approx(1 / warmup) and rates[warmup - 1] == pytest.approx(1.0)  # a linear warmup
         assert max(rates) == pytest.approx(1.0)  # ... to the peak, where it ends
         assert all(b <= a for a, b in zip(rates[warmup:], rates[warmup + 1:])) and rates[-1] < 0.01  # then decay

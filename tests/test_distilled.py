@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import AutoencoderTiny, LCMScheduler, StableDiffusionPipeline
 
+from streamsynth.defaults import embedded_model
 from streamsynth.synth import (
     GeneratorConfig,
     ModelLoadError,
@@ -26,6 +27,7 @@ from streamsynth.synth import (
     load_pipeline,
     save_tiny_pipeline,
 )
+from streamsynth.synth.tiny import mark_random_weights
 
 PROMPTS = ["a photo of tench, a man holding a fish", "a photo of church", ""]
 SEEDS = [3, 4, 5]
@@ -75,6 +77,7 @@ def tiny_decoder(tmp_path_factory):
                           num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4)
     folder = tmp_path_factory.mktemp("taesd")
     vae.save_pretrained(folder)
+    mark_random_weights(folder, "taesd")
     return folder
 
 
@@ -164,6 +167,12 @@ def test_sd_turbo_class_matches_diffusers(turbo_model, steps):
     theirs = _diffusers_images(_diffusers_pipeline(turbo_model), steps, 0.0)
     assert ours.shape == theirs.shape == (3, 3, 64, 64)
     assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_a_random_tiny_decoder_makes_the_generator_say_random_weights(tiny_decoder):
+    trained = embedded_model()
+    assert not GeneratorConfig(trained).random_weights
+    assert GeneratorConfig(trained, decoder=str(tiny_decoder)).random_weights
 
 
 def test_the_turbo_class_model_says_it_has_random_weights(turbo_model):

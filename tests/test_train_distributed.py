@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -162,9 +163,17 @@ def _files(*folders: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for folder in folders for p in folder.rglob("*") if p.is_file()}
 
 
-def test_online_run_writes_no_image_bytes(tmp_path, caption_store, tiny_model):
-    work, temp, cache = tmp_path / "work", tmp_path / "tmp", tmp_path / "cache"
-    for folder in (work, temp, cache):
+@pytest.fixture
+def short_tmp() -> Path:
+    """A folder with a short path, for TMPDIR: the loader's Unix sockets go there, and their paths may not exceed
+    107 bytes (tmp_path can be longer, e.g. under pytest-xdist)."""
+    with tempfile.TemporaryDirectory(prefix="ss-") as folder:
+        yield Path(folder)
+
+
+def test_online_run_writes_no_image_bytes(tmp_path, short_tmp, caption_store, tiny_model):
+    work, temp, cache = tmp_path / "work", short_tmp, tmp_path / "cache"
+    for folder in (work, cache):
         folder.mkdir()
     before = _files(work, temp, cache)
     result = subprocess.run(

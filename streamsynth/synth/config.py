@@ -123,5 +123,6 @@ class GeneratorConfig:
 
     @property
     def random_weights(self) -> bool:
-        """True for a model streamsynth built with random weights (its images are noise)."""
-        return has_random_weights(self.model)
+        """True when the model, or the tiny decoder put in its VAE's place, is one streamsynth built with random
+        weights (its images are noise)."""
+        return any(has_random_weights(folder) for folder in (self.model, self.decoder) if folder is not None)
