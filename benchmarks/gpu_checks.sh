@@ -61,7 +61,9 @@ if [[ -n ${DRY:-} ]]; then
   kill_at_backward=3
   blip2_e2e=(tiny cpu)
   caption_e2e=(--device cpu --batch-size 8 --workers 1)
-  kernel_bench=(--device cpu --dtype fp32 --warmup 0 --repeats 1)
+  # One kernel's 14 workloads: all 107 take the interpreter a minute more, and tests/test_kernels.py checks every
+  # kernel against its reference.
+  kernel_bench=(--device cpu --dtype fp32 --warmup 0 --repeats 1 --only guided_step)
   sd15=(--sd-arch tiny --dry --device cpu)
   # No --compile on the CPU: Inductor takes minutes there. tests/test_kernels.py compiles a patched UNet instead.
   profile_compiled=(--no-ablation)

@@ -56,17 +56,14 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
 
 
 def model_workloads(model: ModelConfigs, dtype: torch.dtype, device: str | torch.device = "cpu", batch: int = 1,
-                    random: bool = True) -> Iterator[Workload]:
-    """The workloads of `model` at its native size for `batch` images (the UNet sees 2 x batch with guidance).
+                    random: bool = True, kernel: str | None = None) -> Iterator[Workload]:
+    """The workloads of `model` at its native size for `batch` images (the UNet sees 2 x batch with guidance), or of
+    one `kernel` only (the others' inputs are then never made: the GroupNorm shapes alone take seconds to find).
 
     Shapes come from the model's configuration: they decide the block sizes, so these are the variants a real run
     compiles. `random=False` leaves the tensors uninitialised (enough for compiling).
     """
     UNET, VAE, SCHEDULER = model.unet, model.vae, model.scheduler  # noqa: N806 - the configurations, as data
-
-    from .geglu import geglu
-    from .group_norm import group_norm
-    from .postprocess import postprocess
 
     generator = torch.Generator(device).manual_seed(0) if random else None
 
@@ -77,7 +74,20 @@ def model_workloads(model: ModelConfigs, dtype: torch.dtype, device: str | torch
         x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale
         return x.to(dtype).contiguous(memory_format=memory_format)
 
-    latent, unet_batch = UNET["sample_size"], 2 * batch
+    unet_batch = 2 * batch
+    if kernel in (None, "group_norm"):
+        yield from _group_norm_workloads(model, tensor, unet_batch, batch)
+    if kernel in (None, "geglu"):
+        yield from _geglu_workloads(tensor, unet_batch, UNET)
+    if kernel in (None, "guided_step"):
+        yield from _guided_step_workloads(tensor, batch, SCHEDULER)
+    if kernel in (None, "postprocess"):
+        yield from _postprocess_workloads(tensor, batch, VAE, device)
+
+
+def _group_norm_workloads(model: ModelConfigs, tensor, unet_batch: int, batch: int) -> Iterator[Workload]:
+    from .group_norm import group_norm
+
     for where, groups, shape in group_norm_inputs(model):
         rows = (unet_batch if where == "unet" else batch) * shape[0]
         channels, size = shape[1], "x".join(map(str, shape[2:]))
@@ -88,10 +98,16 @@ def model_workloads(model: ModelConfigs, dtype: torch.dtype, device: str | torch
                 yield Workload("group_norm", f"{where} {channels}x{size} {layout} silu={silu}",
                                lambda x=x, g=groups, w=weight, b=bias, s=silu: group_norm(x, g, w, b, silu=s),
                                2 * _nbytes(x) + _nbytes(weight, bias))
+    latent = model.unet["sample_size"]
     plain = tensor(unet_batch, 320, latent, latent)
     yield Workload("group_norm", "without affine", lambda: group_norm(plain, 32), 2 * _nbytes(plain))
 
-    unet_levels = [(c, latent >> i) for i, c in enumerate(UNET["block_out_channels"])]
+
+def _geglu_workloads(tensor, unet_batch: int, unet: dict) -> Iterator[Workload]:
+    from .geglu import geglu
+
+    latent = unet["sample_size"]
+    unet_levels = [(c, latent >> i) for i, c in enumerate(unet["block_out_channels"])]
     for channels, side in unet_levels[:3]:  # the levels with transformer blocks; GEGLU's inner width is 4x
         projected, proj_bias = tensor(unet_batch, side * side, 8 * channels), tensor(8 * channels)
         yield Workload("geglu", f"{channels}x{side}²", lambda p=projected, b=proj_bias: geglu(p, b),
@@ -99,13 +115,15 @@ def model_workloads(model: ModelConfigs, dtype: torch.dtype, device: str | torch
     projected = tensor(unet_batch, latent * latent, 8 * 320)
     yield Workload("geglu", "without bias", lambda: geglu(projected), _nbytes(projected) * 3 // 2)
 
-    yield from _guided_step_workloads(tensor, batch, SCHEDULER)
 
-    decoded = tensor(batch, VAE["out_channels"], VAE["sample_size"], VAE["sample_size"]).clamp(-1, 1)
+def _postprocess_workloads(tensor, batch: int, vae: dict, device) -> Iterator[Workload]:
+    from .postprocess import postprocess
+
+    decoded = tensor(batch, vae["out_channels"], vae["sample_size"], vae["sample_size"]).clamp(-1, 1)
     mean = torch.tensor([0.485, 0.456, 0.406], device=device)
     std = torch.tensor([0.229, 0.224, 0.225], device=device)
     for size in (224, 128, None):
-        out = (size or VAE["sample_size"]) ** 2 * batch * 3
+        out = (size or vae["sample_size"]) ** 2 * batch * 3
         yield Workload("postprocess", f"512²->{size} uint8", lambda s=size: postprocess(decoded, s),
                        _nbytes(decoded) + out)
         yield Workload("postprocess", f"512²->{size} normalised", lambda s=size: postprocess(decoded, s, mean, std),

@@ -18,7 +18,7 @@ import torch
 
 from . import benchtools
 from .cliargs import ArgumentParser, add_device, add_version, resolve_device
-from .kernels.dispatch import disabled, runs_triton
+from .kernels.dispatch import KERNEL_NAMES, disabled, runs_triton
 from .kernels.workloads import DTYPES, within_tolerance
 from .synth.sd15 import kernel_workloads
 
@@ -42,9 +42,7 @@ def bench(device: str, dtype: torch.dtype, batch: int = 1, warmup: int = 3, repe
     device = benchtools.as_device(device)
     results = []
     with benchtools.on_device(device):
-        for workload in kernel_workloads(dtype, device, batch):
-            if only and workload.kernel != only:
-                continue
+        for workload in kernel_workloads(dtype, device, batch, kernel=only):
             fast = workload.run()
             with disabled(workload.kernel):
                 reference = workload.run()
@@ -92,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1, help="images (the UNet workloads see twice as many)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before the timed ones, per workload")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per workload, median reported")
-    parser.add_argument("--only", help="one kernel's workloads, e.g. group_norm")
+    parser.add_argument("--only", choices=KERNEL_NAMES, help="one kernel's workloads")
     parser.add_argument("--out", metavar="DIR", help=f"also write the results to OUT/{REPORT_FILE} and a chart of each "
                         f"kernel's summed time, OUT/{CHART_FILE}")
     return parser

@@ -97,3 +97,24 @@ def write_image_folder():
         return root
 
     return write
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line with the fault suite's own count of cases (tests/faults), whatever else ran. Here, not in
+    tests/faults/conftest.py: under pytest-xdist only this conftest is loaded in the process that reports."""
+    outcomes: dict[str, str] = {}
+    rank = {"passed": 0, "skipped": 1, "failed": 2, "error": 2}
+    for outcome in rank:
+        for report in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(report, "nodeid", "")
+            if "tests/faults/" not in nodeid.replace(os.sep, "/"):
+                continue
+            outcome_name = "failed" if outcome == "error" else outcome
+            if rank[outcome_name] >= rank[outcomes.get(nodeid, "passed")]:
+                outcomes[nodeid] = outcome_name
+    if outcomes:
+        counts = {name: sum(1 for o in outcomes.values() if o == name) for name in ("passed", "skipped", "failed")}
+        terminalreporter.write_line(
+            f"fault-injection suite (tests/faults): {len(outcomes)} cases: {counts['passed']} passed, "
+            f"{counts['skipped']} skipped, {counts['failed']} failed"
+        )

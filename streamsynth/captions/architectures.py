@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..seeding import seeded
+
 # Blip2Config field names (transformers 5): vision_config = Blip2VisionConfig, qformer_config = Blip2QFormerConfig,
 # text_config = OPTConfig. The values are those of Salesforce/blip2-opt-2.7b.
 BLIP2_ARCHITECTURES: dict[str, dict] = {
@@ -103,14 +105,16 @@ def blip2_config(arch: str):
     )
 
 
-def random_blip2(arch: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, image processor, tokenizer) of a BLIP-2 architecture with random weights, built on `device`."""
+def random_blip2(arch: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """(model, image processor, tokenizer) of a BLIP-2 architecture with random weights drawn from `seed`, built on
+    `device`. Seeded, so that it is the same model whatever ran before: an unseeded tiny one may caption an image with
+    blanks only."""
     from transformers import Blip2ForConditionalGeneration, BlipImageProcessor
 
     config = blip2_config(arch)
     # Built directly on the device: initialising 3.7 B parameters on the CPU first would take minutes.
     with torch.device(device):
-        model = Blip2ForConditionalGeneration(config)
+        model = seeded(seed, Blip2ForConditionalGeneration, config)
     model = model.to(dtype)
     # from_pretrained keeps these parts (the Q-Former and its queries) in fp32; so does this random stand-in.
     for name in model._keep_in_fp32_modules or []:
@@ -146,8 +150,7 @@ def save_random_blip2(arch: str, folder: str | os.PathLike, device: str | torch.
         return folder
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    torch.manual_seed(seed)  # the same model every time: an unseeded tiny one may caption an image with blanks only
-    model, image_processor, tokenizer = random_blip2(arch, device, dtype)
+    model, image_processor, tokenizer = random_blip2(arch, device, dtype, seed)
     model.save_pretrained(staging)
     Blip2Processor(image_processor, tokenizer, num_query_tokens=model.config.num_query_tokens).save_pretrained(staging)
     os.replace(staging, folder)

@@ -70,9 +70,11 @@ def save_random_sd15(folder: str | os.PathLike, device: str | torch.device = "cp
     return folder
 
 
-def kernel_workloads(dtype: torch.dtype, device: str | torch.device = "cpu", batch: int = 1, random: bool = True):
-    """Every call SD1.5's fast path makes to a Triton kernel at 512², as repeatable `Workload`s (kernels/workloads.py):
-    what `python -m streamsynth.kernel_compile_check` compiles and `python -m streamsynth.kernel_bench` times."""
+def kernel_workloads(dtype: torch.dtype, device: str | torch.device = "cpu", batch: int = 1, random: bool = True,
+                     kernel: str | None = None):
+    """Every call SD1.5's fast path makes to a Triton kernel (or to `kernel` only) at 512², as repeatable `Workload`s
+    (kernels/workloads.py): what `python -m streamsynth.kernel_compile_check` compiles and `python -m
+    streamsynth.kernel_bench` times."""
     from ..kernels.workloads import ModelConfigs, model_workloads
 
-    return model_workloads(ModelConfigs(UNET, VAE, TEXT_ENCODER, SCHEDULER), dtype, device, batch, random)
+    return model_workloads(ModelConfigs(UNET, VAE, TEXT_ENCODER, SCHEDULER), dtype, device, batch, random, kernel)

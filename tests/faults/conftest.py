@@ -1,9 +1,8 @@
-"""Fixtures of the fault-injection suite (see docs/reliability.md), and the line that reports its count of cases."""
+"""Fixtures of the fault-injection suite (see docs/reliability.md); tests/conftest.py prints its count of cases."""
 
 from __future__ import annotations
 
 import io
-import os
 import sys
 from pathlib import Path
 
@@ -63,23 +62,3 @@ def image_tree():
         return root
 
     return write
-
-
-def pytest_terminal_summary(terminalreporter):
-    """One line with the fault suite's own count of cases, whatever else ran."""
-    outcomes: dict[str, str] = {}
-    rank = {"passed": 0, "skipped": 1, "failed": 2, "error": 2}
-    for outcome in rank:
-        for report in terminalreporter.stats.get(outcome, []):
-            nodeid = getattr(report, "nodeid", "")
-            if "tests/faults/" not in nodeid.replace(os.sep, "/"):
-                continue
-            outcome_name = "failed" if outcome == "error" else outcome
-            if rank[outcome_name] >= rank[outcomes.get(nodeid, "passed")]:
-                outcomes[nodeid] = outcome_name
-    if outcomes:
-        counts = {name: sum(1 for o in outcomes.values() if o == name) for name in ("passed", "skipped", "failed")}
-        terminalreporter.write_line(
-            f"fault-injection suite (tests/faults): {len(outcomes)} cases: {counts['passed']} passed, "
-            f"{counts['skipped']} skipped, {counts['failed']} failed"
-        )
