@@ -9,10 +9,12 @@
 #                                                  # loader's CPU ceiling on the machine's 16 cores
 #   bash benchmarks/gpu_checks.sh levers OUT       # speed levers: SD1.5 images/s per preset and lever against the reference
 #   DRY=1 bash benchmarks/gpu_checks.sh all OUT    # every step on the CPU with tiny models: try the script here first
+#   ONLY="loader-bench profile-compiled" bash benchmarks/gpu_checks.sh all OUT  # just the named steps
 #
 # Measured on an H200 (2026-11-27): e2e 2.7 min (SD1.5 build 20 s, train 92 s, BLIP-2 build 25 s, caption 17 s),
-# kernel-bench 40 s, profile-eager 2.7 min, captioning 2.8 min (the JPEGs 14 s). Not yet run: profile-compiled
-# (compiling took about 65 s in the anchors), synthesis-extra (about 6 min planned), loop (about 2), levers.
+# kernel-bench 40 s, profile-eager 2.7 min, captioning 2.8 min (the JPEGs 14 s); a second session: profile-compiled
+# 112 s, synthesis-extra 214 s (no-kernels 113, CUDA graphs 101), loop 123 s + the SD1.5 build (loader-bench 90,
+# loader-ceiling 33), speed-levers 78 s, train-e2e 84 s.
 # A device session of 15 minutes loses 1-2 to the machine's start and about 30 s to each call's transfers.
 # A group's limits add up to under 600 s, the device tool's limit for one command. Every step has its own time limit,
 # writes its results under OUT/<step>/ (the profiles and benchmarks) as it goes and logs to OUT/<step>.log; a failed
@@ -34,6 +36,7 @@ export PYTHONPATH
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
+  if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then echo "== $name: skipped (ONLY=$ONLY)"; return 0; fi
   echo "== $name (limit ${limit}s): $*"
   timeout --kill-after=15 "$limit" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
@@ -99,7 +102,7 @@ else
                   --workers 12)
   ceiling_batches=48
   loop=(--sd-model /tmp/sd15-random --device cuda --dtype fp16 --batch-size 16 --num-inference-steps 20 --image-size 224
-        --batches 3 --workers 1 --replay 1,4 --consumer resnet18)
+        --batches 3 --workers 1 --replay 1,4,8 --consumer resnet50)
   levers=(--sd-arch sd15 --model-dir /tmp/sd15-random --device cuda --dtype fp16 --batch-size 16 --image-size 512
           --repeats 2)
 fi
@@ -141,7 +144,7 @@ case $what in synthesis|all)
   # attention) against plain diffusers, and each kernel switched off alone. Builds /tmp/sd15-random first.
   step profile-eager 270 "${cli[@]}" profile "${sd15[@]}" --out "$OUT/profile-eager"
   # The same plus channels_last, fused QKV and torch.compile of the UNet (anchors: compiling took about 65 s).
-  step profile-compiled 200 "${cli[@]}" profile "${sd15[@]}" "${profile_compiled[@]}" --out "$OUT/profile-compiled"
+  step profile-compiled 240 "${cli[@]}" profile "${sd15[@]}" "${profile_compiled[@]}" --out "$OUT/profile-compiled"
 esac
 case $what in synthesis-extra|all)
   # Does Inductor alone beat Inductor around the kernels (which it cannot fuse into)? And what do CUDA graphs add?
@@ -156,7 +159,7 @@ case $what in captioning|all)
     rm -rf "${jpegs[0]}.partial"
     step caption-jpegs 120 "$py" -c \
       "import sys; from streamsynth.captions.bench import write_sample_jpegs as w; w(sys.argv[1], int(sys.argv[2]))" \
-      "${jpegs[0]}.partial" "${jpegs[1]}" && mv "${jpegs[0]}.partial" "${jpegs[0]}"
+      "${jpegs[0]}.partial" "${jpegs[1]}" && { [[ ! -d ${jpegs[0]}.partial ]] || mv "${jpegs[0]}.partial" "${jpegs[0]}"; }
   fi
   step caption-bench 240 "${cli[@]}" caption-bench "${captions[@]}" --images "${jpegs[0]}" \
     --out "$OUT/caption-bench"
@@ -179,4 +182,4 @@ case $what in levers|all)
   step speed-levers 300 "$py" benchmarks/speed_levers.py "${levers[@]}" --out "$OUT/speed-levers"
 esac
 echo "== done: $OUT/steps.tsv"
-cat "$OUT/steps.tsv"
+cat "$OUT/steps.tsv" 2>/dev/null || echo "(no step ran)"

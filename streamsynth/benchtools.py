@@ -192,11 +192,13 @@ class Timer:
 
 @dataclass
 class Measured:
-    """What `measure` found: seconds of each timed call, what each returned, and the peak memory over them."""
+    """What `measure` found: seconds of each timed call, what each returned, the peak memory over them, and the
+    seconds the warm-up calls took together (where a compiled model compiles)."""
 
     seconds: list[float]
     results: list[Any] = field(repr=False)
     peak_memory: PeakMemory
+    warmup_s: float = 0.0
 
     @property
     def median_s(self) -> float:
@@ -208,15 +210,16 @@ def measure(run: Callable[[], Any], device: str | torch.device, warmup: int = 1,
     """`warmup` untimed calls of `run`, then the peak memory reset, then `repeats` timed calls (see `Timer`)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    for _ in range(warmup):
-        run()
+    with Timer(device, "wall") as warming:  # compilation is host time, which events would not see
+        for _ in range(warmup):
+            run()
     reset_peak_memory(device)
     seconds, results = [], []
     for _ in range(repeats):
         with Timer(device, clock) as timer:
             results.append(run())
         seconds.append(timer.seconds)
-    return Measured(seconds, results, peak_memory(device))
+    return Measured(seconds, results, peak_memory(device), warming.seconds)
 
 
 class StageClock:

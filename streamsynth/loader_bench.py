@@ -55,8 +55,8 @@ def add_commands(subparsers) -> None:
                    metavar=list_metavar("WHERE", AUGMENTS),
                    help="comma-separated: batched (BatchAugment, in the trainer), per-image (torchvision v2 image by "
                    "image, in the workers)")
-    p.add_argument("--consumer", choices=["none", "resnet18"], default="none",
-                   help="what eats the batches: nothing, or a resnet18 training step on the CPU")
+    p.add_argument("--consumer", choices=["none", "resnet18", "resnet50"], default="none",
+                   help="what eats the batches: nothing, or a torchvision ResNet training step on --device")
     p.add_argument("--out", metavar="DIR",
                    help=f"also write the results to OUT/{REPORT_FILE} and a chart of delivered images/s, OUT/{CHART_FILE}")
     p.set_defaults(func=run)
@@ -118,7 +118,7 @@ def _consumer(kind: str, num_classes: int, device: str | torch.device):
     import torchvision
 
     device = torch.device(device)
-    model = torchvision.models.resnet18(num_classes=num_classes).to(device)
+    model = getattr(torchvision.models, kind)(num_classes=num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:

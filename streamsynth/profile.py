@@ -122,6 +122,7 @@ def _profile(args: argparse.Namespace, settings: dict, out: Path, device: torch.
         "scheduler": scheduler_name, "guidance_scale": args.guidance_scale, "image_size": _image_size(fast_pipe),
         "classifier_size": args.image_size, **settings, "dry": args.dry, "flops": flops,
         "peak_tflops": peak, "peak_tflops_source": "--peak-tflops" if args.peak_tflops else "datasheet default",
+        "kernels_requested": not args.no_kernels,
         "kernels_ran_triton": _kernels_ran_triton(device) and not args.no_kernels,
         "paths": {"diffusers": ref_result, "streamsynth": fast_result},
         "speedup": fast_result["images_per_s"] / ref_result["images_per_s"],
@@ -272,7 +273,7 @@ def _measure(run_batch, settings, device: torch.device) -> tuple[dict, torch.Ten
     stages = {stage: statistics.median(t[stage] for t in timings) for stage in STAGES}
     total = statistics.median(sum(t.values()) for t in timings)
     result = {"stages_s": stages, "total_s": total, "images_per_s": settings["batch"] / total,
-              **measured.peak_memory.as_dict()}
+              "warmup_s": measured.warmup_s, **measured.peak_memory.as_dict()}
     return result, measured.results[-1][1]
 
 
@@ -384,13 +385,15 @@ def _print_summary(report: dict, out: Path) -> None:
     for name, result in report["paths"].items():
         share = f", {100 * result['share_of_peak']:.1f}% of peak" if result["share_of_peak"] else ""
         print(f"{name:12s} {result['images_per_s']:8.3f} img/s  {result['achieved_tflops']:8.3f} TFLOP/s{share}  "
-              f"peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB")
+              f"peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB  warm-up {result['warmup_s']:.1f} s")
     print(f"speedup {report['speedup']:.3f}x, images fast vs diffusers: {_agreement(report)}")
     for name, result in report["ablation"].items():
         print(f"  without {name:12s} {result['images_per_s']:8.3f} img/s, images vs diffusers: {_agreement(result)}")
     if report["random_weights"]:
         print("note: the model has RANDOM WEIGHTS (same architecture and FLOPs as a checkpoint): its images are noise, "
               "its timings are real")
-    if not report["kernels_ran_triton"]:
+    if not report["kernels_requested"]:
+        print("note: --no-kernels: the fast path ran without its Triton kernels")
+    elif not report["kernels_ran_triton"]:
         print("note: the Triton kernels did not run here (no CUDA device): their references did")
     print(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")

@@ -52,6 +52,8 @@ def test_timer_measure_and_stage_clock():
     measured = benchtools.measure(lambda: calls.append(1) or len(calls), "cpu", warmup=2, repeats=3)
     assert len(calls) == 5 and measured.results == [3, 4, 5] and len(measured.seconds) == 3
     assert measured.median_s >= 0 and measured.peak_memory.bytes > 0
+    slow_first = benchtools.measure(lambda: time.sleep(0.03), "cpu", warmup=1, repeats=1)
+    assert slow_first.warmup_s >= 0.025  # where a compiled model's compilation shows
     clock = benchtools.StageClock("cpu", ("a", "b"))
     time.sleep(0.01)
     clock.mark("a")

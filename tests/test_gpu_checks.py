@@ -31,6 +31,7 @@ def test_gpu_checks_dry_run_completes_every_step(tmp_path):
     assert ", 32 distinct, repeated: []" in (tmp_path / "train-e2e-ids.log").read_text()
     assert "wrote 64 captions of 4 classes" in (tmp_path / "caption-e2e.log").read_text()
     assert json.loads((tmp_path / "profile-eager" / "profile.json").read_text())["ablation"]
+    assert "--no-kernels: the fast path ran without" in (tmp_path / "profile-compiled-no-kernels.log").read_text()
     assert len(json.loads((tmp_path / "kernel-bench" / "kernel-bench.json").read_text())["results"]) == 14
     static = tmp_path / "caption-bench-static" / "caption-bench.json"
     assert json.loads(static.read_text())["streamsynth"]["kv_cache"] == "static"
@@ -39,3 +40,14 @@ def test_gpu_checks_dry_run_completes_every_step(tmp_path):
     levers = json.loads((tmp_path / "speed-levers" / "speed-levers.json").read_text())["levers"]
     assert [row["lever"] for row in levers] == ["reference", "fast", "deepcache 3"]
     assert "python" in (tmp_path / "environment.txt").read_text()
+
+
+def test_gpu_checks_only_runs_the_named_steps(tmp_path):
+    """ONLY="a b" picks steps out of a group: a device session spends its minutes on just those."""
+    env = {**os.environ, "DRY": "1", "PYTHON": sys.executable, "ONLY": "nothing-by-this-name"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    result = subprocess.run(["bash", "benchmarks/gpu_checks.sh", "loop", str(tmp_path)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "== loader-bench: skipped" in result.stdout and "== loader-ceiling: skipped" in result.stdout
+    assert not (tmp_path / "steps.tsv").exists()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from streamsynth.cli import main as cli
 
 
@@ -25,7 +27,8 @@ def test_loader_bench_reports_baseline_and_configurations(tmp_path, caption_stor
     assert "plain diffusers loop" in printed and "CPU ms/img" in printed and "RANDOM WEIGHTS" in printed and "peak MiB" in printed
 
 
-def test_the_consumer_trains_on_the_benchmark_device():
+@pytest.mark.parametrize("kind", ["resnet18", "resnet50"])
+def test_the_consumer_trains_on_the_benchmark_device(kind):
     """Batches come from the loader on the CPU or, augmented there, on the synthesis device; the consumer's model lives
     on the benchmark's device and takes both (on the H200 its model stayed on the CPU and the first CUDA batch failed).
     The meta device stands in for a GPU: a model left on the CPU fails on meta inputs, and the reverse."""
@@ -33,6 +36,6 @@ def test_the_consumer_trains_on_the_benchmark_device():
 
     from streamsynth.loader_bench import _consumer
 
-    consume = _consumer("resnet18", 3, "meta")
+    consume = _consumer(kind, 3, "meta")
     consume(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
     consume(torch.rand(2, 3, 32, 32, device="meta"), torch.tensor([0, 1], device="meta"))

@@ -32,7 +32,7 @@ def test_profile_dry_run_writes_json_and_png(tmp_path):
         assert set(path["stages_s"]) == {"text_encoding", "unet_steps", "vae_decode", "postprocess", "to_cpu"}
         assert abs(sum(path["stages_s"].values()) - path["total_s"]) < 1e-6 * max(1.0, path["total_s"])
         assert path["images_per_s"] == report["batch"] / path["total_s"]
-        assert path["achieved_tflops"] > 0 and path["peak_memory_bytes"] > 0
+        assert path["achieved_tflops"] > 0 and path["peak_memory_bytes"] > 0 and path["warmup_s"] > 0
         assert path["share_of_peak"] is None  # no peak rate is known for a CPU
     assert set(report["ablation"]) == {"group_norm", "geglu", "guided_step", "postprocess"}
     assert all(run["images_identical"] for run in report["ablation"].values())

@@ -28,7 +28,7 @@ class FastPathOptions:
     # GroupNorm pay off (without them 4.4% and 1.0% fewer images/s); the fused step and post-processing do not (no
     # difference in the ablation; kernel-bench times the post-processing kernel at 0.24-0.5x its reference), so they
     # are opt-in until tuned.
-    triton_kernels: bool = True  # fused GroupNorm(+SiLU) and GEGLU swapped into the UNet and the VAE
+    triton_kernels: bool = True  # fused GroupNorm(+SiLU) and GEGLU swapped into the UNet (unless compiled) and the VAE
     fused_step: bool = False  # guidance combine + scheduler update in one kernel (DDIM eta=0, PNDM/PLMS)
     fused_postprocess: bool = False  # VAE output to classifier input in one kernel
     attention: str = "auto"  # "auto" (xformers if its probe passes, else SDPA), "sdpa" or "xformers"
@@ -88,7 +88,11 @@ def apply(pipe, options: FastPathOptions | None = None) -> FastPath:
     if options.triton_kernels:
         from ..kernels.patch import patch
 
-        counts = {name: patch(model) for name, model in (("unet", pipe.unet), ("vae", pipe.vae))}
+        # A compiled UNet is left to Inductor, which fuses GroupNorm+SiLU itself and cannot fuse across a Triton
+        # call: on the H200 its 50 steps took 6.86 s without the kernels and 7.12 s with them. The VAE is not
+        # compiled and keeps them (0.35 s against 0.47 s per decode). benchmarks/results/2026-11-27-h200-profile-compiled*.
+        models = [("vae", pipe.vae)] if _compiles_unet(options, device) else [("unet", pipe.unet), ("vae", pipe.vae)]
+        counts = {name: patch(model) for name, model in models}
         fast.applied.append(f"triton kernels patched in: {counts}")
     if options.fused_step:
         from ..kernels.guided_step import FusedGuidedStep, unsupported_reason
@@ -105,6 +109,10 @@ def apply(pipe, options: FastPathOptions | None = None) -> FastPath:
     for line in fast.skipped:
         log.warning("fast path: skipped %s", line)
     return fast
+
+
+def _compiles_unet(options: FastPathOptions, device: torch.device) -> bool:
+    return options.compile_unet or (options.cuda_graphs and device.type == "cuda")
 
 
 def _compile(pipe, options: FastPathOptions, fast: FastPath) -> None:
