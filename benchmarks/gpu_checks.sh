@@ -69,8 +69,8 @@ if [[ -n ${DRY:-} ]]; then
   kernel_bench=(--device cpu --dtype fp32 --warmup 0 --repeats 1 --only guided_step)
   sd15=(--sd-arch tiny --dry --device cpu)
   # No --compile on the CPU: Inductor takes minutes there. tests/test_kernels.py compiles a patched UNet instead.
-  profile_compiled=(--no-ablation)
-  compiled_variants=(--no-ablation)
+  profile_compiled=(--no-ablation --channels-last --fuse-qkv)
+  compiled_variants=(--no-ablation --channels-last --fuse-qkv)
   compile_flag=()
   jpegs=("$OUT/caption-jpegs" 32)
   captions=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 8,16 --workers 1)

@@ -1,9 +1,11 @@
 """streamsynth: Caption-in-Prompt synthetic training data for image classifiers, as an endless data stream."""
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 
 class _RepositoryKernels(importlib.abc.MetaPathFinder):
@@ -36,11 +38,32 @@ def _install_repository_kernels() -> None:
 
 _install_repository_kernels()
 
-from .captions import CaptionStore, CaptionStoreWriter, import_captions  # noqa: E402
-from .stream import StreamLoader, SyntheticStream  # noqa: E402
-from .synth import GeneratorConfig, SynthesisConfig, Synthesizer  # noqa: E402
-from .synth.fast import FastPathOptions  # noqa: E402
-
 __version__ = "0.1.0"
-__all__ = ["CaptionStore", "CaptionStoreWriter", "FastPathOptions", "GeneratorConfig", "StreamLoader",
-           "SynthesisConfig", "SyntheticStream", "Synthesizer", "import_captions"]
+
+# The public API, imported on first use (PEP 562): `import streamsynth.cli` for `--help`, `--version` or a bad
+# argument then costs milliseconds instead of the seconds torch and its neighbours take to import.
+_PUBLIC = {
+    "CaptionStore": ".captions", "CaptionStoreWriter": ".captions", "import_captions": ".captions",
+    "StreamLoader": ".stream", "SyntheticStream": ".stream",
+    "GeneratorConfig": ".synth", "SynthesisConfig": ".synth", "Synthesizer": ".synth",
+    "FastPathOptions": ".synth.fast",
+}
+__all__ = sorted(_PUBLIC)
+
+if TYPE_CHECKING:
+    from .captions import CaptionStore, CaptionStoreWriter, import_captions
+    from .stream import StreamLoader, SyntheticStream
+    from .synth import GeneratorConfig, SynthesisConfig, Synthesizer
+    from .synth.fast import FastPathOptions
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -14,6 +14,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -70,6 +72,10 @@ def test_the_compiler_rejects_what_the_interpreter_accepts(tmp_path):
     assert "CompilationError" in compiled.stderr and "Loop-carried variable total" in compiled.stderr
 
 
-def test_the_check_refuses_to_run_under_the_interpreter():
-    result = _run(["-m", "streamsynth.kernel_compile_check"], interpret=True)
-    assert result.returncode == 2 and "unset TRITON_INTERPRET" in result.stderr
+def test_the_check_refuses_to_run_under_the_interpreter(monkeypatch, capsys):
+    from streamsynth.kernel_compile_check import main
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit) as exit:
+        main([])
+    assert exit.value.code == 2 and "unset TRITON_INTERPRET" in capsys.readouterr().err

@@ -12,14 +12,16 @@ import hashlib
 import math
 import os
 from itertools import count
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision.datasets import ImageFolder
 
 from ..seeding import derive_seed, seeded
 from .resumable import ResumableBatches
+
+if TYPE_CHECKING:  # importing torchvision costs about 2 s (it loads torch._dynamo); only the annotations need it
+    from torchvision.datasets import ImageFolder
 
 
 def epoch_indices(num_images: int, seed: int, rank: int, world: int, epoch: int) -> list[int]:
