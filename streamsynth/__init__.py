@@ -48,7 +48,8 @@ _PUBLIC = {
     "GeneratorConfig": ".synth", "SynthesisConfig": ".synth", "Synthesizer": ".synth",
     "FastPathOptions": ".synth.fast",
 }
-__all__ = sorted(_PUBLIC)
+__all__ = ["CaptionStore", "CaptionStoreWriter", "FastPathOptions", "GeneratorConfig", "StreamLoader",
+           "SynthesisConfig", "SyntheticStream", "Synthesizer", "import_captions"]
 
 if TYPE_CHECKING:
     from .captions import CaptionStore, CaptionStoreWriter, import_captions

@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,3 +62,14 @@ def test_the_wheel_installs_no_top_level_kernels_package(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "group_norm" in result.stdout
+
+
+def test_every_public_name_imports_on_first_use():
+    """The package's API is imported lazily (PEP 562): each name of __all__ resolves, and nothing else does."""
+    import streamsynth
+
+    assert sorted(streamsynth.__all__) == sorted(streamsynth._PUBLIC)
+    for name in streamsynth.__all__:
+        assert getattr(streamsynth, name).__name__ == name
+    with pytest.raises(AttributeError, match="no attribute 'Nonexistent'"):
+        streamsynth.Nonexistent
