@@ -19,6 +19,13 @@ from streamsynth.captions import CaptionStore, import_captions
 from streamsynth.synth import save_tiny_pipeline
 
 
+def pytest_collection_modifyitems(items):
+    """Modules with a slow test run first, each kept whole (its module fixtures are built once): a test of a minute
+    that starts last keeps one test process busy while the other has nothing left, so the short tests go last."""
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow_modules)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory) -> Path:
     """Tests never touch the user's cache folder."""

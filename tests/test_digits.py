@@ -158,6 +158,7 @@ def fresh_batches():
     return _stream_batches(embedded_model(), replay=1)
 
 
+@pytest.mark.slow
 def test_classifier_on_the_stream_recognises_held_out_real_digits(fresh_batches):
     top1 = _top1(fresh_batches)
     assert top1 >= LEARNS, f"top-1 {top1:.1f}% on held-out real digits"

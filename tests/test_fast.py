@@ -56,6 +56,7 @@ def test_attention_without_xformers_installed(monkeypatch):
     assert choice.backend == "sdpa" and "not importable" in choice.reason
 
 
+@pytest.mark.slow
 def test_fast_path_images_match_the_plain_path(tiny_model):
     from streamsynth.synth import SynthesisConfig, Synthesizer, load_pipeline, resize_to_uint8
     from streamsynth.synth.fast import FastPathOptions, apply

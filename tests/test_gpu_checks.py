@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -18,6 +20,7 @@ STEPS = ["train-e2e", "train-e2e-ids", "caption-e2e-build", "caption-e2e", "kern
          "loader-bench", "loader-ceiling", "speed-levers"]
 
 
+@pytest.mark.slow
 def test_gpu_checks_dry_run_completes_every_step(tmp_path):
     env = {**os.environ, "DRY": "1", "PYTHON": sys.executable, "ONLY": " ".join(STEPS)}
     env.pop("TRITON_INTERPRET", None)

@@ -27,6 +27,7 @@ def _run(args: list[str], interpret: bool = False) -> subprocess.CompletedProces
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_for_sm90_in_every_dtype_without_spills(tmp_path):
     result = _run(["-m", "streamsynth.kernel_compile_check", "--cuda-arch", "90", "--out", str(tmp_path)])
     assert result.returncode == 0, result.stdout + result.stderr

@@ -270,6 +270,7 @@ def test_fused_step_in_a_full_sampling_run_matches_the_loop(tiny_model, schedule
     assert torch.equal(fused.generate(prompts, seeds), plain.generate(prompts, seeds))
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_patched_unet_compiles_as_one_graph(tiny_model):
     """The kernels are PyTorch operators: torch.compile traces the patched UNet with no graph break at them."""

@@ -80,6 +80,7 @@ def memorised(tmp_path_factory):
     return root, checkpoint
 
 
+@pytest.mark.slow
 def test_memorised_members_are_exposed(memorised):
     root, checkpoint = memorised
     model, saved = load_classifier(checkpoint)

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 
+@pytest.mark.slow
 def test_profile_dry_run_writes_json_and_png(tmp_path):
     out = tmp_path / "profile"
     # A separate process without TRITON_INTERPRET, as a user runs it: on the CPU the kernels' references run.

@@ -21,6 +21,7 @@ def sd15_pipe():
     return build_random_sd15("cpu")
 
 
+@pytest.mark.slow
 def test_sd15_architecture_samples_like_diffusers(sd15_pipe):
     config = SynthesisConfig(num_inference_steps=2, guidance_scale=1.5, height=64, width=64)
     ours = Synthesizer(sd15_pipe, config).generate(PROMPTS, SEEDS)

@@ -145,6 +145,7 @@ class FailOnce(SyntheticStream):
         return super().make_group(epoch, group, worker, class_weights)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["raise", "kill", "hang", "stop"])
 def test_worker_fault_is_survived_without_repeat_or_gap(caption_store, small_generator, tmp_path, how, caplog):
     reference = _uninterrupted(caption_store, small_generator)
