@@ -54,6 +54,14 @@ def small_generator(tiny_model):
 
 
 @pytest.fixture(scope="session")
+def blip2_model(tmp_path_factory) -> Path:
+    """A tiny random BLIP-2 that can only write lower-case letters, saved as a checkpoint is (tests/imagekit.py)."""
+    from imagekit import save_letters_blip2
+
+    return save_letters_blip2(tmp_path_factory.mktemp("models") / "tiny-blip2")
+
+
+@pytest.fixture(scope="session")
 def caption_store(tmp_path_factory) -> CaptionStore:
     """The ten-class illustrative Imagenette captions, imported into an LMDB store."""
     return import_captions(IMAGENETTE_CAPTIONS, tmp_path_factory.mktemp("captions") / "captions.lmdb")

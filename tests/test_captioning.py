@@ -1,12 +1,11 @@
 """`streamsynth caption`: real images → caption store, with tiny random BLIP-2, BLIP and ViT-GPT2 captioners.
 
 Every model is saved with `save_pretrained` and loaded back with `from_pretrained`. The random models may only emit
-lower-case letters (see `_letters_only`), so a caption is never empty and never contains the prompt by accident.
+lower-case letters (see `imagekit.letters_only`), so a caption is never empty and never contains the prompt by accident.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -25,15 +24,15 @@ from PIL import Image
 
 from streamsynth import SyntheticStream
 from streamsynth.captions import CaptionStore, CaptionStoreError, CaptionStoreWriter
-from streamsynth.captions.architectures import byte_level_tokenizer, never_emit, random_blip2
+from streamsynth.captions.architectures import byte_level_tokenizer
 from streamsynth.captions.captioners import load_captioner
 from streamsynth.captions.captioning import _interrupt_after_block, caption_images, report_path
 from streamsynth.imagefiles import decode_image
 from streamsynth.cli import main
 
+from imagekit import CHAINSAW, LETTERS, SPRINGER, TENCH, encode, letters_only, photo, write_tree
+
 REPO = Path(__file__).resolve().parents[1]
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-TENCH, SPRINGER, CHAINSAW = "n01440764", "n02102040", "n03000684"  # ImageNet ids: tench, English springer, chain saw
 
 
 # One intra-op thread: the models are tiny, and on a shared, busy CPU OpenMP's spinning threads make them up to 100x
@@ -47,24 +46,6 @@ def one_torch_thread():
 
 
 # ---------------------------------------------------------------- tiny captioners, saved and loaded like real ones
-
-
-def _letters_only(module: torch.nn.Module, letter_ids: list[int]) -> None:
-    vocab = module.get_output_embeddings().weight.shape[0]
-    never_emit(module, [i for i in range(vocab) if i not in set(letter_ids)])
-
-
-@pytest.fixture(scope="session")
-def blip2_model(tmp_path_factory) -> Path:
-    from transformers import Blip2Processor
-
-    torch.manual_seed(0)
-    model, image_processor, tokenizer = random_blip2("tiny")
-    _letters_only(model, tokenizer.convert_tokens_to_ids(list(LETTERS)))
-    folder = tmp_path_factory.mktemp("models") / "tiny-blip2"
-    model.save_pretrained(folder)
-    Blip2Processor(image_processor, tokenizer, num_query_tokens=model.config.num_query_tokens).save_pretrained(folder)
-    return folder
 
 
 def _blip_model(folder: Path) -> Path:
@@ -85,7 +66,7 @@ def _blip_model(folder: Path) -> Path:
         projection_dim=32,
     )
     model = BlipForConditionalGeneration(config)
-    _letters_only(model.text_decoder, list(range(5, 5 + len(LETTERS))))  # not "##x": it cannot start a caption
+    letters_only(model.text_decoder, list(range(5, 5 + len(LETTERS))))  # not "##x": it cannot start a caption
     model.save_pretrained(folder)
     BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer).save_pretrained(folder)
     return folder
@@ -103,7 +84,7 @@ def _vit_gpt2_model(folder: Path) -> Path:
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 2, 1, 2
     model = VisionEncoderDecoderModel(config)
-    _letters_only(model, tokenizer.convert_tokens_to_ids(list(LETTERS)))
+    letters_only(model, tokenizer.convert_tokens_to_ids(list(LETTERS)))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
@@ -111,17 +92,6 @@ def _vit_gpt2_model(folder: Path) -> Path:
 
 
 # ---------------------------------------------------------------- image collections made by the tests
-
-
-def _photo(size=(48, 36), seed=0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -139,18 +109,18 @@ def _good_and_bad_images() -> tuple[dict[str, bytes], dict[str, str]]:
     transparent.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
     transparent.info["transparency"] = 0
     gray16 = Image.fromarray((np.arange(40 * 30).reshape(30, 40) * 50).astype(np.uint16))
-    jpeg = _encode(_photo(seed=1), "JPEG")
+    jpeg = encode(photo(seed=1), "JPEG")
     good = {
         f"{TENCH}/rgb.jpg": jpeg,
-        f"{TENCH}/rgb.png": _encode(_photo(seed=2), "PNG"),
-        f"{TENCH}/gray.jpg": _encode(_photo(seed=3).convert("L"), "JPEG"),
-        f"{TENCH}/cmyk.jpg": _encode(_photo(seed=4).convert("CMYK"), "JPEG"),
-        f"{TENCH}/gray16.png": _encode(gray16, "PNG"),
-        f"{TENCH}/palette.png": _encode(_photo(seed=5).convert("P"), "PNG"),
-        f"{TENCH}/sub/transparent.png": _encode(transparent, "PNG"),
-        f"{TENCH}/rgba.png": _encode(_photo(seed=6).convert("RGBA"), "PNG"),
-        f"{SPRINGER}/large.jpg": _encode(_photo((3000, 2000), seed=7), "JPEG", quality=50),
-        f"{SPRINGER}/photo.JPEG": _encode(_photo(seed=8), "JPEG"),
+        f"{TENCH}/rgb.png": encode(photo(seed=2), "PNG"),
+        f"{TENCH}/gray.jpg": encode(photo(seed=3).convert("L"), "JPEG"),
+        f"{TENCH}/cmyk.jpg": encode(photo(seed=4).convert("CMYK"), "JPEG"),
+        f"{TENCH}/gray16.png": encode(gray16, "PNG"),
+        f"{TENCH}/palette.png": encode(photo(seed=5).convert("P"), "PNG"),
+        f"{TENCH}/sub/transparent.png": encode(transparent, "PNG"),
+        f"{TENCH}/rgba.png": encode(photo(seed=6).convert("RGBA"), "PNG"),
+        f"{SPRINGER}/large.jpg": encode(photo((3000, 2000), seed=7), "JPEG", quality=50),
+        f"{SPRINGER}/photo.JPEG": encode(photo(seed=8), "JPEG"),
     }
     bad = {
         f"{SPRINGER}/zero.jpg": (b"", "empty file"),
@@ -165,13 +135,6 @@ def _good_and_bad_images() -> tuple[dict[str, bytes], dict[str, str]]:
     return files, {path: words for path, (_, words) in bad.items()}
 
 
-def _write_tree(root: Path, files: dict[str, bytes]) -> Path:
-    for relative, data in files.items():
-        (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        (root / relative).write_bytes(data)
-    return root
-
-
 def _pairs(store: CaptionStore) -> list[tuple[str, str]]:
     return [(c.key, c.text) for info in store.classes for c in store.captions(info.index)]
 
@@ -181,7 +144,7 @@ def _pairs(store: CaptionStore) -> list[tuple[str, str]]:
 
 def test_caption_folder_of_good_and_bad_images(tmp_path, blip2_model, tiny_model):
     files, bad = _good_and_bad_images()
-    root = _write_tree(tmp_path / "images", files)
+    root = write_tree(tmp_path / "images", files)
     out = tmp_path / "captions.lmdb"
     rc = main(["caption", "--images", str(root), "--out", str(out), "--captioner", str(blip2_model), "--device", "cpu",
                "--batch-size", "3", "--workers", "2", "--no-progress"])
@@ -233,9 +196,9 @@ def test_caption_folder_of_good_and_bad_images(tmp_path, blip2_model, tiny_model
 @pytest.mark.parametrize("build", [_blip_model, _vit_gpt2_model], ids=["blip", "vit-gpt2"])
 def test_blip_and_vision_encoder_decoder_captioners(tmp_path, build):
     model = build(tmp_path / "model")
-    files = {f"{TENCH}/{n}.jpg": _encode(_photo(seed=n), "JPEG") for n in range(3)}
-    files |= {f"{SPRINGER}/{n}.png": _encode(_photo(seed=10 + n), "PNG") for n in range(2)}
-    root = _write_tree(tmp_path / "images", files)
+    files = {f"{TENCH}/{n}.jpg": encode(photo(seed=n), "JPEG") for n in range(3)}
+    files |= {f"{SPRINGER}/{n}.png": encode(photo(seed=10 + n), "PNG") for n in range(2)}
+    root = write_tree(tmp_path / "images", files)
     captioner = load_captioner(model, device="cpu")
     caption_images(root, tmp_path / "captions.lmdb", captioner, batch_size=2, num_workers=0, progress=False)
     pairs = _pairs(CaptionStore(tmp_path / "captions.lmdb"))
@@ -244,7 +207,7 @@ def test_blip_and_vision_encoder_decoder_captioners(tmp_path, build):
 
 
 def test_blip2_prompt_is_stripped_from_captions(tmp_path, blip2_model):
-    root = _write_tree(tmp_path / "images", {f"{TENCH}/{n}.png": _encode(_photo(seed=n), "PNG") for n in range(3)})
+    root = write_tree(tmp_path / "images", {f"{TENCH}/{n}.png": encode(photo(seed=n), "PNG") for n in range(3)})
     captioner = load_captioner(blip2_model, device="cpu", prompt="a photo of", max_new_tokens=5)
     report = caption_images(root, tmp_path / "captions.lmdb", captioner, num_workers=0, progress=False)
     assert report.captions_in_store == 3
@@ -255,7 +218,7 @@ def test_blip2_prompt_is_stripped_from_captions(tmp_path, blip2_model):
 def test_a_static_kv_cache_gives_the_same_captions(blip2_model):
     dynamic = load_captioner(blip2_model, device="cpu", max_new_tokens=6)
     static = load_captioner(blip2_model, device="cpu", max_new_tokens=6, static_cache=True)
-    pixels = torch.stack([dynamic.preprocessor(_photo(seed=n)) for n in range(3)])
+    pixels = torch.stack([dynamic.preprocessor(photo(seed=n)) for n in range(3)])
     captions = dynamic.caption(pixels)
     assert static.caption(pixels) == captions and all(len(c) == 6 for c in captions)
 
@@ -285,10 +248,10 @@ def _committed_captions(store: Path) -> int:
 
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory) -> Path:
-    files = {f"{cls}/{n:03d}.png": _encode(_photo((16, 16), seed=n), "PNG")
+    files = {f"{cls}/{n:03d}.png": encode(photo((16, 16), seed=n), "PNG")
              for n in range(12) for cls in (TENCH, SPRINGER)}
     files[f"{SPRINGER}/broken.jpg"] = b""
-    return _write_tree(tmp_path_factory.mktemp("many"), files)
+    return write_tree(tmp_path_factory.mktemp("many"), files)
 
 
 @pytest.fixture(scope="module")
@@ -406,10 +369,10 @@ def test_webdataset_shards(tmp_path, blip2_model):
         with wds.TarWriter(str(tmp_path / "shards" / f"train-{shard:06d}.tar")) as sink:
             for n in range(4):
                 key = f"s{shard}{n}"
-                sink.write({"__key__": key, "jpg": _encode(_photo(seed=n + 10 * shard), "JPEG"), "cls": n % 3})
+                sink.write({"__key__": key, "jpg": encode(photo(seed=n + 10 * shard), "JPEG"), "cls": n % 3})
                 expected[f"train-{shard:06d}.tar/{key}"] = str(n % 3)
             sink.write({"__key__": "corrupt", "jpg": b"\xff\xd8\xff garbage", "cls": 0})
-            sink.write({"__key__": "nolabel", "png": _encode(_photo(seed=99), "PNG")})
+            sink.write({"__key__": "nolabel", "png": encode(photo(seed=99), "PNG")})
     names = tmp_path / "names.json"
     names.write_text(json.dumps({"0": "tench", "1": "English springer", "2": "chain saw"}))
     shards = tmp_path / "shards"
@@ -432,13 +395,13 @@ def test_webdataset_shards(tmp_path, blip2_model):
 
 def test_decode_scales_16_bit_and_flattens_transparency():
     gray16 = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16))
-    assert np.asarray(decode_image(_encode(gray16, "PNG")))[0, :, 0].tolist() == [0, 128, 255]
+    assert np.asarray(decode_image(encode(gray16, "PNG")))[0, :, 0].tolist() == [0, 128, 255]
     clear = Image.new("RGBA", (2, 1), (255, 0, 0, 0))
-    assert np.asarray(decode_image(_encode(clear, "PNG")))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(decode_image(encode(clear, "PNG")))[0, 0].tolist() == [255, 255, 255]
 
 
 def test_large_jpeg_is_decoded_at_reduced_scale():
-    image = decode_image(_encode(_photo((2400, 1600)), "JPEG"), min_size=224)
+    image = decode_image(encode(photo((2400, 1600)), "JPEG"), min_size=224)
     assert image.mode == "RGB" and 224 <= min(image.size) < 800
 
 

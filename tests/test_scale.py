@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "faults"))
 
 from faultkit import run_forked_ranks  # noqa: E402
-from test_captioning import LETTERS, TENCH, SPRINGER, _encode, _photo, _write_tree, blip2_model  # noqa: E402,F401
+from imagekit import LETTERS, SPRINGER, TENCH, encode, photo, write_tree  # noqa: E402
 
 from streamsynth import GeneratorConfig, SynthesisConfig, SyntheticStream  # noqa: E402
 from streamsynth.captions import CaptionStore, import_captions  # noqa: E402
@@ -58,10 +58,10 @@ def _env(**extra) -> dict:
 def images(tmp_path_factory) -> Path:
     """Two classes of small photos (13) and one corrupt file in an ImageFolder tree: 7 batches of 2, the corrupt file
     in rank 1's third batch."""
-    files = {f"{cls}/{n:02d}.png": _encode(_photo((20, 16), seed=n + 50 * c), "PNG")
+    files = {f"{cls}/{n:02d}.png": encode(photo((20, 16), seed=n + 50 * c), "PNG")
              for c, cls in enumerate((TENCH, SPRINGER)) for n in range(7 - c)}
     files[f"{SPRINGER}/03-corrupt.jpg"] = b"\xff\xd8\xff not a jpeg" * 20
-    return _write_tree(tmp_path_factory.mktemp("scale-images"), files)
+    return write_tree(tmp_path_factory.mktemp("scale-images"), files)
 
 
 def _caption_args(images: Path, out: Path, model: Path, *extra: str) -> list[str]:
