@@ -85,13 +85,16 @@ def apply(pipe, options: FastPathOptions | None = None) -> FastPath:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
         fast.applied.append("channels_last")
+    cuda_graphs = options.cuda_graphs and device.type == "cuda"
+    compiles_unet = options.compile_unet or cuda_graphs
     if options.triton_kernels:
         from ..kernels.patch import patch
 
         # A compiled UNet is left to Inductor, which fuses GroupNorm+SiLU itself and cannot fuse across a Triton
         # call: on the H200 its 50 steps took 6.86 s without the kernels and 7.12 s with them. The VAE is not
-        # compiled and keeps them (0.35 s against 0.47 s per decode). benchmarks/results/2026-11-27-h200-profile-compiled*.
-        models = [("vae", pipe.vae)] if _compiles_unet(options, device) else [("unet", pipe.unet), ("vae", pipe.vae)]
+        # compiled and keeps them (0.35 s against 0.47 s per decode).
+        # benchmarks/results/2026-11-27-h200-profile-compiled*.json
+        models = [("vae", pipe.vae)] if compiles_unet else [("unet", pipe.unet), ("vae", pipe.vae)]
         counts = {name: patch(model) for name, model in models}
         fast.applied.append(f"triton kernels patched in: {counts}")
     if options.fused_step:
@@ -103,7 +106,10 @@ def apply(pipe, options: FastPathOptions | None = None) -> FastPath:
         else:
             fast.fused_step = FusedGuidedStep(pipe.scheduler)
             fast.applied.append(f"fused guided step ({type(pipe.scheduler).__name__})")
-    _compile(pipe, options, fast)
+    if options.cuda_graphs and not cuda_graphs:
+        fast.skipped.append(f"CUDA graphs: the UNet is on {device}, not a CUDA device")
+    if compiles_unet:
+        _compile(pipe, fast, cuda_graphs)
     for line in fast.applied:
         log.debug("fast path: %s", line)
     for line in fast.skipped:
@@ -111,17 +117,7 @@ def apply(pipe, options: FastPathOptions | None = None) -> FastPath:
     return fast
 
 
-def _compiles_unet(options: FastPathOptions, device: torch.device) -> bool:
-    return options.compile_unet or (options.cuda_graphs and device.type == "cuda")
-
-
-def _compile(pipe, options: FastPathOptions, fast: FastPath) -> None:
-    cuda_graphs = options.cuda_graphs
-    if cuda_graphs and pipe.unet.device.type != "cuda":
-        fast.skipped.append(f"CUDA graphs: the UNet is on {pipe.unet.device}, not a CUDA device")
-        cuda_graphs = False
-    if not (options.compile_unet or cuda_graphs):
-        return
+def _compile(pipe, fast: FastPath, cuda_graphs: bool) -> None:
     mode = "reduce-overhead" if cuda_graphs else None
     # Not fullgraph: the Triton kernels' Python wrappers (validation, dispatch) may break the graph.
     pipe.unet = torch.compile(pipe.unet, mode=mode)
