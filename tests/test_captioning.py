@@ -26,7 +26,7 @@ from streamsynth import SyntheticStream
 from streamsynth.captions import CaptionStore, CaptionStoreError, CaptionStoreWriter
 from streamsynth.captions.architectures import byte_level_tokenizer
 from streamsynth.captions.captioners import load_captioner
-from streamsynth.captions.captioning import _interrupt_after_block, caption_images, report_path
+from streamsynth.captions.captioning import _interrupt_after_block, caption_images, report_path, worker_shares
 from streamsynth.imagefiles import decode_image
 from streamsynth.cli import main
 
@@ -326,6 +326,29 @@ def test_resume_after_an_exception(tmp_path, many_images, blip2_model, uninterru
     assert len(resumed) == len(set(resumed)) and sorted(resumed) == uninterrupted
 
 
+def test_worker_shares_cut_each_batch_evenly():
+    shares, counts = worker_shares([list(range(8)), [8, 9]], batch_size=8, num_workers=3)
+    assert shares == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]] and counts == [3, 1]
+    assert worker_shares([[0, 1, 2]], batch_size=3, num_workers=0) == ([[0, 1, 2]], [1])
+
+
+def test_workers_share_each_batch_and_the_captioner_sees_the_same_batches(tmp_path, many_images, blip2_model,
+                                                                          uninterrupted):
+    """Decoded by three workers in shares, each batch reaches the model whole and in order: the same batches and
+    captions as decoding in the main process."""
+    runs = {}
+    for workers in (0, 3):
+        captioner = load_captioner(blip2_model, device="cpu", max_new_tokens=4)
+        sizes, caption = [], captioner.caption
+        captioner.caption = lambda pixels: sizes.append(len(pixels)) or caption(pixels)
+        out = tmp_path / f"workers-{workers}.lmdb"
+        report = caption_images(many_images, out, captioner, batch_size=8, num_workers=workers, progress=False)
+        runs[workers] = sizes, sorted(_pairs(CaptionStore(out))), [s["key"] for s in report.skipped]
+        assert 0 <= report.input_wait_s <= report.elapsed_s
+    assert runs[3] == runs[0] and runs[0][0] == [8, 8, 8] and runs[0][2] == [f"{SPRINGER}/broken.jpg"]
+    assert runs[0][1] == uninterrupted  # batches of one, as the reference was made, give the same captions
+
+
 def test_ctrl_c_waits_for_the_write_in_progress():
     steps = []
     # Python's own Ctrl-C handler, whatever the test run inherited: a process started in the background by a
@@ -423,7 +446,7 @@ def test_caption_bench_tiny_writes_json(tmp_path):
     assert result["baseline"]["batch_size"] == 65 and result["baseline"]["images_per_s"] > 0
     runs = result["streamsynth_runs"]
     assert [(r["kv_cache"], r["batch_size"]) for r in runs] == [(k, b) for k in ("dynamic", "static") for b in (4, 8)]
-    assert all(r["captioned"] == 10 and r["images_per_s"] > 0 for r in runs)
+    assert all(r["captioned"] == 10 and r["images_per_s"] > 0 and 0 <= r["input_wait_s"] < r["seconds"] for r in runs)
     assert result["streamsynth"] == max(runs, key=lambda r: r["images_per_s"])
     assert {"device_name", "peak_host_memory_bytes", "environment"} <= set(result)
     assert all("peak resident set" in r["peak_memory_kind"] for r in [result["baseline"], *runs])
