@@ -56,12 +56,15 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
 
 
 def model_workloads(model: ModelConfigs, dtype: torch.dtype, device: str | torch.device = "cpu", batch: int = 1,
-                    random: bool = True, kernel: str | None = None) -> Iterator[Workload]:
+                    random: bool = True, kernel: str | None = None,
+                    upcast: torch.dtype | None = None) -> Iterator[Workload]:
     """The workloads of `model` at its native size for `batch` images (the UNet sees 2 x batch with guidance), or of
     one `kernel` only (the others' inputs are then never made: the GroupNorm shapes alone take seconds to find).
 
     Shapes come from the model's configuration: they decide the block sizes, so these are the variants a real run
-    compiles. `random=False` leaves the tensors uninitialised (enough for compiling).
+    compiles. `random=False` leaves the tensors uninitialised (enough for compiling). With `upcast` (float64), the
+    same input values, rounded to `dtype`, are held in that wider type: its reference gives the exact result that
+    both a kernel and its reference in `dtype` round away from.
     """
     UNET, VAE, SCHEDULER = model.unet, model.vae, model.scheduler  # noqa: N806 - the configurations, as data
 
@@ -71,8 +74,8 @@ def model_workloads(model: ModelConfigs, dtype: torch.dtype, device: str | torch
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if not random:
             return torch.empty(shape, dtype=dtype, device=device).contiguous(memory_format=memory_format)
-        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale
-        return x.to(dtype).contiguous(memory_format=memory_format)
+        x = (torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale).to(dtype)
+        return x.to(upcast or dtype).contiguous(memory_format=memory_format)
 
     unet_batch = 2 * batch
     if kernel in (None, "group_norm"):

@@ -449,5 +449,10 @@ def test_caption_bench_tiny_writes_json(tmp_path):
     assert all(r["captioned"] == 10 and r["images_per_s"] > 0 and 0 <= r["input_wait_s"] < r["seconds"] for r in runs)
     assert result["streamsynth"] == max(runs, key=lambda r: r["images_per_s"])
     assert {"device_name", "peak_host_memory_bytes", "environment"} <= set(result)
+    stages = result["stages"]
+    assert (stages["batch_size"], stages["kv_cache"]) == (result["streamsynth"]["batch_size"],
+                                                          result["streamsynth"]["kv_cache"])
+    assert all(stages[f"{stage}_s"] > 0 for stage in ("vision", "qformer", "language_decode", "caption"))
+    assert stages["vision_s"] + stages["qformer_s"] < stages["caption_s"] and "qformer_tf32_s" not in stages
     assert all("peak resident set" in r["peak_memory_kind"] for r in [result["baseline"], *runs])
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

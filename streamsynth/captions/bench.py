@@ -4,7 +4,8 @@ Both sides caption the same JPEG files with the same model, dtype and decoding (
 - baseline: the reference script's loop: batches of 65 decoded with PIL in the main process, the processor, then
   `model.generate`, then `batch_decode`;
 - streamsynth: `caption_images`, the code path of `streamsynth caption` (workers, large batches, LMDB writes), for
-  each batch size and KV-cache kind asked for; `streamsynth` in the result is the fastest of them.
+  each batch size and KV-cache kind asked for; `streamsynth` in the result is the fastest of them, and `stages`
+  splits one of its batches into the model's stages (`stage_breakdown`).
 Times are wall-clock with the device synchronised (`benchtools.Timer(device, "wall")`: decoding on the CPU is part of
 the cost); peak memory is benchtools' one measure, on the captioning device, per run.
 """
@@ -136,6 +137,68 @@ def _streamsynth_run(
     }
 
 
+@torch.inference_mode()
+def stage_breakdown(captioner: Captioner, batch_size: int, repeats: int = 3) -> dict | None:
+    """Where one batch's captioning spends its time, for a BLIP-2 captioner (None for another architecture): the
+    vision tower, the Q-Former with the projection into the language model, the language model's prefill (the
+    first token) and its decoding (the other tokens). Each is the median of `repeats` timed calls after one untimed.
+
+    On CUDA the Q-Former, which BLIP-2 keeps in fp32, is also timed with TF32 matrix multiplies: a lever, measured,
+    not applied.
+    """
+    if captioner.model_type != "blip-2":
+        return None
+    model, device = captioner.model, captioner.device
+    pixels = _blank_batch(captioner, batch_size).to(device, captioner.dtype)
+
+    def seconds(run) -> float:
+        return benchtools.measure(run, device, warmup=1, repeats=repeats).median_s
+
+    def vision() -> torch.Tensor:
+        return model.vision_model(pixels).last_hidden_state
+
+    image_embeds = vision()
+
+    def qformer() -> torch.Tensor:
+        queries = model.query_tokens.expand(batch_size, -1, -1)
+        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
+        query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
+                                     encoder_attention_mask=mask).last_hidden_state
+        return model.language_projection(query_output.to(image_embeds.dtype))
+
+    def caption(tokens: int):
+        def run() -> list[str]:
+            kept, captioner.max_new_tokens = captioner.max_new_tokens, tokens
+            try:
+                return captioner.caption(pixels)
+            finally:
+                captioner.max_new_tokens = kept
+        return run
+
+    vision_s, qformer_s = seconds(vision), seconds(qformer)
+    first_token_s, caption_s = seconds(caption(1)), seconds(caption(captioner.max_new_tokens))
+    stages = {
+        "batch_size": batch_size,
+        "kv_cache": "static" if captioner.static_cache else "dynamic",
+        "vision_s": round(vision_s, 4),
+        "qformer_s": round(qformer_s, 4),
+        "language_prefill_s": round(first_token_s - vision_s - qformer_s, 4),
+        "language_decode_s": round(caption_s - first_token_s, 4),
+        "decode_per_token_ms": round(1000 * (caption_s - first_token_s) / max(1, captioner.max_new_tokens - 1), 2),
+        # The whole `Captioner.caption`: generate and the tokenizer's decoding into text.
+        "caption_s": round(caption_s, 4),
+        "caption_images_per_s": round(batch_size / caption_s, 2),
+    }
+    if device.type == "cuda":
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            stages["qformer_tf32_s"] = round(seconds(qformer), 4)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    return stages
+
+
 KV_CACHES = ("dynamic", "static")
 
 
@@ -188,6 +251,8 @@ def run_benchmark(
             for batch_size in batch_sizes:
                 runs.append(_streamsynth_run(collection, captioner, batch_size, num_workers, workdir))
     best = max(runs, key=lambda run: run["images_per_s"])
+    captioner.static_cache = best["kv_cache"] == "static"
+    stages = stage_breakdown(captioner, best["batch_size"])
     host = benchtools.peak_memory("cpu")
     return {
         "benchmark": "caption-bench",
@@ -205,6 +270,7 @@ def run_benchmark(
         "streamsynth": best,
         "streamsynth_runs": runs,
         "speedup": round(best["images_per_s"] / baseline["images_per_s"], 3),
+        "stages": stages,  # the fastest run's batch, stage by stage (stage_breakdown)
         # The main process's host memory over the whole benchmark, as benchtools measures it on the CPU.
         "peak_host_memory_bytes": host.bytes,
         "peak_host_memory_kind": host.kind,
