@@ -314,14 +314,16 @@ def test_kernel_bench_compares_each_workload_with_its_reference(monkeypatch):
     assert all(r.kernel_error_vs_exact is None for r in results)  # fp32 is checked against its reference alone
 
 
-def test_a_kernel_closer_to_the_exact_result_than_its_fp16_reference_agrees():
+def test_a_kernel_as_close_to_the_exact_result_as_its_fp16_reference_agrees():
     from streamsynth.kernel_bench import agrees
 
-    step = 2.0 ** -9  # fp16's spacing in [2, 4)
+    step, half = 2.0 ** -9, torch.float16  # fp16's spacing in [2, 4)
     exact = torch.tensor([2.0, 1.0], dtype=torch.float64)
-    reference = torch.tensor([2.0 + 8 * step, 1.0], dtype=torch.float16)
-    closer = torch.tensor([2.0 + 4 * step, 1.0], dtype=torch.float16)
-    farther = torch.tensor([2.0 + 12 * step, 1.0], dtype=torch.float16)  # as far from the reference, beyond it
-    assert not agrees(closer, reference) and not agrees(farther, reference)  # 7.8e-3 > 2e-3 + 2e-3 x 2
-    assert agrees(closer, reference, exact) and not agrees(farther, reference, exact)
-    assert agrees(reference, reference, exact)
+    reference = torch.tensor([2.0 + 8 * step, 1.0], dtype=half)
+    closer = torch.tensor([2.0 + 4 * step, 1.0], dtype=half)
+    as_far = torch.tensor([2.0 - 8 * step, 1.0], dtype=half)
+    farther = torch.tensor([2.0 + 16 * step, 1.0], dtype=half)
+    assert not any(agrees(out, reference) for out in (closer, as_far, farther))  # > 2e-3 + 2e-3 x 2 from it
+    assert agrees(closer, reference, exact, half) and agrees(as_far, reference, exact, half)
+    assert not agrees(farther, reference, exact, half) and not agrees(closer, reference, exact)  # no dtype: no slack
+    assert agrees(reference, reference, exact, half)
