@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_checks.sh e2e OUT          # first: train.py on SD1.5 workers on CUDA, one worker killed; caption on CUDA
 #   bash benchmarks/gpu_checks.sh synthesis OUT    # profile SD1.5 eager fast path with ablation, then compiled
 #   bash benchmarks/gpu_checks.sh synthesis-extra OUT  # compiled without the kernels; compiled with CUDA graphs
-#   bash benchmarks/gpu_checks.sh captioning OUT   # caption-bench BLIP-2 OPT-2.7b: batch sizes, then a static cache
+#   bash benchmarks/gpu_checks.sh captioning OUT   # caption-bench BLIP-2 OPT-2.7b: batch sizes x TF32 Q-Former, then a
+#                                                  # static cache
 #   bash benchmarks/gpu_checks.sh loop OUT         # loader-bench: SD1.5 workers on the GPU feeding a consumer; the
 #                                                  # loader's CPU ceiling on the machine's 16 cores
 #   bash benchmarks/gpu_checks.sh levers OUT       # speed levers: SD1.5 images/s per preset and lever against the reference
@@ -14,7 +15,8 @@
 # Measured on an H200 (2026-11-27): e2e 2.7 min (SD1.5 build 20 s, train 92 s, BLIP-2 build 25 s, caption 17 s),
 # kernel-bench 40 s, profile-eager 2.7 min, captioning 2.8 min (the JPEGs 14 s); a second session: profile-compiled
 # 112 s, synthesis-extra 214 s (no-kernels 113, CUDA graphs 101), loop 123 s + the SD1.5 build (loader-bench 90,
-# loader-ceiling 33), speed-levers 78 s, train-e2e 84 s.
+# loader-ceiling 33), speed-levers 78 s, train-e2e 84 s; a third: caption-bench 66-79 s (three runs), caption-bench-static
+# 75 s, kernel-bench 58 s (with the exact comparison), profile-compiled 136 s.
 # A device session of 15 minutes loses 1-2 to the machine's start and about 30 s to each call's transfers.
 # A group's limits add up to under 600 s, the device tool's limit for one command. Every step has its own time limit,
 # writes its results under OUT/<step>/ (the profiles and benchmarks) as it goes and logs to OUT/<step>.log; a failed
@@ -73,7 +75,7 @@ if [[ -n ${DRY:-} ]]; then
   compiled_variants=(--no-ablation --channels-last --fuse-qkv)
   compile_flag=()
   jpegs=("$OUT/caption-jpegs" 32)
-  captions=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 8,16 --workers 1)
+  captions=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 8,16 --fp32-matmul ieee,tf32 --workers 1)
   caption_static=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 16 --workers 1)
   loop=(--device cpu --batches 2 --workers 1 --replay 1,2)
   ceiling_batches=2
@@ -96,8 +98,9 @@ else
   compiled_variants=(--no-ablation --channels-last --fuse-qkv)
   compile_flag=(--compile)
   jpegs=(/tmp/caption-jpegs 2048)  # not under OUT: everything there is copied back from the device
-  captions=(--captioner-arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 256,512,1024
-            --workers 12)
+  # Batch 256 made 340 img/s against 404-415 at 512 (third session): the larger two, with and without TF32.
+  captions=(--captioner-arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 512,1024
+            --fp32-matmul ieee,tf32 --workers 12)
   caption_static=(--captioner-arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 512
                   --workers 12)
   ceiling_batches=48

@@ -223,6 +223,22 @@ def test_a_static_kv_cache_gives_the_same_captions(blip2_model):
     assert static.caption(pixels) == captions and all(len(c) == 6 for c in captions)
 
 
+def test_tf32_is_recorded_in_the_settings_and_scoped_to_captioning(blip2_model):
+    from streamsynth.captions.captioners import fp32_matmul_precision
+
+    assert "fp32_matmul" not in load_captioner(blip2_model, device="cpu").settings  # stores made before resume as they were
+    assert load_captioner(blip2_model, device="cpu", fp32_matmul="tf32").settings["fp32_matmul"] == "tf32"
+    with pytest.raises(ValueError, match=r"'tf16'.*\['ieee', 'tf32'\]"):
+        load_captioner(blip2_model, device="cpu", fp32_matmul="tf16")
+    matmul = torch.backends.cuda.matmul
+    assert not matmul.allow_tf32
+    with fp32_matmul_precision("tf32", torch.device("cpu")):
+        assert not matmul.allow_tf32  # a CUDA format: nothing changes elsewhere
+    with fp32_matmul_precision("tf32", torch.device("cuda")):
+        assert matmul.allow_tf32
+    assert not matmul.allow_tf32
+
+
 def test_unsupported_model_type_names_the_supported_ones(tmp_path):
     from transformers import ResNetConfig
 
@@ -439,13 +455,17 @@ def test_sample_jpegs_do_not_depend_on_the_number_of_writers(tmp_path):
 
 def test_caption_bench_tiny_writes_json(tmp_path):
     assert main(["caption-bench", "--captioner-arch", "tiny", "--num-images", "10", "--batch-size", "4,8", "--kv-cache",
-                 "dynamic,static", "--workers", "1", "--device", "cpu", "--out", str(tmp_path)]) == 0
+                 "dynamic,static", "--fp32-matmul", "ieee,tf32", "--workers", "1", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 0
     out = tmp_path / "caption-bench.json"
     result = json.loads(out.read_text())
     assert result["random_weights"] and result["num_images"] == 10 and result["dtype"] == "float32"
     assert result["baseline"]["batch_size"] == 65 and result["baseline"]["images_per_s"] > 0
     runs = result["streamsynth_runs"]
-    assert [(r["kv_cache"], r["batch_size"]) for r in runs] == [(k, b) for k in ("dynamic", "static") for b in (4, 8)]
+    assert [(r["fp32_matmul"], r["kv_cache"], r["batch_size"]) for r in runs] == [
+        (m, k, b) for m in ("ieee", "tf32") for k in ("dynamic", "static") for b in (4, 8)]
+    # Neither batch size nor KV cache changes a caption; on the CPU TF32 does not exist, so neither does it.
+    assert all(r["same_captions_as_first"] == 1.0 for r in runs)
     assert all(r["captioned"] == 10 and r["images_per_s"] > 0 and 0 <= r["input_wait_s"] < r["seconds"] for r in runs)
     assert result["streamsynth"] == max(runs, key=lambda r: r["images_per_s"])
     assert {"device_name", "peak_host_memory_bytes", "environment"} <= set(result)

@@ -24,9 +24,10 @@ from PIL import Image
 
 from .. import benchtools
 from .architectures import BLIP2_ARCHITECTURES, random_blip2
-from .captioners import Captioner, default_device, load_captioner, resolve_dtype
+from .captioners import FP32_MATMULS, Captioner, default_device, fp32_matmul_precision, load_captioner, resolve_dtype
 from .captioning import caption_images, default_batch_size, default_num_workers
 from .images import ImageCollection, find_images
+from .store import CaptionStore
 
 # The reference captioning script's batch size.
 REFERENCE_BATCH_SIZE = 65
@@ -117,16 +118,17 @@ def _streamsynth_run(
     for shape in {min(batch_size, len(collection.images)), len(collection.images) % batch_size} - {0}:
         captioner.caption(_blank_batch(captioner, shape))
     benchtools.reset_peak_memory(device)
+    kv_cache = "static" if captioner.static_cache else "dynamic"
+    store = workdir / f"bench-{batch_size}-{kv_cache}-{captioner.fp32_matmul}.lmdb"
     with benchtools.Timer(device, "wall") as total:
-        report = caption_images(
-            collection, workdir / f"bench-{batch_size}-{captioner.static_cache}.lmdb", captioner,
-            batch_size=batch_size, num_workers=num_workers, progress=False,
-        )
+        report = caption_images(collection, store, captioner, batch_size=batch_size, num_workers=num_workers,
+                                progress=False)
     n = len(collection.images)
     return {
         "method": "streamsynth caption: decode and preprocess in DataLoader workers, LMDB writes",
         "batch_size": batch_size,
-        "kv_cache": "static" if captioner.static_cache else "dynamic",
+        "kv_cache": kv_cache,
+        "fp32_matmul": captioner.fp32_matmul,
         "num_workers": num_workers,
         "images_per_s": round(n / total.seconds, 2),
         "seconds": round(total.seconds, 3),
@@ -134,7 +136,13 @@ def _streamsynth_run(
         # Of `seconds`, the captioner waiting for decoded images: the rest is the device's (and the writes').
         "input_wait_s": report.input_wait_s,
         **benchtools.peak_memory(device).as_dict(),
+        "captions": _captions_by_key(store),  # taken out by run_benchmark once compared
     }
+
+
+def _captions_by_key(store: Path) -> dict[str, str]:
+    captions = CaptionStore(store)
+    return {c.key: c.text for info in captions.classes for c in captions.captions(info.index)}
 
 
 @torch.inference_mode()
@@ -190,12 +198,8 @@ def stage_breakdown(captioner: Captioner, batch_size: int, repeats: int = 3) -> 
         "caption_images_per_s": round(batch_size / caption_s, 2),
     }
     if device.type == "cuda":
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
+        with fp32_matmul_precision("tf32", device):
             stages["qformer_tf32_s"] = round(seconds(qformer), 4)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
     return stages
 
 
@@ -210,6 +214,7 @@ def run_benchmark(
     num_images: int = 2048,
     batch_sizes: Sequence[int] | None = None,
     kv_caches: Sequence[str] = ("dynamic",),
+    fp32_matmuls: Sequence[str] = ("ieee",),
     baseline_batch_size: int = REFERENCE_BATCH_SIZE,
     num_workers: int | None = None,
     device: str | None = None,
@@ -218,13 +223,19 @@ def run_benchmark(
 ) -> dict:
     """Benchmark a checkpoint (`model`) or a random-weight architecture (`arch`); returns the JSON-ready result.
 
-    streamsynth's run is measured for every combination of `batch_sizes` and `kv_caches`, against one baseline.
+    streamsynth's run is measured for every combination of `batch_sizes`, `kv_caches` and `fp32_matmuls`, against
+    one baseline. Each run also says which share of its captions equals the first run's (`same_captions_as_first`):
+    a KV cache or batch size must not change a caption; TF32 may, and this measures how often (with random weights,
+    whose near-uniform scores flip on any rounding, a pessimistic figure).
     """
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     unknown = set(kv_caches) - set(KV_CACHES)
     if unknown:
         raise ValueError(f"unknown KV cache kinds {sorted(unknown)}: choose from {list(KV_CACHES)}")
+    unknown = set(fp32_matmuls) - set(FP32_MATMULS)
+    if unknown:
+        raise ValueError(f"unknown fp32 matmul precisions {sorted(unknown)}: choose from {list(FP32_MATMULS)}")
     if model:
         captioner = load_captioner(model, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
     else:
@@ -246,12 +257,19 @@ def run_benchmark(
         captioner.caption(_blank_batch(captioner, baseline_batch_size))
         baseline = _reference_loop(collection, captioner, baseline_batch_size)
         runs = []
-        for kv_cache in kv_caches:
-            captioner.static_cache = kv_cache == "static"
-            for batch_size in batch_sizes:
-                runs.append(_streamsynth_run(collection, captioner, batch_size, num_workers, workdir))
+        for fp32_matmul in fp32_matmuls:
+            captioner.fp32_matmul = fp32_matmul
+            for kv_cache in kv_caches:
+                captioner.static_cache = kv_cache == "static"
+                for batch_size in batch_sizes:
+                    runs.append(_streamsynth_run(collection, captioner, batch_size, num_workers, workdir))
+    first = runs[0]["captions"]
+    for run in runs:
+        captions = run.pop("captions")
+        run["same_captions_as_first"] = round(sum(captions.get(k) == text for k, text in first.items())
+                                              / max(1, len(first)), 4)
     best = max(runs, key=lambda run: run["images_per_s"])
-    captioner.static_cache = best["kv_cache"] == "static"
+    captioner.static_cache, captioner.fp32_matmul = best["kv_cache"] == "static", best["fp32_matmul"]
     stages = stage_breakdown(captioner, best["batch_size"])
     host = benchtools.peak_memory("cpu")
     return {
@@ -282,7 +300,8 @@ def write_result(result: dict, path: str | Path) -> Path:
     """The JSON result, and beside it (.png) a chart of images/s: the baseline and each streamsynth run."""
     path = benchtools.write_json(path, result)
     labels = [f"generate, batch {result['baseline']['batch_size']}"] + [
-        f"streamsynth, batch {r['batch_size']}, {r['kv_cache']} cache" for r in result["streamsynth_runs"]]
+        f"streamsynth, batch {r['batch_size']}, {r['kv_cache']} cache" + (", TF32" if r["fp32_matmul"] == "tf32" else "")
+        for r in result["streamsynth_runs"]]
     values = [result["baseline"]["images_per_s"]] + [r["images_per_s"] for r in result["streamsynth_runs"]]
     benchtools.bar_chart(path.with_suffix(".png"), labels, values, "images/s",
                          f"caption-bench: {result['model']} on {result['device_name']}, {result['num_images']} images")

@@ -13,7 +13,7 @@ from ..cliargs import add_device, comma_list, list_metavar
 from .classnames import load_name_map
 from .architectures import BLIP2_ARCHITECTURES
 from .bench import KV_CACHES, REFERENCE_BATCH_SIZE
-from .captioners import DEFAULT_MODEL, DTYPES, REFERENCE_MAX_NEW_TOKENS
+from .captioners import DEFAULT_MODEL, DTYPES, FP32_MATMULS, REFERENCE_MAX_NEW_TOKENS
 from .importers import import_captions
 from .store import CaptionStore
 
@@ -74,6 +74,9 @@ def add_commands(subparsers) -> None:
     caption.add_argument("--kv-cache", choices=KV_CACHES, default="dynamic",
                          help="dynamic (grows every token) or static (preallocated; on CUDA the decoding step is "
                          "compiled): the same captions, speed measured by caption-bench")
+    caption.add_argument("--fp32-matmul", choices=FP32_MATMULS, default="ieee",
+                         help="CUDA matrix multiplies of the model's fp32 parts (BLIP-2's Q-Former): ieee (full fp32) or "
+                         "tf32 (tensor cores; faster, captions may differ in rare tokens; recorded in the store)")
     caption.set_defaults(func=_caption)
 
     bench = subparsers.add_parser(
@@ -98,6 +101,10 @@ def add_commands(subparsers) -> None:
                        metavar=list_metavar("KIND", KV_CACHES),
                        help="comma-separated KV cache kinds to measure, e.g. dynamic,static (static compiles the "
                        "decoding step on CUDA)")
+    bench.add_argument("--fp32-matmul", type=comma_list(choices=FP32_MATMULS), default="ieee",
+                       metavar=list_metavar("PRECISION", FP32_MATMULS),
+                       help="comma-separated fp32 matmul precisions to measure, e.g. ieee,tf32 (each run also reports "
+                       "the share of its captions equal to the first run's)")
     _add_run_arguments(bench, batch_sizes=True)
     bench.add_argument("--out", default=".", metavar="DIR",
                        help=f"folder for the result: writes OUT/{BENCH_FILE} and its chart OUT/{BENCH_CHART}")
@@ -168,7 +175,7 @@ def _caption(args: argparse.Namespace) -> int:
         name_map = load_name_map(args.names) if args.names else None
         captioner = load_captioner(
             args.captioner, device=device, dtype=args.dtype, prompt=args.caption_prefix,
-            max_new_tokens=args.max_new_tokens, static_cache=args.kv_cache == "static",
+            max_new_tokens=args.max_new_tokens, static_cache=args.kv_cache == "static", fp32_matmul=args.fp32_matmul,
         )
         try:
             report = caption_images(
@@ -208,7 +215,7 @@ def _caption_bench(args: argparse.Namespace) -> int:
     result = run_benchmark(
         arch=None if args.captioner else args.captioner_arch, model=args.captioner, images=args.images,
         num_images=args.num_images,
-        batch_sizes=args.batch_size, kv_caches=args.kv_cache, baseline_batch_size=args.baseline_batch_size,
+        batch_sizes=args.batch_size, kv_caches=args.kv_cache, fp32_matmuls=args.fp32_matmul, baseline_batch_size=args.baseline_batch_size,
         num_workers=args.workers,
         device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
     )
