@@ -342,6 +342,20 @@ def test_resume_after_an_exception(tmp_path, many_images, blip2_model, uninterru
     assert len(resumed) == len(set(resumed)) and sorted(resumed) == uninterrupted
 
 
+def test_default_batch_size_follows_the_device_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    from streamsynth.captions.captioning import default_batch_size
+
+    def card(gib):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=gib * 2**30))
+
+    card(141)
+    assert default_batch_size("cuda") == 512 and default_batch_size("cpu") == 8
+    card(40)
+    assert default_batch_size("cuda:1") == 256
+
+
 def test_worker_shares_cut_each_batch_evenly():
     shares, counts = worker_shares([list(range(8)), [8, 9]], batch_size=8, num_workers=3)
     assert shares == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]] and counts == [3, 1]

@@ -1,9 +1,9 @@
 """Caption a collection of real images into a caption store: read, batch, caption, write, report, resume.
 
 DataLoader workers read and decode the images and run the model's image processor, every worker a share of each
-batch; the main process only joins the shares on the device, generates and writes. Captions are committed in transactions of `commit_every`, so a
-run killed at any point loses at most the uncommitted batch, and `resume=True` captions exactly the images that
-are not yet in the store.
+batch; the main process only joins the shares on the device, generates and writes. Captions are committed in
+transactions of `commit_every`, so a run killed at any point loses at most the uncommitted batch, and `resume=True`
+captions exactly the images that are not yet in the store.
 
 Unreadable images are skipped and listed, with the reason, in a JSON report beside the store
 (`{store}.report.json`). A class whose every image is unreadable stays in the store with no captions, so class
@@ -45,9 +45,16 @@ def report_path(store: str | os.PathLike) -> Path:
 
 
 def default_batch_size(device: str | torch.device) -> int:
-    # shared/perf/anchors.md: plain generate of BLIP-2 OPT-2.7b (fp16, H200) makes 306 images/s in batches of 256,
-    # 111 in the reference batches of 65.
-    return 256 if torch.device(device).type == "cuda" else 8
+    """8 on the CPU; on a GPU 512 if it has at least 64 GiB, else 256.
+
+    BLIP-2 OPT-2.7b on an H200 (fp16, 2,048 JPEGs, benchmarks/results/2026-11-27-h200-caption-bench-worker-shares-*):
+    404-415 images/s in batches of 512 (33 GiB held) against 340 in batches of 256 (17 GiB) and 111 in the reference
+    script's 65; 512 would not leave room for a larger captioner on a 40-48 GiB card.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 8
+    return 512 if torch.cuda.get_device_properties(device).total_memory >= 64 * 2**30 else 256
 
 
 def default_num_workers() -> int:

@@ -115,9 +115,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser, batch_sizes: bool = Fals
     if batch_sizes:
         parser.add_argument("--batch-size", type=comma_list(int), metavar=list_metavar("N"),
                             help="comma-separated images per generate call, one run each "
-                            "(default: 256 on CUDA, 8 on CPU)")
+                            "(default: 512 on a GPU of at least 64 GiB, else 256; 8 on CPU)")
     else:
-        parser.add_argument("--batch-size", type=int, help="images per generate call (default: 256 on CUDA, 8 on CPU)")
+        parser.add_argument("--batch-size", type=int, help="images per generate call (default: 512 on a GPU of at least "
+                            "64 GiB, else 256; 8 on CPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="the captioner's dtype (default: fp16 on CUDA, fp32 on CPU)")
     add_device(parser, "the captioner's device")
     parser.add_argument("--workers", type=int, help="DataLoader processes decoding images (default: min(8, CPUs))")
