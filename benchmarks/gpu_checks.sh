@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_checks.sh e2e OUT          # first: train.py on SD1.5 workers on CUDA, one worker killed; caption on CUDA
 #   bash benchmarks/gpu_checks.sh synthesis OUT    # profile SD1.5 eager fast path with ablation, then compiled
 #   bash benchmarks/gpu_checks.sh synthesis-extra OUT  # compiled without the kernels; compiled with CUDA graphs
-#   bash benchmarks/gpu_checks.sh captioning OUT   # caption-bench BLIP-2 OPT-2.7b: batch sizes x TF32 Q-Former, then a
-#                                                  # static cache
+#   bash benchmarks/gpu_checks.sh captioning OUT   # caption-bench BLIP-2 OPT-2.7b: batch sizes x graphed decoding x
+#                                                  # TF32 Q-Former, then transformers' static cache
 #   bash benchmarks/gpu_checks.sh loop OUT         # loader-bench: SD1.5 workers on the GPU feeding a consumer; the
 #                                                  # loader's CPU ceiling on the machine's 16 cores
 #   bash benchmarks/gpu_checks.sh levers OUT       # speed levers: SD1.5 images/s per preset and lever against the reference
@@ -75,7 +75,7 @@ if [[ -n ${DRY:-} ]]; then
   compiled_variants=(--no-ablation --channels-last --fuse-qkv)
   compile_flag=()
   jpegs=("$OUT/caption-jpegs" 32)
-  captions=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 8,16 --fp32-matmul ieee,tf32 --workers 1)
+  captions=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 8,16 --kv-cache dynamic,graphed --workers 1)
   caption_static=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 16 --workers 1)
   loop=(--device cpu --batches 2 --workers 1 --replay 1,2)
   ceiling_batches=2
@@ -98,9 +98,10 @@ else
   compiled_variants=(--no-ablation --channels-last --fuse-qkv)
   compile_flag=(--compile)
   jpegs=(/tmp/caption-jpegs 2048)  # not under OUT: everything there is copied back from the device
-  # Batch 256 made 340 img/s against 404-415 at 512 (third session): the larger two, with and without TF32.
+  # Batch 256 made 340 img/s against 404-415 at 512 (third session): the larger two, each with transformers' decoding
+  # and the graphed one, each with and without a TF32 Q-Former (8 runs).
   captions=(--captioner-arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 512,1024
-            --fp32-matmul ieee,tf32 --workers 12)
+            --kv-cache dynamic,graphed --fp32-matmul ieee,tf32 --workers 12)
   caption_static=(--captioner-arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 512
                   --workers 12)
   ceiling_batches=48

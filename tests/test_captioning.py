@@ -215,12 +215,37 @@ def test_blip2_prompt_is_stripped_from_captions(tmp_path, blip2_model):
         assert len(text) == 5 and set(text) <= set(LETTERS)  # five letter tokens, no prompt words
 
 
-def test_a_static_kv_cache_gives_the_same_captions(blip2_model):
+@pytest.mark.parametrize("kv_cache", ["static", "graphed"])
+def test_static_and_graphed_kv_caches_give_the_same_captions(blip2_model, kv_cache):
     dynamic = load_captioner(blip2_model, device="cpu", max_new_tokens=6)
-    static = load_captioner(blip2_model, device="cpu", max_new_tokens=6, static_cache=True)
+    other = load_captioner(blip2_model, device="cpu", max_new_tokens=6, kv_cache=kv_cache)
     pixels = torch.stack([dynamic.preprocessor(photo(seed=n)) for n in range(3)])
     captions = dynamic.caption(pixels)
-    assert static.caption(pixels) == captions and all(len(c) == 6 for c in captions)
+    assert other.caption(pixels) == captions and all(len(c) == 6 for c in captions)
+    assert other.caption(pixels[:2]) == captions[:2]  # a second batch shape: its own cache
+
+
+def test_graphed_decoding_ends_captions_at_eos_as_generate_does(blip2_model):
+    """Captions that end early get padding, and decoding stops once all have ended: token for token `generate`'s."""
+    from streamsynth.captions.graphed import GraphedGreedyDecoder
+
+    captioner = load_captioner(blip2_model, device="cpu", max_new_tokens=8)
+    pixels = torch.stack([captioner.preprocessor(photo(seed=n)) for n in range(4)])
+    prompt = captioner._prefix.expand(len(pixels), -1)
+
+    def generate():
+        return captioner.model.generate(pixel_values=pixels, input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                        max_new_tokens=8, do_sample=False, num_beams=1)
+
+    free = generate()[:, prompt.shape[1]:]
+    config = captioner.model.language_model.generation_config
+    config.eos_token_id, config.pad_token_id = int(free[0, 2]), 1  # the first caption ends at its third token
+    reference = generate()
+    graphed = GraphedGreedyDecoder(captioner.model).generate(pixels, prompt, 8)
+    assert torch.equal(graphed, reference) and (graphed == 1).any()  # padded after the end, as generate pads
+    config.repetition_penalty = 1.3  # a logits processor the loop does not apply: refused, in one line
+    with pytest.raises(ValueError, match="sets repetition_penalty.*use --kv-cache dynamic or static"):
+        GraphedGreedyDecoder(captioner.model)
 
 
 def test_tf32_is_recorded_in_the_settings_and_scoped_to_captioning(blip2_model):
@@ -469,7 +494,7 @@ def test_sample_jpegs_do_not_depend_on_the_number_of_writers(tmp_path):
 
 def test_caption_bench_tiny_writes_json(tmp_path):
     assert main(["caption-bench", "--captioner-arch", "tiny", "--num-images", "10", "--batch-size", "4,8", "--kv-cache",
-                 "dynamic,static", "--fp32-matmul", "ieee,tf32", "--workers", "1", "--device", "cpu",
+                 "dynamic,graphed", "--fp32-matmul", "ieee,tf32", "--workers", "1", "--device", "cpu",
                  "--out", str(tmp_path)]) == 0
     out = tmp_path / "caption-bench.json"
     result = json.loads(out.read_text())
@@ -477,8 +502,8 @@ def test_caption_bench_tiny_writes_json(tmp_path):
     assert result["baseline"]["batch_size"] == 65 and result["baseline"]["images_per_s"] > 0
     runs = result["streamsynth_runs"]
     assert [(r["fp32_matmul"], r["kv_cache"], r["batch_size"]) for r in runs] == [
-        (m, k, b) for m in ("ieee", "tf32") for k in ("dynamic", "static") for b in (4, 8)]
-    # Neither batch size nor KV cache changes a caption; on the CPU TF32 does not exist, so neither does it.
+        (m, k, b) for m in ("ieee", "tf32") for k in ("dynamic", "graphed") for b in (4, 8)]
+    # Neither batch size nor KV cache (nor the graphed loop) changes a caption; on the CPU TF32 does not exist.
     assert all(r["same_captions_as_first"] == 1.0 for r in runs)
     assert all(r["captioned"] == 10 and r["images_per_s"] > 0 and 0 <= r["input_wait_s"] < r["seconds"] for r in runs)
     assert result["streamsynth"] == max(runs, key=lambda r: r["images_per_s"])

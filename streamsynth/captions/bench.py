@@ -24,7 +24,7 @@ from PIL import Image
 
 from .. import benchtools
 from .architectures import BLIP2_ARCHITECTURES, random_blip2
-from .captioners import FP32_MATMULS, Captioner, default_device, fp32_matmul_precision, load_captioner, resolve_dtype
+from .captioners import FP32_MATMULS, KV_CACHES, Captioner, default_device, fp32_matmul_precision, load_captioner, resolve_dtype
 from .captioning import caption_images, default_batch_size, default_num_workers
 from .images import ImageCollection, find_images
 from .store import CaptionStore
@@ -114,12 +114,13 @@ def _streamsynth_run(
 ) -> dict:
     device = captioner.device
     # Every batch shape of the run first (a full one, and the last if shorter): CUDA kernel selection and, with a
-    # static KV cache, compilation for that shape stay out of the timing.
+    # static or graphed KV cache, compilation or capture for that shape stay out of the timing.
     for shape in {min(batch_size, len(collection.images)), len(collection.images) % batch_size} - {0}:
         captioner.caption(_blank_batch(captioner, shape))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # what an earlier run left cached would count in this run's peak
     benchtools.reset_peak_memory(device)
-    kv_cache = "static" if captioner.static_cache else "dynamic"
-    store = workdir / f"bench-{batch_size}-{kv_cache}-{captioner.fp32_matmul}.lmdb"
+    store = workdir / f"bench-{batch_size}-{captioner.kv_cache}-{captioner.fp32_matmul}.lmdb"
     with benchtools.Timer(device, "wall") as total:
         report = caption_images(collection, store, captioner, batch_size=batch_size, num_workers=num_workers,
                                 progress=False)
@@ -127,7 +128,7 @@ def _streamsynth_run(
     return {
         "method": "streamsynth caption: decode and preprocess in DataLoader workers, LMDB writes",
         "batch_size": batch_size,
-        "kv_cache": kv_cache,
+        "kv_cache": captioner.kv_cache,
         "fp32_matmul": captioner.fp32_matmul,
         "num_workers": num_workers,
         "images_per_s": round(n / total.seconds, 2),
@@ -187,7 +188,7 @@ def stage_breakdown(captioner: Captioner, batch_size: int, repeats: int = 3) -> 
     first_token_s, caption_s = seconds(caption(1)), seconds(caption(captioner.max_new_tokens))
     stages = {
         "batch_size": batch_size,
-        "kv_cache": "static" if captioner.static_cache else "dynamic",
+        "kv_cache": captioner.kv_cache,
         "vision_s": round(vision_s, 4),
         "qformer_s": round(qformer_s, 4),
         "language_prefill_s": round(first_token_s - vision_s - qformer_s, 4),
@@ -201,9 +202,6 @@ def stage_breakdown(captioner: Captioner, batch_size: int, repeats: int = 3) -> 
         with fp32_matmul_precision("tf32", device):
             stages["qformer_tf32_s"] = round(seconds(qformer), 4)
     return stages
-
-
-KV_CACHES = ("dynamic", "static")
 
 
 def run_benchmark(
@@ -260,7 +258,7 @@ def run_benchmark(
         for fp32_matmul in fp32_matmuls:
             captioner.fp32_matmul = fp32_matmul
             for kv_cache in kv_caches:
-                captioner.static_cache = kv_cache == "static"
+                captioner.kv_cache = kv_cache
                 for batch_size in batch_sizes:
                     runs.append(_streamsynth_run(collection, captioner, batch_size, num_workers, workdir))
     first = runs[0]["captions"]
@@ -269,7 +267,7 @@ def run_benchmark(
         run["same_captions_as_first"] = round(sum(captions.get(k) == text for k, text in first.items())
                                               / max(1, len(first)), 4)
     best = max(runs, key=lambda run: run["images_per_s"])
-    captioner.static_cache, captioner.fp32_matmul = best["kv_cache"] == "static", best["fp32_matmul"]
+    captioner.kv_cache, captioner.fp32_matmul = best["kv_cache"], best["fp32_matmul"]
     stages = stage_breakdown(captioner, best["batch_size"])
     host = benchtools.peak_memory("cpu")
     return {

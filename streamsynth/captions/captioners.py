@@ -23,6 +23,11 @@ SUPPORTED_MODEL_TYPES = ("blip-2", "blip", "vision-encoder-decoder")
 # How CUDA multiplies fp32 matrices (PyTorch's names): "ieee", full fp32, PyTorch's default; "tf32", tensor cores with
 # 10-bit mantissas. A model loaded in fp16 keeps some parts in fp32 (BLIP-2: the Q-Former); only those are affected.
 FP32_MATMULS = ("ieee", "tf32")
+# How the decoder keeps its keys and values: "dynamic", transformers' default, grown by concatenation every token;
+# "static", preallocated, with which transformers compiles the decoding step on CUDA; "graphed", static with
+# streamsynth's greedy loop replaying the step from a CUDA graph (BLIP-2 with a decoder-only LM: `graphed.py`).
+# The captions are the same; which is fastest is measured by `caption-bench --kv-cache dynamic,static,graphed`.
+KV_CACHES = ("dynamic", "static", "graphed")
 
 
 def default_device() -> str:
@@ -74,7 +79,7 @@ class Captioner:
         dtype: torch.dtype,
         prompt: str | None = None,
         max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS,
-        static_cache: bool = False,
+        kv_cache: str = "dynamic",
         fp32_matmul: str = "ieee",
     ):
         if fp32_matmul not in FP32_MATMULS:
@@ -86,10 +91,6 @@ class Captioner:
         self.dtype = dtype
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
-        # A preallocated KV cache instead of one that grows by concatenation every token; on CUDA transformers then
-        # compiles the decoding step (once per batch shape). Same captions; whether it is faster is measured by
-        # `caption-bench --kv-cache dynamic static`.
-        self.static_cache = static_cache
         # TF32 for BLIP-2's fp32 Q-Former measured 4.8x faster on an H200 (0.14 -> 0.03 s for 512 images), a tenth of
         # a batch; captions may differ in rare tokens, so it is recorded in the store's settings and off by default.
         self.fp32_matmul = fp32_matmul
@@ -98,6 +99,23 @@ class Captioner:
         if prompt and self.model_type != "blip-2":
             raise ValueError(f"--caption-prefix is supported for BLIP-2 models only; {name} is a {self.model_type} model")
         self._prefix = self._prefix_ids()
+        self._graphed = None  # the GraphedGreedyDecoder of kv_cache "graphed", with its caches and graphs
+        self.kv_cache = kv_cache
+
+    @property
+    def kv_cache(self) -> str:
+        """How the decoder keeps its keys and values: one of KV_CACHES."""
+        return self._kv_cache
+
+    @kv_cache.setter
+    def kv_cache(self, kind: str) -> None:
+        if kind not in KV_CACHES:
+            raise ValueError(f"unknown KV cache kind {kind!r}: choose one of {list(KV_CACHES)}")
+        self._kv_cache = kind
+        if kind == "graphed":
+            self._graphed_decoder()  # refuses a model it cannot decode now, not at the first batch
+        else:
+            self._graphed = None  # its static caches hold gigabytes at large batches
 
     def _prefix_ids(self) -> torch.Tensor | None:
         """The token ids BLIP-2 is given before generating: image placeholders, BOS, then the prompt.
@@ -134,16 +152,27 @@ class Captioner:
             settings["fp32_matmul"] = self.fp32_matmul
         return settings
 
+    def _graphed_decoder(self):
+        if self._graphed is None:
+            from .graphed import GraphedGreedyDecoder
+
+            self._graphed = GraphedGreedyDecoder(self.model)  # refuses a model it cannot decode, in one line
+        return self._graphed
+
     @torch.inference_mode()
     def caption(self, pixel_values: torch.Tensor) -> list[str]:
         """Greedy captions for a batch of preprocessed images."""
         pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
         n = pixel_values.shape[0]
         kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
-        if self.static_cache:
+        if self.kv_cache == "static":
             kwargs["cache_implementation"] = "static"
         with fp32_matmul_precision(self.fp32_matmul, self.device):
-            if self._prefix is not None:
+            if self.kv_cache == "graphed":
+                input_ids = self._prefix.expand(n, -1)
+                output = self._graphed_decoder().generate(pixel_values, input_ids, self.max_new_tokens)
+                skip = input_ids.shape[1]
+            elif self._prefix is not None:
                 input_ids = self._prefix.expand(n, -1)
                 output = self.model.generate(
                     pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs
@@ -194,7 +223,7 @@ def load_captioner(
     dtype: str | None = None,
     prompt: str | None = None,
     max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS,
-    static_cache: bool = False,
+    kv_cache: str = "dynamic",
     fp32_matmul: str = "ieee",
 ) -> Captioner:
     """Load a BLIP-2, BLIP or VisionEncoderDecoder captioner with `from_pretrained` (hub id or local folder)."""
@@ -230,6 +259,6 @@ def load_captioner(
         dtype=torch_dtype,
         prompt=prompt,
         max_new_tokens=max_new_tokens,
-        static_cache=static_cache,
+        kv_cache=kv_cache,
         fp32_matmul=fp32_matmul,
     )

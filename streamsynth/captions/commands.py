@@ -12,8 +12,8 @@ from pathlib import Path
 from ..cliargs import add_device, comma_list, list_metavar
 from .classnames import load_name_map
 from .architectures import BLIP2_ARCHITECTURES
-from .bench import KV_CACHES, REFERENCE_BATCH_SIZE
-from .captioners import DEFAULT_MODEL, DTYPES, FP32_MATMULS, REFERENCE_MAX_NEW_TOKENS
+from .bench import REFERENCE_BATCH_SIZE
+from .captioners import DEFAULT_MODEL, DTYPES, FP32_MATMULS, KV_CACHES, REFERENCE_MAX_NEW_TOKENS
 from .importers import import_captions
 from .store import CaptionStore
 
@@ -72,8 +72,9 @@ def add_commands(subparsers) -> None:
     caption.add_argument("--commit-every", type=int, default=1024, help="captions per LMDB transaction")
     caption.add_argument("--no-progress", action="store_true", help="no progress bar")
     caption.add_argument("--kv-cache", choices=KV_CACHES, default="dynamic",
-                         help="dynamic (grows every token) or static (preallocated; on CUDA the decoding step is "
-                         "compiled): the same captions, speed measured by caption-bench")
+                         help="dynamic (grows every token), static (preallocated; on CUDA transformers compiles the "
+                         "decoding step) or graphed (static, the step replayed from a CUDA graph; BLIP-2 with a "
+                         "decoder-only LM): the same captions, speed measured by caption-bench")
     caption.add_argument("--fp32-matmul", choices=FP32_MATMULS, default="ieee",
                          help="CUDA matrix multiplies of the model's fp32 parts (BLIP-2's Q-Former): ieee (full fp32) or "
                          "tf32 (tensor cores; faster, captions may differ in rare tokens; recorded in the store)")
@@ -99,8 +100,8 @@ def add_commands(subparsers) -> None:
                        help="most tokens generated per caption (greedy decoding)")
     bench.add_argument("--kv-cache", type=comma_list(choices=KV_CACHES), default="dynamic",
                        metavar=list_metavar("KIND", KV_CACHES),
-                       help="comma-separated KV cache kinds to measure, e.g. dynamic,static (static compiles the "
-                       "decoding step on CUDA)")
+                       help="comma-separated KV cache kinds to measure, e.g. dynamic,static,graphed (static compiles "
+                       "the decoding step on CUDA, graphed replays it from a CUDA graph)")
     bench.add_argument("--fp32-matmul", type=comma_list(choices=FP32_MATMULS), default="ieee",
                        metavar=list_metavar("PRECISION", FP32_MATMULS),
                        help="comma-separated fp32 matmul precisions to measure, e.g. ieee,tf32 (each run also reports "
@@ -176,7 +177,7 @@ def _caption(args: argparse.Namespace) -> int:
         name_map = load_name_map(args.names) if args.names else None
         captioner = load_captioner(
             args.captioner, device=device, dtype=args.dtype, prompt=args.caption_prefix,
-            max_new_tokens=args.max_new_tokens, static_cache=args.kv_cache == "static", fp32_matmul=args.fp32_matmul,
+            max_new_tokens=args.max_new_tokens, kv_cache=args.kv_cache, fp32_matmul=args.fp32_matmul,
         )
         try:
             report = caption_images(
