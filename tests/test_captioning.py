@@ -251,7 +251,8 @@ def test_graphed_decoding_ends_captions_at_eos_as_generate_does(blip2_model):
 def test_tf32_is_recorded_in_the_settings_and_scoped_to_captioning(blip2_model):
     from streamsynth.captions.captioners import fp32_matmul_precision
 
-    assert "fp32_matmul" not in load_captioner(blip2_model, device="cpu").settings  # stores made before resume as they were
+    # Absent at the default, so that stores made before the option existed resume as they were.
+    assert "fp32_matmul" not in load_captioner(blip2_model, device="cpu").settings
     assert load_captioner(blip2_model, device="cpu", fp32_matmul="tf32").settings["fp32_matmul"] == "tf32"
     with pytest.raises(ValueError, match=r"'tf16'.*\['ieee', 'tf32'\]"):
         load_captioner(blip2_model, device="cpu", fp32_matmul="tf16")

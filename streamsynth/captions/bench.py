@@ -24,7 +24,9 @@ from PIL import Image
 
 from .. import benchtools
 from .architectures import BLIP2_ARCHITECTURES, random_blip2
-from .captioners import FP32_MATMULS, KV_CACHES, Captioner, default_device, fp32_matmul_precision, load_captioner, resolve_dtype
+from .captioners import (
+    FP32_MATMULS, KV_CACHES, Captioner, default_device, fp32_matmul_precision, load_captioner, resolve_dtype,
+)
 from .captioning import caption_images, default_batch_size, default_num_workers
 from .images import ImageCollection, find_images
 from .store import CaptionStore
@@ -298,8 +300,8 @@ def write_result(result: dict, path: str | Path) -> Path:
     """The JSON result, and beside it (.png) a chart of images/s: the baseline and each streamsynth run."""
     path = benchtools.write_json(path, result)
     labels = [f"generate, batch {result['baseline']['batch_size']}"] + [
-        f"streamsynth, batch {r['batch_size']}, {r['kv_cache']} cache" + (", TF32" if r["fp32_matmul"] == "tf32" else "")
-        for r in result["streamsynth_runs"]]
+        f"streamsynth, batch {r['batch_size']}, {r['kv_cache']} cache"
+        + (", TF32" if r["fp32_matmul"] == "tf32" else "") for r in result["streamsynth_runs"]]
     values = [result["baseline"]["images_per_s"]] + [r["images_per_s"] for r in result["streamsynth_runs"]]
     benchtools.bar_chart(path.with_suffix(".png"), labels, values, "images/s",
                          f"caption-bench: {result['model']} on {result['device_name']}, {result['num_images']} images")

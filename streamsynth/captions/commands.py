@@ -76,8 +76,8 @@ def add_commands(subparsers) -> None:
                          "decoding step) or graphed (static, the step replayed from a CUDA graph; BLIP-2 with a "
                          "decoder-only LM): the same captions, speed measured by caption-bench")
     caption.add_argument("--fp32-matmul", choices=FP32_MATMULS, default="ieee",
-                         help="CUDA matrix multiplies of the model's fp32 parts (BLIP-2's Q-Former): ieee (full fp32) or "
-                         "tf32 (tensor cores; faster, captions may differ in rare tokens; recorded in the store)")
+                         help="CUDA matrix multiplies of the model's fp32 parts (BLIP-2's Q-Former): ieee (full fp32) "
+                         "or tf32 (tensor cores; faster, captions may differ in rare tokens; recorded in the store)")
     caption.set_defaults(func=_caption)
 
     bench = subparsers.add_parser(
@@ -118,8 +118,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser, batch_sizes: bool = Fals
                             help="comma-separated images per generate call, one run each "
                             "(default: 512 on a GPU of at least 64 GiB, else 256; 8 on CPU)")
     else:
-        parser.add_argument("--batch-size", type=int, help="images per generate call (default: 512 on a GPU of at least "
-                            "64 GiB, else 256; 8 on CPU)")
+        parser.add_argument("--batch-size", type=int, help="images per generate call (default: 512 on a GPU of at "
+                            "least 64 GiB, else 256; 8 on CPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="the captioner's dtype (default: fp16 on CUDA, fp32 on CPU)")
     add_device(parser, "the captioner's device")
     parser.add_argument("--workers", type=int, help="DataLoader processes decoding images (default: min(8, CPUs))")
@@ -217,7 +217,8 @@ def _caption_bench(args: argparse.Namespace) -> int:
     result = run_benchmark(
         arch=None if args.captioner else args.captioner_arch, model=args.captioner, images=args.images,
         num_images=args.num_images,
-        batch_sizes=args.batch_size, kv_caches=args.kv_cache, fp32_matmuls=args.fp32_matmul, baseline_batch_size=args.baseline_batch_size,
+        batch_sizes=args.batch_size, kv_caches=args.kv_cache, fp32_matmuls=args.fp32_matmul,
+        baseline_batch_size=args.baseline_batch_size,
         num_workers=args.workers,
         device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
     )
