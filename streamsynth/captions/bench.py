@@ -28,6 +28,7 @@ from .captioners import (
     FP32_MATMULS, KV_CACHES, Captioner, default_device, fp32_matmul_precision, load_captioner, resolve_dtype,
 )
 from .captioning import caption_images, default_batch_size, default_num_workers
+from .graphed import image_features, query_features
 from .images import ImageCollection, find_images
 from .store import CaptionStore
 
@@ -166,16 +167,12 @@ def stage_breakdown(captioner: Captioner, batch_size: int, repeats: int = 3) -> 
         return benchtools.measure(run, device, warmup=1, repeats=repeats).median_s
 
     def vision() -> torch.Tensor:
-        return model.vision_model(pixels).last_hidden_state
+        return image_features(model, pixels)
 
     image_embeds = vision()
 
     def qformer() -> torch.Tensor:
-        queries = model.query_tokens.expand(batch_size, -1, -1)
-        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
-        query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
-                                     encoder_attention_mask=mask).last_hidden_state
-        return model.language_projection(query_output.to(image_embeds.dtype))
+        return query_features(model, image_embeds)
 
     def caption(tokens: int):
         def run() -> list[str]:

@@ -47,6 +47,20 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """BLIP-2's vision tower: one embedding per image patch."""
+    return model.vision_model(pixel_values).last_hidden_state
+
+
+def query_features(model, image_embeds: torch.Tensor) -> torch.Tensor:
+    """BLIP-2's Q-Former over the image features, projected to the language model's inputs (one per query token)."""
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
+                                 encoder_attention_mask=image_mask).last_hidden_state
+    return model.language_projection(query_output.to(image_embeds.dtype))  # the Q-Former runs in fp32
+
+
 class _Step:
     """The decoding step on fixed buffers: `token` and `position` in, `next_token` out; `visible` is the attention
     mask over the whole cache, each slot opened as it is filled."""
@@ -117,12 +131,7 @@ class GraphedGreedyDecoder:
         """The language model's input: the prompt's embeddings with the image's query outputs at its image tokens
         (as `Blip2ForConditionalGeneration.generate` builds them)."""
         model = self.model
-        image_embeds = model.vision_model(pixel_values).last_hidden_state
-        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
-                                     encoder_attention_mask=image_mask).last_hidden_state
-        language_inputs = model.language_projection(query_output.to(image_embeds.dtype))
+        language_inputs = query_features(model, image_features(model, pixel_values))
         embeddings = model.get_input_embeddings()(input_ids)
         image_tokens = (input_ids == model.config.image_token_index).unsqueeze(-1)
         return embeddings.masked_scatter(image_tokens, language_inputs.to(embeddings.dtype))
