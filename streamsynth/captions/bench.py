@@ -174,17 +174,9 @@ def stage_breakdown(captioner: Captioner, batch_size: int, repeats: int = 3) -> 
     def qformer() -> torch.Tensor:
         return query_features(model, image_embeds)
 
-    def caption(tokens: int):
-        def run() -> list[str]:
-            kept, captioner.max_new_tokens = captioner.max_new_tokens, tokens
-            try:
-                return captioner.caption(pixels)
-            finally:
-                captioner.max_new_tokens = kept
-        return run
-
     vision_s, qformer_s = seconds(vision), seconds(qformer)
-    first_token_s, caption_s = seconds(caption(1)), seconds(caption(captioner.max_new_tokens))
+    first_token_s = seconds(lambda: captioner.caption(pixels, max_new_tokens=1))
+    caption_s = seconds(lambda: captioner.caption(pixels))
     stages = {
         "batch_size": batch_size,
         "kv_cache": captioner.kv_cache,

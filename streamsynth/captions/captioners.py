@@ -160,20 +160,19 @@ class Captioner:
         return self._graphed
 
     @torch.inference_mode()
-    def caption(self, pixel_values: torch.Tensor) -> list[str]:
-        """Greedy captions for a batch of preprocessed images."""
+    def caption(self, pixel_values: torch.Tensor, max_new_tokens: int | None = None) -> list[str]:
+        """Greedy captions for a batch of preprocessed images, of at most `max_new_tokens` (default: the captioner's)."""
         pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
-        n = pixel_values.shape[0]
-        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
+        max_new_tokens = max_new_tokens or self.max_new_tokens
+        input_ids = None if self._prefix is None else self._prefix.expand(pixel_values.shape[0], -1)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         if self.kv_cache == "static":
             kwargs["cache_implementation"] = "static"
         with fp32_matmul_precision(self.fp32_matmul, self.device):
             if self.kv_cache == "graphed":
-                input_ids = self._prefix.expand(n, -1)
-                output = self._graphed_decoder().generate(pixel_values, input_ids, self.max_new_tokens)
+                output = self._graphed_decoder().generate(pixel_values, input_ids, max_new_tokens)
                 skip = input_ids.shape[1]
-            elif self._prefix is not None:
-                input_ids = self._prefix.expand(n, -1)
+            elif input_ids is not None:
                 output = self.model.generate(
                     pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs
                 )

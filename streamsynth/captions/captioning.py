@@ -101,7 +101,7 @@ class _Batch:
         pixels = [share.pixels.to(device, non_blocking=True) for share in shares if share.pixels is not None]
         return _Batch(
             indices=[i for share in shares for i in share.indices],
-            pixels=torch.cat(pixels) if pixels else None,
+            pixels=(pixels[0] if len(pixels) == 1 else torch.cat(pixels)) if pixels else None,
             failed=[failure for share in shares for failure in share.failed],
         )
 
