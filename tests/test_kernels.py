@@ -43,12 +43,14 @@ def test_kernels_run_under_the_interpreter():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("silu", [False, True])
-def test_group_norm_matches_reference(dtype, channels_last, silu):
+@pytest.mark.parametrize("channels, size", [(40, 7), (32, 7), (40, 30)])
+def test_group_norm_matches_reference(dtype, channels_last, silu, channels, size):
+    """5 channels a group (NCHW: the flat kernel), 4 (the tiled one), and groups of several tiles (5 x 900 > 4096)."""
     generator = torch.Generator().manual_seed(0)
-    x = (torch.randn(3, 40, 7, 7, generator=generator) * 3 + 5).to(dtype)  # an offset mean tests the statistics
+    x = (torch.randn(3, channels, size, size, generator=generator) * 3 + 5).to(dtype)  # an offset mean
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    weight, bias = (torch.randn(40, generator=generator).to(dtype) for _ in range(2))
+    weight, bias = (torch.randn(channels, generator=generator).to(dtype) for _ in range(2))
     y = group_norm(x, 8, weight, bias, eps=1e-6, silu=silu)
     assert y.stride() == x.stride()
     assert_matches(y, group_norm_reference(x.float(), 8, weight.float(), bias.float(), 1e-6, silu), dtype)
