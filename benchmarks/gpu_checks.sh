@@ -16,7 +16,8 @@
 # kernel-bench 40 s, profile-eager 2.7 min, captioning 2.8 min (the JPEGs 14 s); a second session: profile-compiled
 # 112 s, synthesis-extra 214 s (no-kernels 113, CUDA graphs 101), loop 123 s + the SD1.5 build (loader-bench 90,
 # loader-ceiling 33), speed-levers 78 s, train-e2e 84 s; a third: caption-bench 66-79 s (three runs), caption-bench-static
-# 75 s, kernel-bench 58 s (with the exact comparison), profile-compiled 136 s.
+# 75 s, kernel-bench 58 s (with the exact comparison), profile-compiled 136 s; a fourth: caption-bench 112 s (8 runs on
+# 2,048 images), 213 s (4 runs on 8,192, the reference loop 101 s of it), the 8,192 JPEGs 18 s, kernel-bench 46 s.
 # A device session of 15 minutes loses 1-2 to the machine's start and about 30 s to each call's transfers.
 # A group's limits add up to under 600 s, the device tool's limit for one command. Every step has its own time limit,
 # writes its results under OUT/<step>/ (the profiles and benchmarks) as it goes and logs to OUT/<step>.log; a failed
@@ -97,11 +98,11 @@ else
   profile_compiled=(--no-ablation --channels-last --fuse-qkv --compile)
   compiled_variants=(--no-ablation --channels-last --fuse-qkv)
   compile_flag=(--compile)
-  jpegs=(/tmp/caption-jpegs 2048)  # not under OUT: everything there is copied back from the device
-  # Batch 256 made 340 img/s against 404-415 at 512 (third session): the larger two, each with transformers' decoding
-  # and the graphed one, each with and without a TF32 Q-Former (8 runs).
-  captions=(--captioner-arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 512,1024
-            --kv-cache dynamic,graphed --fp32-matmul ieee,tf32 --workers 12)
+  jpegs=(/tmp/caption-jpegs-8192 8192)  # not under OUT: everything there is copied back from the device
+  # Fourth session, 2,048 images: TF32 Q-Former and graphed decoding 469 img/s at 512 (465 at 1,024), each lever
+  # alone ~10%, no caption changed. 8,192 images: the steady rate a long job sees, each run's start spread over more.
+  captions=(--captioner-arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 8192 --batch-size 512
+            --kv-cache dynamic,graphed --fp32-matmul ieee,tf32 --workers 14)
   caption_static=(--captioner-arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 512
                   --workers 12)
   ceiling_batches=48
@@ -161,14 +162,14 @@ case $what in captioning|all)
   # The same 500x375 JPEGs for both runs, written once by every core (about 18 ms an image on one).
   if [[ ! -d ${jpegs[0]} ]]; then  # written aside and renamed, so a killed write is never taken for a full set
     rm -rf "${jpegs[0]}.partial"
-    step caption-jpegs 120 "$py" -c \
+    step caption-jpegs 90 "$py" -c \
       "import sys; from streamsynth.captions.bench import write_sample_jpegs as w; w(sys.argv[1], int(sys.argv[2]))" \
       "${jpegs[0]}.partial" "${jpegs[1]}" && { [[ ! -d ${jpegs[0]}.partial ]] || mv "${jpegs[0]}.partial" "${jpegs[0]}"; }
   fi
-  step caption-bench 240 "${cli[@]}" caption-bench "${captions[@]}" --images "${jpegs[0]}" \
+  step caption-bench 300 "${cli[@]}" caption-bench "${captions[@]}" --images "${jpegs[0]}" \
     --out "$OUT/caption-bench"
   # A static KV cache makes transformers compile the decoding step on CUDA: one batch size, since each compiles.
-  step caption-bench-static 240 "${cli[@]}" caption-bench "${caption_static[@]}" --images "${jpegs[0]}" \
+  step caption-bench-static 200 "${cli[@]}" caption-bench "${caption_static[@]}" --images "${jpegs[0]}" \
     --kv-cache static --out "$OUT/caption-bench-static"
 esac
 case $what in loop|all)

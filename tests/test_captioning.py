@@ -217,7 +217,7 @@ def test_blip2_prompt_is_stripped_from_captions(tmp_path, blip2_model):
 
 @pytest.mark.parametrize("kv_cache", ["static", "graphed"])
 def test_static_and_graphed_kv_caches_give_the_same_captions(blip2_model, kv_cache):
-    dynamic = load_captioner(blip2_model, device="cpu", max_new_tokens=6)
+    dynamic = load_captioner(blip2_model, device="cpu", max_new_tokens=6, kv_cache="dynamic")
     other = load_captioner(blip2_model, device="cpu", max_new_tokens=6, kv_cache=kv_cache)
     pixels = torch.stack([dynamic.preprocessor(photo(seed=n)) for n in range(3)])
     captions = dynamic.caption(pixels)
@@ -226,10 +226,15 @@ def test_static_and_graphed_kv_caches_give_the_same_captions(blip2_model, kv_cac
 
 
 def test_graphed_decoding_ends_captions_at_eos_as_generate_does(blip2_model):
-    """Captions that end early get padding, and decoding stops once all have ended: token for token `generate`'s."""
+    """Captions that end early get padding, and decoding stops once all have ended: token for token `generate`'s.
+    The default KV cache is graphed decoding on CUDA only where it applies."""
+    from streamsynth.captions.captioners import default_kv_cache
     from streamsynth.captions.graphed import GraphedGreedyDecoder
 
     captioner = load_captioner(blip2_model, device="cpu", max_new_tokens=8)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert captioner.kv_cache == "dynamic" and default_kv_cache(captioner.model, cpu) == "dynamic"
+    assert default_kv_cache(captioner.model, cuda) == "graphed"
     pixels = torch.stack([captioner.preprocessor(photo(seed=n)) for n in range(4)])
     prompt = captioner._prefix.expand(len(pixels), -1)
 
@@ -246,6 +251,7 @@ def test_graphed_decoding_ends_captions_at_eos_as_generate_does(blip2_model):
     config.repetition_penalty = 1.3  # a logits processor the loop does not apply: refused, in one line
     with pytest.raises(ValueError, match="sets repetition_penalty.*use --kv-cache dynamic or static"):
         GraphedGreedyDecoder(captioner.model)
+    assert default_kv_cache(captioner.model, cuda) == "dynamic"
 
 
 def test_tf32_is_recorded_in_the_settings_and_scoped_to_captioning(blip2_model):
@@ -514,5 +520,9 @@ def test_caption_bench_tiny_writes_json(tmp_path):
                                                           result["streamsynth"]["kv_cache"])
     assert all(stages[f"{stage}_s"] > 0 for stage in ("vision", "qformer", "language_decode", "caption"))
     assert stages["vision_s"] + stages["qformer_s"] < stages["caption_s"] and "qformer_tf32_s" not in stages
+    busiest = stages["busiest_ops"]  # a profiled caption call: its operators, busiest first
+    assert 0 < busiest["device_busy_s"] and 0 < busiest["wall_s"] and 0 < len(busiest["ops"]) <= 15
+    assert [op["seconds"] for op in busiest["ops"]] == sorted((op["seconds"] for op in busiest["ops"]), reverse=True)
+    assert any("linear" in op["name"] or "mm" in op["name"] for op in busiest["ops"]) and busiest["ops"][0]["calls"] > 0
     assert all("peak resident set" in r["peak_memory_kind"] for r in [result["baseline"], *runs])
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

@@ -228,7 +228,7 @@ def test_comma_lists():
 
     args = build_parser().parse_args(["caption-bench", "--batch-size", "4,8", "--kv-cache", "dynamic,static"])
     assert args.batch_size == [4, 8] and args.kv_cache == ["dynamic", "static"]
-    assert build_parser().parse_args(["caption-bench"]).kv_cache == ["dynamic"]  # the string default, converted
+    assert build_parser().parse_args(["caption-bench"]).kv_cache == ["auto"]  # the string default, converted
     args = build_parser().parse_args(["loader-bench"])
     assert args.workers == [1, 2] and args.replay == [1, 4] and args.augment == ["batched"]
     assert build_parser().parse_args(["preview", "--classes", "tench,0"]).classes == ["tench", "0"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -192,7 +193,32 @@ def stage_breakdown(captioner: Captioner, batch_size: int, repeats: int = 3) -> 
     if device.type == "cuda":
         with fp32_matmul_precision("tf32", device):
             stages["qformer_tf32_s"] = round(seconds(qformer), 4)
+    stages["busiest_ops"] = busiest_ops(lambda: captioner.caption(pixels), device)
     return stages
+
+
+def busiest_ops(run, device: torch.device, top: int = 15) -> dict:
+    """One call of `run` under torch's profiler: how long the device was busy against the wall clock (a device idle
+    for much of the call waits on the host: launches, synchronisations), and the `top` operations by their own time
+    on the device (CUDA kernels; on the CPU, operators), with their call counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as profiler:
+        start = time.perf_counter()
+        run()
+        benchtools.synchronize(device)
+        wall_s = time.perf_counter() - start
+    events = profiler.key_averages()
+    own_us = [(event.self_device_time_total if on_cuda else event.self_cpu_time_total, event) for event in events]
+    own_us.sort(key=lambda pair: pair[0], reverse=True)
+    busy_s = sum(us for us, _ in own_us) / 1e6
+    return {
+        "wall_s": round(wall_s, 4),
+        "device_busy_s": round(busy_s, 4),  # on the CPU: the operators' own time, profiler overhead included
+        "ops": [{"name": event.key[:120], "calls": event.count, "seconds": round(us / 1e6, 5)}
+                for us, event in own_us[:top]],
+    }
 
 
 def run_benchmark(
@@ -202,7 +228,7 @@ def run_benchmark(
     images: str | None = None,
     num_images: int = 2048,
     batch_sizes: Sequence[int] | None = None,
-    kv_caches: Sequence[str] = ("dynamic",),
+    kv_caches: Sequence[str] = ("auto",),
     fp32_matmuls: Sequence[str] = ("ieee",),
     baseline_batch_size: int = REFERENCE_BATCH_SIZE,
     num_workers: int | None = None,

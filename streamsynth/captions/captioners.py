@@ -27,7 +27,7 @@ FP32_MATMULS = ("ieee", "tf32")
 # "static", preallocated, with which transformers compiles the decoding step on CUDA; "graphed", static with
 # streamsynth's greedy loop replaying the step from a CUDA graph (BLIP-2 with a decoder-only LM: `graphed.py`).
 # The captions are the same; which is fastest is measured by `caption-bench --kv-cache dynamic,static,graphed`.
-KV_CACHES = ("dynamic", "static", "graphed")
+KV_CACHES = ("auto", "dynamic", "static", "graphed")  # auto: default_kv_cache
 
 
 def default_device() -> str:
@@ -65,6 +65,15 @@ class ImagePreprocessor:
         return pixels.to(self.dtype)
 
 
+def default_kv_cache(model: torch.nn.Module, device: torch.device) -> str:
+    """The KV cache kind "auto" stands for: graphed decoding on CUDA for a model it can decode (BLIP-2 with a
+    decoder-only language model), else transformers' dynamic cache. Both give the same captions; on an H200 graphed
+    decoding captioned 8,192 images 3-7% faster than the dynamic cache at batch 512 (2,048 images: 10%)."""
+    from .graphed import unsupported_reason
+
+    return "graphed" if device.type == "cuda" and unsupported_reason(model) is None else "dynamic"
+
+
 class Captioner:
     """A captioning model and its tokenizer, on one device, with fixed decoding settings."""
 
@@ -79,7 +88,7 @@ class Captioner:
         dtype: torch.dtype,
         prompt: str | None = None,
         max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS,
-        kv_cache: str = "dynamic",
+        kv_cache: str = "auto",
         fp32_matmul: str = "ieee",
     ):
         if fp32_matmul not in FP32_MATMULS:
@@ -104,13 +113,15 @@ class Captioner:
 
     @property
     def kv_cache(self) -> str:
-        """How the decoder keeps its keys and values: one of KV_CACHES."""
+        """How the decoder keeps its keys and values: one of KV_CACHES but "auto", which is resolved when set."""
         return self._kv_cache
 
     @kv_cache.setter
     def kv_cache(self, kind: str) -> None:
         if kind not in KV_CACHES:
             raise ValueError(f"unknown KV cache kind {kind!r}: choose one of {list(KV_CACHES)}")
+        if kind == "auto":
+            kind = default_kv_cache(self.model, self.device)
         self._kv_cache = kind
         if kind == "graphed":
             self._graphed_decoder()  # refuses a model it cannot decode now, not at the first batch
@@ -222,7 +233,7 @@ def load_captioner(
     dtype: str | None = None,
     prompt: str | None = None,
     max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS,
-    kv_cache: str = "dynamic",
+    kv_cache: str = "auto",
     fp32_matmul: str = "ieee",
 ) -> Captioner:
     """Load a BLIP-2, BLIP or VisionEncoderDecoder captioner with `from_pretrained` (hub id or local folder)."""

@@ -71,10 +71,11 @@ def add_commands(subparsers) -> None:
     caption.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     caption.add_argument("--commit-every", type=int, default=1024, help="captions per LMDB transaction")
     caption.add_argument("--no-progress", action="store_true", help="no progress bar")
-    caption.add_argument("--kv-cache", choices=KV_CACHES, default="dynamic",
+    caption.add_argument("--kv-cache", choices=KV_CACHES, default="auto",
                          help="dynamic (grows every token), static (preallocated; on CUDA transformers compiles the "
                          "decoding step) or graphed (static, the step replayed from a CUDA graph; BLIP-2 with a "
-                         "decoder-only LM): the same captions, speed measured by caption-bench")
+                         "decoder-only LM): the same captions, speed measured by caption-bench; auto: graphed on "
+                         "CUDA where it applies, else dynamic")
     caption.add_argument("--fp32-matmul", choices=FP32_MATMULS, default="ieee",
                          help="CUDA matrix multiplies of the model's fp32 parts (BLIP-2's Q-Former): ieee (full fp32) "
                          "or tf32 (tensor cores; faster, captions may differ in rare tokens; recorded in the store)")
@@ -98,10 +99,10 @@ def add_commands(subparsers) -> None:
                        help="images per model.generate call in the reference loop")
     bench.add_argument("--max-new-tokens", type=int, default=REFERENCE_MAX_NEW_TOKENS,
                        help="most tokens generated per caption (greedy decoding)")
-    bench.add_argument("--kv-cache", type=comma_list(choices=KV_CACHES), default="dynamic",
+    bench.add_argument("--kv-cache", type=comma_list(choices=KV_CACHES), default="auto",
                        metavar=list_metavar("KIND", KV_CACHES),
                        help="comma-separated KV cache kinds to measure, e.g. dynamic,static,graphed (static compiles "
-                       "the decoding step on CUDA, graphed replays it from a CUDA graph)")
+                       "the decoding step on CUDA, graphed replays it from a CUDA graph; auto: caption's default)")
     bench.add_argument("--fp32-matmul", type=comma_list(choices=FP32_MATMULS), default="ieee",
                        metavar=list_metavar("PRECISION", FP32_MATMULS),
                        help="comma-separated fp32 matmul precisions to measure, e.g. ieee,tf32 (each run also reports "
