@@ -14,7 +14,8 @@ and the stream's worker metrics take their peak memory from it, so their figures
   block's first launch to its last, read after one synchronisation), else wall time; `clock="wall"` gives wall time
   with the device synchronised at both ends, for blocks that wait on other processes. `measure(run, device, warmup,
   repeats)` is the loop: untimed warm-up calls, the peak reset, then timed calls. `StageClock` splits one call into
-  stages by marks.
+  stages by marks. `busiest_ops(run, device)` profiles one call: the device's busy time against the wall clock, and
+  its busiest kernels (on the CPU, operators).
 - `environment(device)`: GPU name, memory, capability and driver, CUDA runtime, CPU, Python and the versions of
   torch, triton, diffusers, transformers and friends (read from package metadata: nothing is imported).
 - `write_json(path, report)` writes a report all or nothing; `figure(path)` makes and saves a matplotlib figure.
@@ -253,6 +254,31 @@ class StageClock:
         for (_, begin), (stage, end) in zip(self.marks, self.marks[1:]):
             totals[stage] += begin.elapsed_time(end) / 1000 if self.cuda else end - begin
         return totals
+
+
+def busiest_ops(run: Callable[[], Any], device: str | torch.device, top: int = 15) -> dict:
+    """One call of `run` under torch's profiler: how long the device was busy against the wall clock (a device idle
+    for much of the call waits on the host: launches, synchronisations), and the `top` operations by their own time
+    on the device (CUDA kernels; on the CPU, operators), with their call counts."""
+    from torch.profiler import ProfilerActivity, profile  # imported here: the profiler loads Kineto
+
+    device = as_device(device)
+    on_cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as profiler:
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        wall_s = time.perf_counter() - start
+    events = profiler.key_averages()
+    own_us = [(event.self_device_time_total if on_cuda else event.self_cpu_time_total, event) for event in events]
+    own_us.sort(key=lambda pair: pair[0], reverse=True)
+    busy_s = sum(us for us, _ in own_us) / 1e6
+    return {
+        "wall_s": round(wall_s, 4),
+        "device_busy_s": round(busy_s, 4),  # on the CPU: the operators' own time, profiler overhead included
+        "ops": [{"name": event.key[:120], "calls": event.count, "seconds": round(us / 1e6, 5)}
+                for us, event in own_us[:top]],
+    }
 
 
 # The environment a figure was measured in.

@@ -111,6 +111,10 @@ def _profile(args: argparse.Namespace, settings: dict, out: Path, device: torch.
     synth = _synthesizer(_load(model, args, device), settings, args)
     fast_result, fast_images = _measure(lambda: _streamsynth_batch(synth, prompts, seeds, args), settings, device)
     fast_result["fast_path"], fast_result["skipped"] = synth.fast_path.applied, synth.fast_path.skipped
+    # One more batch under the profiler: where the device's time goes, kernel by kernel (attention, convolutions,
+    # matrix multiplies, the Triton kernels), and whether it ever waits on the host.
+    fast_result["busiest_ops"] = benchtools.busiest_ops(lambda: _streamsynth_batch(synth, prompts, seeds, args),
+                                                         device, top=25)
     fast_pipe = synth.pipe
 
     peak = args.peak_tflops or _default_peak_tflops(device)

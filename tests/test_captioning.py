@@ -524,5 +524,7 @@ def test_caption_bench_tiny_writes_json(tmp_path):
     assert 0 < busiest["device_busy_s"] and 0 < busiest["wall_s"] and 0 < len(busiest["ops"]) <= 15
     assert [op["seconds"] for op in busiest["ops"]] == sorted((op["seconds"] for op in busiest["ops"]), reverse=True)
     assert any("linear" in op["name"] or "mm" in op["name"] for op in busiest["ops"]) and busiest["ops"][0]["calls"] > 0
+    attention = stages["decode_attention_ms"]  # on the CPU two backends take the call; CUDA's two refuse it
+    assert attention["math"] > 0 and attention["flash"] > 0 and attention["cudnn"] is attention["efficient"] is None
     assert all("peak resident set" in r["peak_memory_kind"] for r in [result["baseline"], *runs])
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

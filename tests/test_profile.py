@@ -36,6 +36,9 @@ def test_profile_dry_run_writes_json_and_png(tmp_path):
         assert path["images_per_s"] == report["batch"] / path["total_s"]
         assert path["achieved_tflops"] > 0 and path["peak_memory_bytes"] > 0 and path["warmup_s"] > 0
         assert path["share_of_peak"] is None  # no peak rate is known for a CPU
+    busiest = report["paths"]["streamsynth"]["busiest_ops"]  # one profiled batch of the fast path
+    assert 0 < busiest["device_busy_s"] and 0 < busiest["wall_s"] and 0 < len(busiest["ops"]) <= 25
+    assert any("conv" in op["name"] for op in busiest["ops"])
     assert set(report["ablation"]) == {"group_norm", "geglu", "guided_step", "postprocess"}
     assert all(run["images_identical"] for run in report["ablation"].values())
     # With the kernels' references running, the fast path computes exactly what diffusers computes.

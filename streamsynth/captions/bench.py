@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -193,32 +192,42 @@ def stage_breakdown(captioner: Captioner, batch_size: int, repeats: int = 3) -> 
     if device.type == "cuda":
         with fp32_matmul_precision("tf32", device):
             stages["qformer_tf32_s"] = round(seconds(qformer), 4)
-    stages["busiest_ops"] = busiest_ops(lambda: captioner.caption(pixels), device)
+    stages["busiest_ops"] = benchtools.busiest_ops(lambda: captioner.caption(pixels), device)
+    stages["decode_attention_ms"] = decode_attention_ms(captioner, batch_size)
     return stages
 
 
-def busiest_ops(run, device: torch.device, top: int = 15) -> dict:
-    """One call of `run` under torch's profiler: how long the device was busy against the wall clock (a device idle
-    for much of the call waits on the host: launches, synchronisations), and the `top` operations by their own time
-    on the device (CUDA kernels; on the CPU, operators), with their call counts."""
-    from torch.profiler import ProfilerActivity, profile
+def decode_attention_ms(captioner: Captioner, batch_size: int, repeats: int = 5) -> dict[str, float | None]:
+    """One layer's attention of a decoding step, by `scaled_dot_product_attention` backend (None where the backend
+    refuses the call): one query token per caption over a static cache of the prompt and every new token, with the
+    attention mask hiding the half of the new tokens' slots not yet filled (a step in mid-caption). The profile of a
+    batch (`busiest_ops`) found this call, in cuDNN's kernel, two thirds of a decoding step on an H200."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    on_cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as profiler:
-        start = time.perf_counter()
-        run()
-        benchtools.synchronize(device)
-        wall_s = time.perf_counter() - start
-    events = profiler.key_averages()
-    own_us = [(event.self_device_time_total if on_cuda else event.self_cpu_time_total, event) for event in events]
-    own_us.sort(key=lambda pair: pair[0], reverse=True)
-    busy_s = sum(us for us, _ in own_us) / 1e6
-    return {
-        "wall_s": round(wall_s, 4),
-        "device_busy_s": round(busy_s, 4),  # on the CPU: the operators' own time, profiler overhead included
-        "ops": [{"name": event.key[:120], "calls": event.count, "seconds": round(us / 1e6, 5)}
-                for us, event in own_us[:top]],
-    }
+    config = captioner.model.config.text_config
+    heads = config.num_attention_heads
+    head_dim = config.hidden_size // heads
+    device, dtype = captioner.device, captioner.dtype
+    prompt = captioner._prefix.numel()
+    keys = prompt + captioner.max_new_tokens
+    generator = torch.Generator(device).manual_seed(0)
+    query = torch.randn(batch_size, heads, 1, head_dim, generator=generator, device=device, dtype=dtype)
+    key, value = (torch.randn(batch_size, heads, keys, head_dim, generator=generator, device=device, dtype=dtype)
+                  for _ in range(2))
+    mask = torch.zeros(batch_size, 1, 1, keys, device=device, dtype=dtype)
+    mask[..., prompt + captioner.max_new_tokens // 2:] = torch.finfo(dtype).min
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
+    times: dict[str, float | None] = {}
+    for name, backend in backends.items():
+        def attend():
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        try:
+            times[name] = round(1000 * benchtools.measure(attend, device, warmup=1, repeats=repeats).median_s, 4)
+        except RuntimeError:  # "No available kernel": the backend does not take this call
+            times[name] = None
+    return times
 
 
 def run_benchmark(
