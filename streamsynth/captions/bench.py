@@ -208,7 +208,7 @@ def decode_attention_ms(captioner: Captioner, batch_size: int, repeats: int = 5)
     heads = config.num_attention_heads
     head_dim = config.hidden_size // heads
     device, dtype = captioner.device, captioner.dtype
-    prompt = captioner._prefix.numel()
+    prompt = captioner.prompt_length
     keys = prompt + captioner.max_new_tokens
     generator = torch.Generator(device).manual_seed(0)
     query = torch.randn(batch_size, heads, 1, head_dim, generator=generator, device=device, dtype=dtype)

@@ -68,7 +68,7 @@ class ImagePreprocessor:
 def default_kv_cache(model: torch.nn.Module, device: torch.device) -> str:
     """The KV cache kind "auto" stands for: graphed decoding on CUDA for a model it can decode (BLIP-2 with a
     decoder-only language model), else transformers' dynamic cache. Both give the same captions; on an H200 graphed
-    decoding captioned 8,192 images 3-7% faster than the dynamic cache at batch 512 (2,048 images: 10%)."""
+    decoding captioned 8,192 images 3-7% faster than the dynamic cache at batch 512 (2,048 images: 10-12%)."""
     from .graphed import unsupported_reason
 
     return "graphed" if device.type == "cuda" and unsupported_reason(model) is None else "dynamic"
@@ -127,6 +127,12 @@ class Captioner:
             self._graphed_decoder()  # refuses a model it cannot decode now, not at the first batch
         else:
             self._graphed = None  # its static caches hold gigabytes at large batches
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens BLIP-2's language model is given before it generates (query outputs, BOS, the prompt); 0 for
+        other architectures."""
+        return 0 if self._prefix is None else self._prefix.numel()
 
     def _prefix_ids(self) -> torch.Tensor | None:
         """The token ids BLIP-2 is given before generating: image placeholders, BOS, then the prompt.
