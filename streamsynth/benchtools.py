@@ -15,7 +15,8 @@ and the stream's worker metrics take their peak memory from it, so their figures
   with the device synchronised at both ends, for blocks that wait on other processes. `measure(run, device, warmup,
   repeats)` is the loop: untimed warm-up calls, the peak reset, then timed calls. `StageClock` splits one call into
   stages by marks. `busiest_ops(run, device)` profiles one call: the device's busy time against the wall clock, and
-  its busiest kernels (on the CPU, operators).
+  its busiest kernels (on the CPU, operators); `attention_backends_ms(q, k, v, mask)` times one attention call under
+  each `scaled_dot_product_attention` backend.
 - `environment(device)`: GPU name, memory, capability and driver, CUDA runtime, CPU, Python and the versions of
   torch, triton, diffusers, transformers and friends (read from package metadata: nothing is imported).
 - `write_json(path, report)` writes a report all or nothing; `figure(path)` makes and saves a matplotlib figure.
@@ -280,6 +281,28 @@ def busiest_ops(run: Callable[[], Any], device: str | torch.device, top: int = 1
                 for us, event in own_us[:top]],
     }
 
+
+SDPA_BACKENDS = ("cudnn", "efficient", "flash", "math")
+
+
+def attention_backends_ms(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attn_mask: torch.Tensor | None = None, repeats: int = 5) -> dict[str, float | None]:
+    """`scaled_dot_product_attention(query, key, value, attn_mask)` timed under each of its backends (SDPA_BACKENDS;
+    median milliseconds, None where a backend refuses the call), to say which one a model's attention should pin."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
+    times: dict[str, float | None] = {}
+    for name in SDPA_BACKENDS:
+        def attend(backend=backends[name]):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+        try:
+            times[name] = round(1000 * measure(attend, query.device, warmup=1, repeats=repeats).median_s, 4)
+        except RuntimeError:  # "No available kernel": the backend does not take this call
+            times[name] = None
+    return times
 
 # The environment a figure was measured in.
 

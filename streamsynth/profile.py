@@ -102,6 +102,7 @@ def _profile(args: argparse.Namespace, settings: dict, out: Path, device: torch.
 
     reference = _load(model, args, device)
     flops = count_flops(reference, settings["batch"], settings["steps"], args.guidance_scale)
+    attention = unet_attention(reference, settings["batch"], args.guidance_scale)
     ref_result, ref_images = _measure(lambda: _diffusers_batch(reference, prompts, seeds, settings, args), settings,
                                       device)
     scheduler_name = type(reference.scheduler).__name__
@@ -128,7 +129,7 @@ def _profile(args: argparse.Namespace, settings: dict, out: Path, device: torch.
         "peak_tflops": peak, "peak_tflops_source": "--peak-tflops" if args.peak_tflops else "datasheet default",
         "kernels_requested": not args.no_kernels,
         "kernels_ran_triton": _kernels_ran_triton(device) and not args.no_kernels,
-        "paths": {"diffusers": ref_result, "streamsynth": fast_result},
+        "paths": {"diffusers": ref_result, "streamsynth": fast_result}, "unet_attention": attention,
         "speedup": fast_result["images_per_s"] / ref_result["images_per_s"],
         **image_agreement(fast_images, ref_images), "ablation": {},
     }
@@ -305,13 +306,8 @@ def count_flops(pipe, batch: int, steps: int, guidance_scale: float) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     unet, vae = pipe.unet, pipe.vae
-    rows = 2 * batch if guidance_scale > 1.0 else batch
-    device, dtype = unet.device, unet.dtype
-    size = unet.config.sample_size
-    latents = torch.randn(rows, unet.config.in_channels, size, size, device=device, dtype=dtype)
-    length = pipe.tokenizer.model_max_length
-    ids = torch.zeros(batch, length, dtype=torch.long, device=device)
-    text = torch.randn(rows, length, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    latents, text = _unet_inputs(pipe, batch, guidance_scale)
+    ids = torch.zeros(batch, text.shape[1], dtype=torch.long, device=unet.device)
     counts = {}
     with torch.no_grad():
         for name, call in (
@@ -326,6 +322,57 @@ def count_flops(pipe, batch: int, steps: int, guidance_scale: float) -> dict:
     # The unconditional prompt's encoding is left out: it is the same for every batch (streamsynth caches it).
     counts["per_batch"] = steps * counts["unet_call"] + counts["vae_decode"] + counts["text_encoder"]
     return counts
+
+
+def _unet_inputs(pipe, batch: int, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random latents and text embeddings for one UNet call of a batch (CFG doubles its rows)."""
+    unet = pipe.unet
+    rows = 2 * batch if guidance_scale > 1.0 else batch
+    device, dtype = unet.device, unet.dtype
+    size = unet.config.sample_size
+    latents = torch.randn(rows, unet.config.in_channels, size, size, device=device, dtype=dtype)
+    text = torch.randn(rows, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=device,
+                       dtype=dtype)
+    return latents, text
+
+
+def unet_attention(pipe, batch: int, guidance_scale: float) -> list[dict]:
+    """The attention calls of one UNet evaluation, one entry per distinct shape with its count, each timed under every
+    `scaled_dot_product_attention` backend on random tensors of that shape (`benchtools.attention_backends_ms`; None
+    where a backend refuses the call or runs out of memory): which backend SD's attention (head dim 40 in SD1.5's
+    first blocks) should pin."""
+    from torch.overrides import TorchFunctionMode
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    class Recorder(TorchFunctionMode):  # sees every call diffusers' attention processors make, without patching them
+        def __init__(self):
+            super().__init__()
+            self.shapes: dict[tuple, int] = {}
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is sdpa:
+                mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+                shape = (*(tuple(t.shape) for t in args[:3]), None if mask is None else tuple(mask.shape))
+                self.shapes[shape] = self.shapes.get(shape, 0) + 1
+            return func(*args, **kwargs)
+
+    unet = pipe.unet
+    latents, text = _unet_inputs(pipe, batch, guidance_scale)
+    recorder = Recorder()
+    with torch.no_grad(), recorder:
+        unet(latents, 500, encoder_hidden_states=text)
+    del latents, text
+    calls = []
+    for (query, key, value, mask), count in recorder.shapes.items():
+        tensors = [torch.randn(shape, device=unet.device, dtype=unet.dtype) for shape in (query, key, value)]
+        attn_mask = None if mask is None else torch.zeros(mask, device=unet.device, dtype=unet.dtype)
+        calls.append({"query": list(query), "key": list(key), "mask": mask is not None, "calls": count,
+                      "ms": benchtools.attention_backends_ms(*tensors, attn_mask)})
+        del tensors, attn_mask
+        _free(unet.device)
+    return calls
 
 
 def _add_rates(result: dict, flops_per_batch: float, peak: float | None) -> None:

@@ -39,6 +39,11 @@ def test_profile_dry_run_writes_json_and_png(tmp_path):
     busiest = report["paths"]["streamsynth"]["busiest_ops"]  # one profiled batch of the fast path
     assert 0 < busiest["device_busy_s"] and 0 < busiest["wall_s"] and 0 < len(busiest["ops"]) <= 25
     assert any("conv" in op["name"] for op in busiest["ops"])
+    # The UNet's attention calls, each distinct shape once with its count, timed per backend (the CPU runs two).
+    attention = report["unet_attention"]
+    assert attention and all(call["calls"] > 0 and call["ms"]["math"] > 0 for call in attention)
+    assert any(call["key"][2] == 77 for call in attention)  # cross-attention to the prompt's 77 tokens
+    assert any(call["key"][2] == call["query"][2] != 77 for call in attention)  # self-attention
     assert set(report["ablation"]) == {"group_norm", "geglu", "guided_step", "postprocess"}
     assert all(run["images_identical"] for run in report["ablation"].values())
     # With the kernels' references running, the fast path computes exactly what diffusers computes.

@@ -197,13 +197,11 @@ def stage_breakdown(captioner: Captioner, batch_size: int, repeats: int = 3) -> 
     return stages
 
 
-def decode_attention_ms(captioner: Captioner, batch_size: int, repeats: int = 5) -> dict[str, float | None]:
-    """One layer's attention of a decoding step, by `scaled_dot_product_attention` backend (None where the backend
-    refuses the call): one query token per caption over a static cache of the prompt and every new token, with the
-    attention mask hiding the half of the new tokens' slots not yet filled (a step in mid-caption). The profile of a
+def decode_attention_ms(captioner: Captioner, batch_size: int) -> dict[str, float | None]:
+    """One layer's attention of a decoding step under each `scaled_dot_product_attention` backend
+    (`benchtools.attention_backends_ms`): one query token per caption over a static cache of the prompt and every new
+    token, the mask hiding the half of the new tokens' slots not yet filled (a step in mid-caption). The profile of a
     batch (`busiest_ops`) found this call, in cuDNN's kernel, two thirds of a decoding step on an H200."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     config = captioner.model.config.text_config
     heads = config.num_attention_heads
     head_dim = config.hidden_size // heads
@@ -216,18 +214,7 @@ def decode_attention_ms(captioner: Captioner, batch_size: int, repeats: int = 5)
                   for _ in range(2))
     mask = torch.zeros(batch_size, 1, 1, keys, device=device, dtype=dtype)
     mask[..., prompt + captioner.max_new_tokens // 2:] = torch.finfo(dtype).min
-    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
-    times: dict[str, float | None] = {}
-    for name, backend in backends.items():
-        def attend():
-            with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-        try:
-            times[name] = round(1000 * benchtools.measure(attend, device, warmup=1, repeats=repeats).median_s, 4)
-        except RuntimeError:  # "No available kernel": the backend does not take this call
-            times[name] = None
-    return times
+    return benchtools.attention_backends_ms(query, key, value, mask)
 
 
 def run_benchmark(
