@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # The packages whose versions every report records.
 PACKAGES = ("torch", "torchvision", "triton", "diffusers", "transformers", "accelerate", "xformers", "timm",
@@ -282,25 +283,23 @@ def busiest_ops(run: Callable[[], Any], device: str | torch.device, top: int = 1
     }
 
 
-SDPA_BACKENDS = ("cudnn", "efficient", "flash", "math")
+# `scaled_dot_product_attention`'s backends, by the names the benchmarks' JSON gives them.
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 
 
 def attention_backends_ms(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attn_mask: torch.Tensor | None = None, repeats: int = 5) -> dict[str, float | None]:
     """`scaled_dot_product_attention(query, key, value, attn_mask)` timed under each of its backends (SDPA_BACKENDS;
     median milliseconds, None where a backend refuses the call), to say which one a model's attention should pin."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
     times: dict[str, float | None] = {}
-    for name in SDPA_BACKENDS:
-        def attend(backend=backends[name]):
+    for name, backend in SDPA_BACKENDS.items():
+        def attend(backend=backend):
             with sdpa_kernel(backend):
                 return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
         try:
             times[name] = round(1000 * measure(attend, query.device, warmup=1, repeats=repeats).median_s, 4)
-        except RuntimeError:  # "No available kernel": the backend does not take this call
+        except RuntimeError:  # "No available kernel": the backend does not take this call (or out of memory)
             times[name] = None
     return times
 

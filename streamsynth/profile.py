@@ -19,10 +19,12 @@ import gc
 import logging
 import math
 import statistics
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from . import benchtools
 from .cliargs import add_device, resolve_device
@@ -336,36 +338,35 @@ def _unet_inputs(pipe, batch: int, guidance_scale: float) -> tuple[torch.Tensor,
     return latents, text
 
 
+class _AttentionShapes(TorchFunctionMode):
+    """Counts the `scaled_dot_product_attention` calls made inside it by shape (query, key, value, mask or None):
+    it sees every call diffusers' attention processors make, without patching them."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[tuple] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            self.counts[(*(tuple(t.shape) for t in args[:3]), None if mask is None else tuple(mask.shape))] += 1
+        return func(*args, **kwargs)
+
+
 def unet_attention(pipe, batch: int, guidance_scale: float) -> list[dict]:
     """The attention calls of one UNet evaluation, one entry per distinct shape with its count, each timed under every
     `scaled_dot_product_attention` backend on random tensors of that shape (`benchtools.attention_backends_ms`; None
     where a backend refuses the call or runs out of memory): which backend SD's attention (head dim 40 in SD1.5's
     first blocks) should pin."""
-    from torch.overrides import TorchFunctionMode
-
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    class Recorder(TorchFunctionMode):  # sees every call diffusers' attention processors make, without patching them
-        def __init__(self):
-            super().__init__()
-            self.shapes: dict[tuple, int] = {}
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is sdpa:
-                mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-                shape = (*(tuple(t.shape) for t in args[:3]), None if mask is None else tuple(mask.shape))
-                self.shapes[shape] = self.shapes.get(shape, 0) + 1
-            return func(*args, **kwargs)
-
     unet = pipe.unet
     latents, text = _unet_inputs(pipe, batch, guidance_scale)
-    recorder = Recorder()
-    with torch.no_grad(), recorder:
+    shapes = _AttentionShapes()
+    with torch.no_grad(), shapes:
         unet(latents, 500, encoder_hidden_states=text)
     del latents, text
     calls = []
-    for (query, key, value, mask), count in recorder.shapes.items():
+    for (query, key, value, mask), count in shapes.counts.items():
         tensors = [torch.randn(shape, device=unet.device, dtype=unet.dtype) for shape in (query, key, value)]
         attn_mask = None if mask is None else torch.zeros(mask, device=unet.device, dtype=unet.dtype)
         calls.append({"query": list(query), "key": list(key), "mask": mask is not None, "calls": count,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from .graphed import GraphedGreedyDecoder, unsupported_reason
+
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 REFERENCE_MAX_NEW_TOKENS = 16
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -69,8 +71,6 @@ def default_kv_cache(model: torch.nn.Module, device: torch.device) -> str:
     """The KV cache kind "auto" stands for: graphed decoding on CUDA for a model it can decode (BLIP-2 with a
     decoder-only language model), else transformers' dynamic cache. Both give the same captions; on an H200 graphed
     decoding captioned 8,192 images 3-7% faster than the dynamic cache at batch 512 (2,048 images: 10-12%)."""
-    from .graphed import unsupported_reason
-
     return "graphed" if device.type == "cuda" and unsupported_reason(model) is None else "dynamic"
 
 
@@ -171,8 +171,6 @@ class Captioner:
 
     def _graphed_decoder(self):
         if self._graphed is None:
-            from .graphed import GraphedGreedyDecoder
-
             self._graphed = GraphedGreedyDecoder(self.model)  # refuses a model it cannot decode, in one line
         return self._graphed
 
