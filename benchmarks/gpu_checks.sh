@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_checks.sh e2e OUT          # first: train.py on SD1.5 workers on CUDA, one worker killed; caption on CUDA
 #   bash benchmarks/gpu_checks.sh synthesis OUT    # profile SD1.5 eager fast path with ablation, then compiled
 #   bash benchmarks/gpu_checks.sh synthesis-extra OUT  # compiled without the kernels; compiled with CUDA graphs
-#   bash benchmarks/gpu_checks.sh captioning OUT   # caption-bench BLIP-2 OPT-2.7b: batch sizes x graphed decoding x
-#                                                  # TF32 Q-Former, then transformers' static cache
+#   bash benchmarks/gpu_checks.sh captioning OUT   # caption-bench BLIP-2 OPT-2.7b: graphed decoding x TF32 Q-Former
+#                                                  # x decoding attention, then transformers' static cache
 #   bash benchmarks/gpu_checks.sh loop OUT         # loader-bench: SD1.5 workers on the GPU feeding a consumer; the
 #                                                  # loader's CPU ceiling on the machine's 16 cores
 #   bash benchmarks/gpu_checks.sh levers OUT       # speed levers: SD1.5 images/s per preset and lever against the reference
@@ -76,7 +76,8 @@ if [[ -n ${DRY:-} ]]; then
   compiled_variants=(--no-ablation --channels-last --fuse-qkv)
   compile_flag=()
   jpegs=("$OUT/caption-jpegs" 32)
-  captions=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 8,16 --kv-cache dynamic,graphed --workers 1)
+  captions=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 8,16 --kv-cache dynamic,graphed
+            --decode-attention sdpa,triton --workers 1)
   caption_static=(--captioner-arch tiny --device cpu --num-images 32 --batch-size 16 --workers 1)
   loop=(--device cpu --batches 2 --workers 1 --replay 1,2)
   ceiling_batches=2
@@ -99,10 +100,11 @@ else
   compiled_variants=(--no-ablation --channels-last --fuse-qkv)
   compile_flag=(--compile)
   jpegs=(/tmp/caption-jpegs-8192 8192)  # not under OUT: everything there is copied back from the device
-  # Fourth session, 2,048 images: TF32 Q-Former and graphed decoding 469 img/s at 512 (465 at 1,024), each lever
-  # alone ~10%, no caption changed. 8,192 images: the steady rate a long job sees, each run's start spread over more.
+  # Fourth session, 8,192 images (the steady rate a long job sees): graphed decoding 461 img/s, 514 with a TF32
+  # Q-Former; the dynamic cache 430 and 499. Next: the decoding step's attention (two thirds of it in cuDNN's kernel)
+  # in streamsynth's kernel for one query token, graphed, with and without TF32.
   captions=(--captioner-arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 8192 --batch-size 512
-            --kv-cache dynamic,graphed --fp32-matmul ieee,tf32 --workers 14)
+            --kv-cache graphed --fp32-matmul ieee,tf32 --decode-attention sdpa,triton --workers 14)
   caption_static=(--captioner-arch blip2-opt-2.7b --device cuda --dtype fp16 --num-images 2048 --batch-size 512
                   --workers 12)
   ceiling_batches=48

@@ -1,14 +1,17 @@
-"""Triton kernels for Stable Diffusion's memory-bound hot spots, each beside its plain-PyTorch reference.
+"""Triton kernels for Stable Diffusion's memory-bound hot spots and a captioner's decoding attention, each beside its
+plain-PyTorch reference.
 
 Installed as `streamsynth.kernels` (the repository keeps this folder at its top level; the wheel maps it into the
 streamsynth package, and a checkout's `streamsynth/__init__.py` gives it the same name). Nothing here imports
-streamsynth: the kernels know diffusers' modules and tensors, not the stream.
+streamsynth: the kernels know diffusers' and transformers' modules and tensors, not the stream.
 
 Modules:
 - `group_norm`: GroupNorm with an optional fused SiLU, NCHW or channels_last, fp32 statistics.
 - `geglu`: diffusers' GEGLU gate (bias, split, exact GELU and product) in one pass after a bias-free matmul.
 - `guided_step`: the classifier-free-guidance combine fused with the DDIM (eta=0) or PNDM/PLMS update.
 - `postprocess`: VAE output to classifier input (antialiased bilinear resize, uint8 or normalised).
+- `decode_attention`: attention for one query token over a KV cache (a language model's decoding step), and its
+  hook into transformers' `AttentionInterface`.
 - `<kernel>_triton`: each kernel's Triton code, imported only when the kernel runs (Triton is an optional extra).
 - `patch`: swaps the fused modules into a loaded diffusers UNet or VAE, reversibly.
 - `dispatch`: switches each kernel on or off and decides where it can run.

@@ -156,9 +156,9 @@ def check(archs: list[int], dtypes: list[str],
 
 
 def format_report(report: CheckReport) -> str:
-    lines = [f"{'arch':>4}  {'kernel':<12} {'regs':>4} {'local B':>7} {'shared B':>8} {'warps':>5}  first launch"]
+    lines = [f"{'arch':>4}  {'kernel':<16} {'regs':>4} {'local B':>7} {'shared B':>8} {'warps':>5}  first launch"]
     for v in report.variants:
-        lines.append(f"sm{v.arch:<2}  {v.kernel:<12} {v.registers or '?':>4} {v.local_bytes or 0:>7} "
+        lines.append(f"sm{v.arch:<2}  {v.kernel:<16} {v.registers or '?':>4} {v.local_bytes or 0:>7} "
                      f"{v.shared_bytes or 0:>8} {v.num_warps:>5}  {v.launch}")
     spilled = [v for v in report.variants if v.local_bytes]
     lines.append(f"{len(report.variants)} variants compiled, {len(spilled)} with local memory (spills), "

@@ -21,7 +21,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-KERNEL_NAMES = ("group_norm", "geglu", "guided_step", "postprocess")
+# The Stable Diffusion fast path's kernels (what `streamsynth profile` ablates), then the captioner's.
+DIFFUSION_KERNELS = ("group_norm", "geglu", "guided_step", "postprocess")
+KERNEL_NAMES = (*DIFFUSION_KERNELS, "decode_attention")
 DISABLE_ENV = "STREAMSYNTH_DISABLE_KERNELS"
 
 

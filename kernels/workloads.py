@@ -1,8 +1,10 @@
-"""Every way a Stable Diffusion model's fast path calls a kernel, as repeatable calls on tensors of its shapes.
+"""Every way a Stable Diffusion model's fast path calls a kernel (`model_workloads`), and a language model's decoding
+step its attention kernel (`decode_attention_workloads`), as repeatable calls on tensors of the models' shapes.
 
 Each `Workload` calls the kernel through its public, switchable entry point, so the same call runs the Triton kernel
 or, inside `disabled(workload.kernel)`, its PyTorch reference. The model is given by its component configurations
-(`ModelConfigs`; streamsynth passes SD1.5's, `streamsynth.synth.sd15.kernel_workloads`). `compile_check` compiles the
+(`ModelConfigs`; streamsynth passes SD1.5's, `streamsynth.synth.sd15.kernel_workloads`, and BLIP-2 OPT-2.7b's text
+configuration, `streamsynth.kernel_bench.workloads`). `compile_check` compiles the
 workloads for a GPU without launching; `python -m streamsynth.kernel_bench` runs both sides on a device and compares
 their outputs (`within_tolerance`) and times.
 """
@@ -55,6 +57,21 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def _tensor_maker(dtype: torch.dtype, device: str | torch.device, random: bool, upcast: torch.dtype | None):
+    """`tensor(*shape, channels_last=False, scale=1.0)`: the workloads' inputs, standard normal times `scale` from
+    one seeded generator (rounded to `dtype`, then held in `upcast` if given), or uninitialised if not `random`."""
+    generator = torch.Generator(device).manual_seed(0) if random else None
+
+    def tensor(*shape: int, channels_last: bool = False, scale: float = 1.0) -> torch.Tensor:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if not random:
+            return torch.empty(shape, dtype=dtype, device=device).contiguous(memory_format=memory_format)
+        x = (torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale).to(dtype)
+        return x.to(upcast or dtype).contiguous(memory_format=memory_format)
+
+    return tensor
+
+
 def model_workloads(model: ModelConfigs, dtype: torch.dtype, device: str | torch.device = "cpu", batch: int = 1,
                     random: bool = True, kernel: str | None = None,
                     upcast: torch.dtype | None = None) -> Iterator[Workload]:
@@ -68,15 +85,7 @@ def model_workloads(model: ModelConfigs, dtype: torch.dtype, device: str | torch
     """
     UNET, VAE, SCHEDULER = model.unet, model.vae, model.scheduler  # noqa: N806 - the configurations, as data
 
-    generator = torch.Generator(device).manual_seed(0) if random else None
-
-    def tensor(*shape: int, channels_last: bool = False, scale: float = 1.0) -> torch.Tensor:
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if not random:
-            return torch.empty(shape, dtype=dtype, device=device).contiguous(memory_format=memory_format)
-        x = (torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale).to(dtype)
-        return x.to(upcast or dtype).contiguous(memory_format=memory_format)
-
+    tensor = _tensor_maker(dtype, device, random, upcast)
     unet_batch = 2 * batch
     if kernel in (None, "group_norm"):
         yield from _group_norm_workloads(model, tensor, unet_batch, batch)
@@ -204,3 +213,35 @@ def _guided_step_workloads(tensor, batch: int, scheduler_config: dict) -> Iterat
 
             yield Workload("guided_step", f"{rule} guided={guided}", run,
                            moved + _nbytes(*ets) + _nbytes(sample))
+
+
+def decode_attention_workloads(text_config: dict, cache_length: int, dtype: torch.dtype,
+                               device: str | torch.device = "cpu", batches: tuple[int, ...] = (65, 512),
+                               random: bool = True, upcast: torch.dtype | None = None) -> Iterator[Workload]:
+    """A decoder-only language model's attention in a decoding step (transformers' `text_config` fields), for each
+    number of captions in `batches`, over a cache of `cache_length` slots: the additive mask of a static cache three
+    quarters filled (streamsynth's graphed decoding), the boolean mask of transformers' SDPA masks over a growing
+    cache, and no mask. `random` and `upcast` as in `model_workloads`."""
+    from .decode_attention import decode_attention
+
+    tensor = _tensor_maker(dtype, device, random, upcast)
+    heads = text_config["num_attention_heads"]
+    head_dim = text_config["hidden_size"] // heads
+    key_heads = text_config.get("num_key_value_heads") or heads
+    filled = cache_length - (cache_length - 1) // 4  # a step in mid-caption: the last quarter of slots not yet used
+    for batch in batches:
+        query = tensor(batch, heads, 1, head_dim)
+        key, value = tensor(batch, key_heads, cache_length, head_dim), tensor(batch, key_heads, cache_length, head_dim)
+        additive = torch.zeros(batch, 1, 1, cache_length, dtype=upcast or dtype, device=device)
+        additive[..., filled:] = torch.finfo(dtype).min
+        seen = torch.ones(batch, 1, 1, filled, dtype=torch.bool, device=device)
+        grown_key, grown_value = key[:, :, :filled], value[:, :, :filled]
+        moved = _nbytes(key, value) + 2 * _nbytes(query)
+        yield Workload("decode_attention", f"{batch}x{heads}x{cache_length} static cache",
+                       lambda q=query, k=key, v=value, m=additive: decode_attention(q, k, v, m),
+                       moved + _nbytes(additive))
+        yield Workload("decode_attention", f"{batch}x{heads}x{filled} bool mask",
+                       lambda q=query, k=grown_key, v=grown_value, m=seen: decode_attention(q, k, v, m),
+                       moved * filled // cache_length + _nbytes(seen))
+        yield Workload("decode_attention", f"{batch}x{heads}x{cache_length} no mask",
+                       lambda q=query, k=key, v=value: decode_attention(q, k, v), moved)

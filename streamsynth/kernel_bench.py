@@ -1,4 +1,5 @@
-"""Each Triton kernel against its PyTorch reference on a device, for every SD1.5 workload: agreement, time, bandwidth.
+"""Each Triton kernel against its PyTorch reference on a device, at every shape streamsynth's models call it with:
+agreement, time, bandwidth.
 
 The end-to-end ablation of `streamsynth profile` says what switching a kernel off costs a whole image; this says,
 per call and shape, how far the kernel's output is from its reference and how their times compare, so that a
@@ -14,14 +15,34 @@ import itertools
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from . import benchtools
 from .cliargs import ArgumentParser, add_device, add_version, resolve_device
+from .captions.architectures import BLIP2_ARCHITECTURES
+from .captions.captioners import REFERENCE_MAX_NEW_TOKENS
 from .kernels.dispatch import KERNEL_NAMES, disabled, runs_triton
-from .kernels.workloads import DTYPES, TOLERANCES, within_tolerance
+from .kernels.workloads import DTYPES, TOLERANCES, Workload, decode_attention_workloads, within_tolerance
 from .synth.sd15 import kernel_workloads
+
+CAPTIONER_ARCH = "blip2-opt-2.7b"  # whose decoding attention the workloads hold
+CAPTION_BATCHES = (65, 512)  # the reference loop's batch and streamsynth's on a large GPU
+
+
+def workloads(dtype: torch.dtype, device: str | torch.device = "cpu", batch: int = 1, kernel: str | None = None,
+              random: bool = True, upcast: torch.dtype | None = None) -> Iterator[Workload]:
+    """Every kernel call of streamsynth's models (or of `kernel` only): SD1.5's fast path for `batch` images
+    (`synth.sd15.kernel_workloads`), then BLIP-2 OPT-2.7b's decoding attention for `CAPTION_BATCHES` captions over
+    graphed decoding's cache (the query tokens, BOS and every new token). `random` and `upcast` as in
+    `kernels.workloads.model_workloads`."""
+    yield from kernel_workloads(dtype, device, batch, random=random, kernel=kernel, upcast=upcast)
+    if kernel in (None, "decode_attention"):
+        spec = BLIP2_ARCHITECTURES[CAPTIONER_ARCH]
+        cache_length = spec["num_query_tokens"] + 1 + REFERENCE_MAX_NEW_TOKENS
+        yield from decode_attention_workloads(spec["text_config"], cache_length, dtype, device, CAPTION_BATCHES,
+                                              random=random, upcast=upcast)
 
 
 @dataclass
@@ -45,13 +66,13 @@ def bench(device: str, dtype: torch.dtype, batch: int = 1, warmup: int = 3, repe
     """Runs every workload (whose kernel is `only`, if given) with the kernel and with its reference: the median of
     `repeats` timed calls each, after `warmup` untimed ones (`benchtools.measure`: CUDA events on a GPU)."""
     device = benchtools.as_device(device)
-    workloads = kernel_workloads(dtype, device, batch, kernel=only)
+    calls = workloads(dtype, device, batch, kernel=only)
     # The same inputs in float32, workload by workload: only for reduced precision, where rounding differs.
-    exact_workloads = (kernel_workloads(dtype, device, batch, kernel=only, upcast=torch.float32)
-                       if dtype in (torch.float16, torch.bfloat16) else itertools.repeat(None))
+    exact_calls = (workloads(dtype, device, batch, kernel=only, upcast=torch.float32)
+                   if dtype in (torch.float16, torch.bfloat16) else itertools.repeat(None))
     results = []
     with benchtools.on_device(device):
-        for workload, exact_workload in zip(workloads, exact_workloads):
+        for workload, exact_workload in zip(calls, exact_calls):
             fast = workload.run()
             with disabled(workload.kernel):
                 reference = workload.run()
@@ -93,12 +114,12 @@ def _max_error(output: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def format_results(results: list[KernelTiming]) -> str:
-    lines = [f"{'kernel':<12} {'workload':<36} {'ref ms':>8} {'kernel ms':>9} {'speedup':>7} {'GB/s':>7} "
+    lines = [f"{'kernel':<16} {'workload':<36} {'ref ms':>8} {'kernel ms':>9} {'speedup':>7} {'GB/s':>7} "
              f"{'max err':>9} {'exact: kernel':>13} {'ref':>9}  ok"]
     for r in results:
         exact = ("" if r.kernel_error_vs_exact is None
                  else f"{r.kernel_error_vs_exact:>13.2e} {r.reference_error_vs_exact:>9.2e}")
-        lines.append(f"{r.kernel:<12} {r.workload:<36} {r.reference_ms:>8.3f} {r.kernel_ms:>9.3f} {r.speedup:>7.2f} "
+        lines.append(f"{r.kernel:<16} {r.workload:<36} {r.reference_ms:>8.3f} {r.kernel_ms:>9.3f} {r.speedup:>7.2f} "
                      f"{r.kernel_gb_per_s:>7.0f} {r.max_abs_error:>9.2e} {exact:>23}  "
                      f"{'yes' if r.within_tolerance else 'NO'}")
     for kernel, rows in _by_kernel(results).items():
@@ -124,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_version(parser)
     add_device(parser)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="the workloads' dtype")
-    parser.add_argument("--batch-size", type=int, default=1, help="images (the UNet workloads see twice as many)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images (the UNet workloads see twice as many; "
+                        f"the decoding attention's are at {' and '.join(map(str, CAPTION_BATCHES))} captions)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before the timed ones, per workload")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per workload, median reported")
     parser.add_argument("--only", choices=KERNEL_NAMES, help="one kernel's workloads")

@@ -1,9 +1,10 @@
-"""Compiles every Triton kernel for a GPU on a machine without one, at SD1.5's shapes: registers, spills, failures.
+"""Compiles every Triton kernel for a GPU on a machine without one, at its models' shapes: registers, spills,
+failures.
 
 Triton's CPU interpreter accepts code the real compiler rejects and says nothing about registers. This runs each
-kernel's wrapper on CPU tensors of every SD1.5 workload (`streamsynth.synth.sd15.kernel_workloads`), lets Triton
-bind and specialise the arguments as for a launch and compile them through PTX to a cubin, and skips the launch
-(`streamsynth.kernels.compile_check`). Run it without TRITON_INTERPRET:
+kernel's wrapper on CPU tensors of every workload (`streamsynth.kernel_bench.workloads`: SD1.5's fast path and
+BLIP-2's decoding attention), lets Triton bind and specialise the arguments as for a launch and compile them through
+PTX to a cubin, and skips the launch (`streamsynth.kernels.compile_check`). Run it without TRITON_INTERPRET:
 
     python -m streamsynth.kernel_compile_check                 # sm_90: H100, H200
     python -m streamsynth.kernel_compile_check --cuda-arch 80,90    # and sm_80: A100
@@ -20,7 +21,7 @@ from pathlib import Path
 from .cliargs import ArgumentParser, add_version, comma_list, list_metavar
 from .kernels.compile_check import check, format_report
 from .kernels.workloads import DTYPES
-from .synth.sd15 import kernel_workloads
+from .kernel_bench import workloads
 
 
 REPORT_FILE = "kernel-compile-check.json"  # written inside --out
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    report = check(args.cuda_arch, args.dtype, lambda dtype: kernel_workloads(dtype, random=False))
+    report = check(args.cuda_arch, args.dtype, lambda dtype: workloads(dtype, random=False))
     print(format_report(report))
     if args.out:
         from .benchtools import write_json

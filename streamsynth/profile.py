@@ -289,12 +289,12 @@ def _ablation(synth, prompts, seeds, args, settings, device, ref_images: torch.T
 
     The agreement localises a numerical problem: the kernel whose switching off raises the PSNR is the one to look at.
     """
-    from .kernels import KERNEL_NAMES, disabled
+    from .kernels.dispatch import DIFFUSION_KERNELS, disabled
 
     # Eager, everything an ablation runs has run already; a compiled UNet recompiles when a kernel is switched off.
     settings = {**settings, "warmup": settings["warmup"] if args.compile or args.cuda_graphs else 0}
     results = {}
-    for name in KERNEL_NAMES:
+    for name in DIFFUSION_KERNELS:
         with disabled(name):
             result, images = _measure(lambda: _streamsynth_batch(synth, prompts, seeds, args), settings, device)
         results[name] = {"images_per_s": result["images_per_s"], "stages_s": result["stages_s"],

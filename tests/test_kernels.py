@@ -191,6 +191,80 @@ def test_postprocess_rejects_bad_input():
         postprocess(torch.randn(1, 3, 8, 8), 4, mean=torch.zeros(4), std=torch.ones(4))
 
 
+# Decoding attention (one query token over a KV cache)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mask_kind", [None, "additive", "bool"])
+@pytest.mark.parametrize("keys, key_heads", [(7, 4), (130, 2)])
+def test_decode_attention_matches_reference(dtype, mask_kind, keys, key_heads):
+    """One tile of keys and three (130 > 64, the online softmax across tiles); keys shared by two query heads; the
+    query a transposed view (as transformers passes it) and the cache a slice of a longer one (as a growing cache)."""
+    from streamsynth.kernels.decode_attention import decode_attention, decode_attention_reference
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 1, 4, 20, generator=generator).to(dtype).transpose(1, 2)
+    key, value = (torch.randn(3, key_heads, keys + 5, 20, generator=generator).to(dtype)[:, :, :keys]
+                  for _ in range(2))
+    mask = None
+    if mask_kind == "additive":  # graphed decoding's: the last quarter of the slots not filled yet
+        mask = torch.zeros(3, 1, 1, keys, dtype=dtype)
+        mask[..., keys - keys // 4:] = torch.finfo(dtype).min
+    elif mask_kind == "bool":  # transformers' SDPA masks: True where a key is seen, here a different set per head
+        mask = torch.rand(3, 4, 1, keys, generator=generator) > 0.3
+        mask[..., 0] = True
+    out = decode_attention(query, key, value, mask)
+    assert out.shape == (3, 4, 1, 20)
+    exact_mask = mask if mask is None or mask.dtype == torch.bool else mask.float()
+    assert_matches(out, decode_attention_reference(query.float(), key.float(), value.float(), exact_mask), dtype)
+
+
+def test_decode_attention_rejects_bad_input():
+    from streamsynth.kernels.decode_attention import decode_attention
+
+    query, cache = torch.randn(2, 4, 1, 8), torch.randn(2, 4, 5, 8)
+    with pytest.raises(ValueError, match="one token"):
+        decode_attention(torch.randn(2, 4, 3, 8), cache, cache)
+    with pytest.raises(ValueError, match="key heads dividing 4"):
+        decode_attention(query, torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        decode_attention(query, cache, cache, torch.zeros(2, 1, 1, 6))
+    with pytest.raises(ValueError, match="convert them to one dtype"):
+        decode_attention(query, cache.half(), cache.half())
+
+
+def test_captioner_decodes_with_the_kernel_and_gives_sdpa_captions(blip2_model, monkeypatch):
+    """`Captioner(decode_attention="triton")` through transformers' AttentionInterface: the kernel takes every
+    decoding step of every layer (the prompt stays with SDPA), with either KV cache, and the captions are SDPA's."""
+    from streamsynth.captions.captioners import load_captioner
+    from streamsynth.kernels import decode_attention as module
+
+    calls = []
+    kernel = module.decode_attention
+    monkeypatch.setattr(module, "decode_attention", lambda *args: calls.append(args[0].shape) or kernel(*args))
+    captioner = load_captioner(blip2_model, device="cpu", kv_cache="dynamic")
+    pixels = torch.randn(3, 3, captioner.preprocessor.size, captioner.preprocessor.size,
+                         generator=torch.Generator().manual_seed(0))
+    expected = captioner.caption(pixels)
+    assert calls == [] and "decode_attention" not in captioner.settings
+    layers = captioner.model.config.text_config.num_hidden_layers
+    for kv_cache in ("dynamic", "graphed"):
+        captioner.kv_cache, captioner.decode_attention = kv_cache, "triton"
+        calls.clear()
+        assert captioner.caption(pixels) == expected
+        assert len(calls) == layers * (captioner.max_new_tokens - 1) and set(calls) == {(3, 4, 1, 8)}
+        assert captioner.settings["decode_attention"] == "triton"  # a store records it, as it records TF32
+        captioner.decode_attention = "sdpa"  # back to the model's own attention
+        calls.clear()
+        assert captioner.caption(pixels) == expected and calls == []
+    with pytest.raises(ValueError, match="choose one of"):
+        captioner.decode_attention = "flash"
+    # caption-bench's timing of one layer's decoding attention takes the kernel beside SDPA's backends where it runs
+    from streamsynth.captions.bench import decode_attention_ms
+
+    timings = decode_attention_ms(captioner, batch_size=2)
+    assert timings["triton"] > 0 and timings["math"] > 0
+
+
 # Switches and fallback
 
 def test_switched_off_kernel_runs_reference():

@@ -82,7 +82,9 @@ def test_the_cycle_finder_finds_a_cycle():
 BOTTOM = {"streamsynth.seeding", "streamsynth.transforms", "streamsynth.errors", "streamsynth.safeio",
           "streamsynth.imagefiles", "streamsynth.shards", "streamsynth.checkpoints", "streamsynth.benchtools",
           "streamsynth.ranks", "streamsynth.cliargs"}
-STAGES = ("captions", "prompts", "synth", "stream")  # the kernels (streamsynth.kernels) sit with synth
+# The kernels (streamsynth.kernels) import nothing of streamsynth (below), so they sit at the bottom: the captioner's
+# decoding attention and the synthesis fast path both use them.
+STAGES = ("captions", "prompts", "synth", "stream")
 TOP = "commands and train.py"
 # The commands: the CLI, its command modules, the benchmarks, the embedded default, evaluation and the audit.
 COMMANDS = ("streamsynth", "streamsynth.cli", "streamsynth.commands", "streamsynth.profile", "streamsynth.preview",
@@ -96,7 +98,7 @@ def layer(module: str) -> tuple[int, str]:
     if module in BOTTOM:
         return 0, "bottom (seeding, transforms, errors, safeio, ...)"
     if module == "streamsynth.kernels" or module.startswith("streamsynth.kernels."):
-        return 1 + STAGES.index("synth"), "synth (kernels)"
+        return 0, "bottom (kernels)"
     for height, stage in enumerate(STAGES, start=1):
         if module == f"streamsynth.{stage}" or module.startswith(f"streamsynth.{stage}."):
             return height, stage
@@ -143,7 +145,7 @@ def test_everything_imports_the_kernels_by_their_installed_name():
 
 def test_the_layer_check_finds_an_upward_import():
     assert layer("streamsynth.captions.store")[0] < layer("streamsynth.prompts.templates")[0]
-    assert layer("streamsynth.kernels.patch") == layer("streamsynth.synth.fast")[:1] + ("synth (kernels)",)
+    assert layer("streamsynth.kernels.patch")[0] == 0 < layer("streamsynth.captions.captioners")[0]
     assert layer("streamsynth.stream.loader")[0] < layer("streamsynth.defaults")[0] == layer("train")[0]
     assert layer("streamsynth.safeio")[0] == 0
     assert layer("streamsynth.cliargs")[0] == 0  # the command line's shared pieces: used by every layer's commands

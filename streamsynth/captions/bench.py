@@ -16,6 +16,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -23,9 +24,12 @@ import torch
 from PIL import Image
 
 from .. import benchtools
+from ..kernels.decode_attention import decode_attention
+from ..kernels.dispatch import runs_triton
 from .architectures import BLIP2_ARCHITECTURES, random_blip2
 from .captioners import (
-    FP32_MATMULS, KV_CACHES, Captioner, default_device, fp32_matmul_precision, load_captioner, resolve_dtype,
+    DECODE_ATTENTIONS, FP32_MATMULS, KV_CACHES, Captioner, default_device, fp32_matmul_precision, load_captioner,
+    resolve_dtype,
 )
 from .captioning import caption_images, default_batch_size, default_num_workers
 from .graphed import image_features, query_features
@@ -123,7 +127,8 @@ def _streamsynth_run(
     if device.type == "cuda":
         torch.cuda.empty_cache()  # what an earlier run left cached would count in this run's peak
     benchtools.reset_peak_memory(device)
-    store = workdir / f"bench-{batch_size}-{captioner.kv_cache}-{captioner.fp32_matmul}.lmdb"
+    settings = (batch_size, captioner.kv_cache, captioner.fp32_matmul, captioner.decode_attention)
+    store = workdir / f"bench-{'-'.join(map(str, settings))}.lmdb"
     with benchtools.Timer(device, "wall") as total:
         report = caption_images(collection, store, captioner, batch_size=batch_size, num_workers=num_workers,
                                 progress=False)
@@ -133,6 +138,7 @@ def _streamsynth_run(
         "batch_size": batch_size,
         "kv_cache": captioner.kv_cache,
         "fp32_matmul": captioner.fp32_matmul,
+        "decode_attention": captioner.decode_attention,
         "num_workers": num_workers,
         "images_per_s": round(n / total.seconds, 2),
         "seconds": round(total.seconds, 3),
@@ -180,6 +186,7 @@ def stage_breakdown(captioner: Captioner, batch_size: int, repeats: int = 3) -> 
     stages = {
         "batch_size": batch_size,
         "kv_cache": captioner.kv_cache,
+        "decode_attention": captioner.decode_attention,
         "vision_s": round(vision_s, 4),
         "qformer_s": round(qformer_s, 4),
         "language_prefill_s": round(first_token_s - vision_s - qformer_s, 4),
@@ -199,9 +206,10 @@ def stage_breakdown(captioner: Captioner, batch_size: int, repeats: int = 3) -> 
 
 def decode_attention_ms(captioner: Captioner, batch_size: int) -> dict[str, float | None]:
     """One layer's attention of a decoding step under each `scaled_dot_product_attention` backend
-    (`benchtools.attention_backends_ms`): one query token per caption over a static cache of the prompt and every new
-    token, the mask hiding the half of the new tokens' slots not yet filled (a step in mid-caption). The profile of a
-    batch (`busiest_ops`) found this call, in cuDNN's kernel, two thirds of a decoding step on an H200."""
+    (`benchtools.attention_backends_ms`) and, where it runs (CUDA), streamsynth's kernel for one query token
+    (`triton`): one query token per caption over a static cache of the prompt and every new token, the mask hiding
+    the half of the new tokens' slots not yet filled (a step in mid-caption). The profile of a batch (`busiest_ops`)
+    found this call, in cuDNN's kernel, two thirds of a decoding step on an H200."""
     config = captioner.model.config.text_config
     heads = config.num_attention_heads
     head_dim = config.hidden_size // heads
@@ -214,7 +222,11 @@ def decode_attention_ms(captioner: Captioner, batch_size: int) -> dict[str, floa
                   for _ in range(2))
     mask = torch.zeros(batch_size, 1, 1, keys, device=device, dtype=dtype)
     mask[..., prompt + captioner.max_new_tokens // 2:] = torch.finfo(dtype).min
-    return benchtools.attention_backends_ms(query, key, value, mask)
+    times = benchtools.attention_backends_ms(query, key, value, mask)
+    if runs_triton("decode_attention", query):
+        run = partial(decode_attention, query, key, value, mask)
+        times["triton"] = round(1000 * benchtools.measure(run, device, warmup=3, repeats=20).median_s, 4)
+    return times
 
 
 def run_benchmark(
@@ -226,6 +238,7 @@ def run_benchmark(
     batch_sizes: Sequence[int] | None = None,
     kv_caches: Sequence[str] = ("auto",),
     fp32_matmuls: Sequence[str] = ("ieee",),
+    decode_attentions: Sequence[str] = ("sdpa",),
     baseline_batch_size: int = REFERENCE_BATCH_SIZE,
     num_workers: int | None = None,
     device: str | None = None,
@@ -234,10 +247,11 @@ def run_benchmark(
 ) -> dict:
     """Benchmark a checkpoint (`model`) or a random-weight architecture (`arch`); returns the JSON-ready result.
 
-    streamsynth's run is measured for every combination of `batch_sizes`, `kv_caches` and `fp32_matmuls`, against
-    one baseline. Each run also says which share of its captions equals the first run's (`same_captions_as_first`):
-    a KV cache or batch size must not change a caption; TF32 may, and this measures how often (with random weights,
-    whose near-uniform scores flip on any rounding, a pessimistic figure).
+    streamsynth's run is measured for every combination of `batch_sizes`, `kv_caches`, `fp32_matmuls` and
+    `decode_attentions`, against one baseline. Each run also says which share of its captions equals the first run's
+    (`same_captions_as_first`): a KV cache or batch size must not change a caption; TF32 or another attention may, and
+    this measures how often (with random weights, whose near-uniform scores flip on any rounding, a pessimistic
+    figure).
     """
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
@@ -247,6 +261,9 @@ def run_benchmark(
     unknown = set(fp32_matmuls) - set(FP32_MATMULS)
     if unknown:
         raise ValueError(f"unknown fp32 matmul precisions {sorted(unknown)}: choose from {list(FP32_MATMULS)}")
+    unknown = set(decode_attentions) - set(DECODE_ATTENTIONS)
+    if unknown:
+        raise ValueError(f"unknown decode attentions {sorted(unknown)}: choose from {list(DECODE_ATTENTIONS)}")
     if model:
         captioner = load_captioner(model, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
     else:
@@ -268,12 +285,14 @@ def run_benchmark(
         captioner.caption(_blank_batch(captioner, baseline_batch_size))
         baseline = _reference_loop(collection, captioner, baseline_batch_size)
         runs = []
-        for fp32_matmul in fp32_matmuls:
-            captioner.fp32_matmul = fp32_matmul
-            for kv_cache in kv_caches:
-                captioner.kv_cache = kv_cache
-                for batch_size in batch_sizes:
-                    runs.append(_streamsynth_run(collection, captioner, batch_size, num_workers, workdir))
+        for attention in decode_attentions:
+            captioner.decode_attention = attention
+            for fp32_matmul in fp32_matmuls:
+                captioner.fp32_matmul = fp32_matmul
+                for kv_cache in kv_caches:
+                    captioner.kv_cache = kv_cache
+                    for batch_size in batch_sizes:
+                        runs.append(_streamsynth_run(collection, captioner, batch_size, num_workers, workdir))
     first = runs[0]["captions"]
     for run in runs:
         captions = run.pop("captions")
@@ -281,6 +300,7 @@ def run_benchmark(
                                               / max(1, len(first)), 4)
     best = max(runs, key=lambda run: run["images_per_s"])
     captioner.kv_cache, captioner.fp32_matmul = best["kv_cache"], best["fp32_matmul"]
+    captioner.decode_attention = best["decode_attention"]
     stages = stage_breakdown(captioner, best["batch_size"])
     host = benchtools.peak_memory("cpu")
     return {
@@ -312,7 +332,9 @@ def write_result(result: dict, path: str | Path) -> Path:
     path = benchtools.write_json(path, result)
     labels = [f"generate, batch {result['baseline']['batch_size']}"] + [
         f"streamsynth, batch {r['batch_size']}, {r['kv_cache']} cache"
-        + (", TF32" if r["fp32_matmul"] == "tf32" else "") for r in result["streamsynth_runs"]]
+        + (", TF32" if r["fp32_matmul"] == "tf32" else "")
+        + (f", {r['decode_attention']} attention" if r["decode_attention"] != "sdpa" else "")
+        for r in result["streamsynth_runs"]]
     values = [result["baseline"]["images_per_s"]] + [r["images_per_s"] for r in result["streamsynth_runs"]]
     benchtools.bar_chart(path.with_suffix(".png"), labels, values, "images/s",
                          f"caption-bench: {result['model']} on {result['device_name']}, {result['num_images']} images")

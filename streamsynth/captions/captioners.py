@@ -25,6 +25,9 @@ SUPPORTED_MODEL_TYPES = ("blip-2", "blip", "vision-encoder-decoder")
 # How CUDA multiplies fp32 matrices (PyTorch's names): "ieee", full fp32, PyTorch's default; "tf32", tensor cores with
 # 10-bit mantissas. A model loaded in fp16 keeps some parts in fp32 (BLIP-2: the Q-Former); only those are affected.
 FP32_MATMULS = ("ieee", "tf32")
+# The language model's attention in a decoding step: transformers' SDPA, or streamsynth's kernel for one query token
+# (`streamsynth.kernels.decode_attention`; BLIP-2 with a decoder-only language model, on CUDA).
+DECODE_ATTENTIONS = ("sdpa", "triton")
 # How the decoder keeps its keys and values: "dynamic", transformers' default, grown by concatenation every token;
 # "static", preallocated, with which transformers compiles the decoding step on CUDA; "graphed", static with
 # streamsynth's greedy loop replaying the step from a CUDA graph (BLIP-2 with a decoder-only LM: `graphed.py`).
@@ -90,6 +93,7 @@ class Captioner:
         max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS,
         kv_cache: str = "auto",
         fp32_matmul: str = "ieee",
+        decode_attention: str = "sdpa",
     ):
         if fp32_matmul not in FP32_MATMULS:
             raise ValueError(f"unknown fp32 matmul precision {fp32_matmul!r}: choose one of {list(FP32_MATMULS)}")
@@ -110,6 +114,8 @@ class Captioner:
         self._prefix = self._prefix_ids()
         self._graphed = None  # the GraphedGreedyDecoder of kv_cache "graphed", with its caches and graphs
         self.kv_cache = kv_cache
+        self._decode_attention = "sdpa"
+        self.decode_attention = decode_attention
 
     @property
     def kv_cache(self) -> str:
@@ -127,6 +133,33 @@ class Captioner:
             self._graphed_decoder()  # refuses a model it cannot decode now, not at the first batch
         else:
             self._graphed = None  # its static caches hold gigabytes at large batches
+
+    @property
+    def decode_attention(self) -> str:
+        """The language model's attention (one of DECODE_ATTENTIONS): "sdpa", the model's own as loaded (transformers'
+        SDPA by default); "triton", streamsynth's kernel for one query token in every decoding step and transformers'
+        SDPA for the prompt (`kernels.decode_attention`)."""
+        return self._decode_attention
+
+    @decode_attention.setter
+    def decode_attention(self, kind: str) -> None:
+        if kind not in DECODE_ATTENTIONS:
+            raise ValueError(f"unknown decode attention {kind!r}: choose one of {list(DECODE_ATTENTIONS)}")
+        if kind == self._decode_attention:
+            return
+        if self.model_type != "blip-2" or self.model.config.text_config.is_encoder_decoder:
+            raise ValueError(f"--decode-attention {kind} is for BLIP-2 with a decoder-only language model (e.g. OPT); "
+                             f"{self.name} is a {self.model_type} model: leave it at sdpa")
+        from ..kernels.decode_attention import register_with_transformers
+
+        language_model = self.model.language_model
+        if kind == "triton":
+            self._loaded_attention = language_model.config._attn_implementation
+            language_model.set_attn_implementation(register_with_transformers())
+        else:
+            language_model.set_attn_implementation(self._loaded_attention)
+        self._decode_attention = kind
+        self._graphed = None  # its CUDA graphs replay the attention they captured
 
     @property
     def prompt_length(self) -> int:
@@ -167,6 +200,8 @@ class Captioner:
         }
         if self.fp32_matmul != "ieee":  # only when set: stores made before the option existed resume unchanged
             settings["fp32_matmul"] = self.fp32_matmul
+        if self.decode_attention != "sdpa":  # likewise: another attention may round a rare token the other way
+            settings["decode_attention"] = self.decode_attention
         return settings
 
     def _graphed_decoder(self):
@@ -239,6 +274,7 @@ def load_captioner(
     max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS,
     kv_cache: str = "auto",
     fp32_matmul: str = "ieee",
+    decode_attention: str = "sdpa",
 ) -> Captioner:
     """Load a BLIP-2, BLIP or VisionEncoderDecoder captioner with `from_pretrained` (hub id or local folder)."""
     from transformers import (
@@ -275,4 +311,5 @@ def load_captioner(
         max_new_tokens=max_new_tokens,
         kv_cache=kv_cache,
         fp32_matmul=fp32_matmul,
+        decode_attention=decode_attention,
     )

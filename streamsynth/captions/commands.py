@@ -13,7 +13,7 @@ from ..cliargs import add_device, comma_list, list_metavar
 from .classnames import load_name_map
 from .architectures import BLIP2_ARCHITECTURES
 from .bench import REFERENCE_BATCH_SIZE
-from .captioners import DEFAULT_MODEL, DTYPES, FP32_MATMULS, KV_CACHES, REFERENCE_MAX_NEW_TOKENS
+from .captioners import DECODE_ATTENTIONS, DEFAULT_MODEL, DTYPES, FP32_MATMULS, KV_CACHES, REFERENCE_MAX_NEW_TOKENS
 from .importers import import_captions
 from .store import CaptionStore
 
@@ -79,6 +79,10 @@ def add_commands(subparsers) -> None:
     caption.add_argument("--fp32-matmul", choices=FP32_MATMULS, default="ieee",
                          help="CUDA matrix multiplies of the model's fp32 parts (BLIP-2's Q-Former): ieee (full fp32) "
                          "or tf32 (tensor cores; faster, captions may differ in rare tokens; recorded in the store)")
+    caption.add_argument("--decode-attention", choices=DECODE_ATTENTIONS, default="sdpa",
+                         help="the language model's attention in each decoding step: sdpa (transformers') or triton "
+                         "(streamsynth's kernel for one query token; BLIP-2 with a decoder-only LM, on CUDA; captions "
+                         "may differ in rare tokens; recorded in the store)")
     caption.set_defaults(func=_caption)
 
     bench = subparsers.add_parser(
@@ -107,6 +111,9 @@ def add_commands(subparsers) -> None:
                        metavar=list_metavar("PRECISION", FP32_MATMULS),
                        help="comma-separated fp32 matmul precisions to measure, e.g. ieee,tf32 (each run also reports "
                        "the share of its captions equal to the first run's)")
+    bench.add_argument("--decode-attention", type=comma_list(choices=DECODE_ATTENTIONS), default="sdpa",
+                       metavar=list_metavar("ATTENTION", DECODE_ATTENTIONS),
+                       help="comma-separated decoding attentions to measure, e.g. sdpa,triton (as caption's option)")
     _add_run_arguments(bench, batch_sizes=True)
     bench.add_argument("--out", default=".", metavar="DIR",
                        help=f"folder for the result: writes OUT/{BENCH_FILE} and its chart OUT/{BENCH_CHART}")
@@ -179,6 +186,7 @@ def _caption(args: argparse.Namespace) -> int:
         captioner = load_captioner(
             args.captioner, device=device, dtype=args.dtype, prompt=args.caption_prefix,
             max_new_tokens=args.max_new_tokens, kv_cache=args.kv_cache, fp32_matmul=args.fp32_matmul,
+            decode_attention=args.decode_attention,
         )
         try:
             report = caption_images(
@@ -219,6 +227,7 @@ def _caption_bench(args: argparse.Namespace) -> int:
         arch=None if args.captioner else args.captioner_arch, model=args.captioner, images=args.images,
         num_images=args.num_images,
         batch_sizes=args.batch_size, kv_caches=args.kv_cache, fp32_matmuls=args.fp32_matmul,
+        decode_attentions=args.decode_attention,
         baseline_batch_size=args.baseline_batch_size,
         num_workers=args.workers,
         device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
