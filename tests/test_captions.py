@@ -63,6 +63,28 @@ def test_jsonl_and_csv_round_trip(tmp_path):
         assert read == {(r["class"], r["caption"], r["key"]) for r in rows}
 
 
+def test_a_complete_store_keeps_no_file_that_could_block_a_later_store(tmp_path):
+    """py-lmdb 3 refuses to open an environment whose files share an inode with those of one open in the process,
+    and keys a lock-free reader by the lock file present when it opened. A complete store kept its lock file: once
+    that store was deleted, the next store's lock file could get the freed inode and be refused (seen once in CI).
+    Inode reuse is simulated with hard links: every file of a complete store but the data file its reader holds."""
+    import os
+
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text(json.dumps({"class": "n01", "caption": "a cat", "key": "n01/a.jpg"}) + "\n")
+    store = import_captions(jsonl, tmp_path / "a.lmdb")
+    assert [c.text for c in store.captions(0)] == ["a cat"]  # a reader is open on it now, for the whole process
+    assert not (store.path / "lock.mdb").exists()
+    others = [f for f in sorted(store.path.iterdir()) if f.name != "data.mdb"]
+    for n, file in enumerate(others):
+        new = tmp_path / f"new{n}.lmdb"
+        new.mkdir()
+        os.link(file, new / "lock.mdb")
+        with CaptionStoreWriter(new, [("n01", "cat")], "test") as writer:
+            writer.add(0, "a cat", "n01/b.jpg")
+    assert others  # the writer's lock, at least: the loop ran
+
+
 def test_user_name_map(tmp_path):
     names = tmp_path / "names.json"
     names.write_text(json.dumps({"my_custom_class": "custom thing"}))

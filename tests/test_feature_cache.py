@@ -145,8 +145,10 @@ def test_an_image_does_not_depend_on_its_batch_with_the_cache_and_interval_guida
     assert calls.counts["mid"] == 4
     assert (synth.feature_cache.full_rows, synth.feature_cache.shallow_rows) == (
         b + 2 * b + 2 * b + b, b + b + 2 * b + 2 * b + b)
+    # fp32 kernels round differently for one row and for a batch, and nine steps compound it: up to 1.04e-5 on one
+    # CPU (others stay under 1e-5); an image mixed with another's cached features would differ by orders more.
     for i in range(len(PROMPTS)):
-        assert (synth.generate([PROMPTS[i]], [SEEDS[i]])[0] - batch[i]).abs().max().item() <= 1e-5
+        assert (synth.generate([PROMPTS[i]], [SEEDS[i]])[0] - batch[i]).abs().max().item() <= 3e-5
 
 
 def test_the_cache_composes_with_the_fused_guided_step(pipe):

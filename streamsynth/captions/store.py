@@ -643,6 +643,13 @@ class CaptionStoreWriter:
             self._meta["complete"] = False
             raise self._failed(err) from None
         self._committed = list(self._counts)
+        self._env.close()
+        self._env = None
+        # A complete store is read without a lock file (lock=False), so it keeps none. py-lmdb (3.0) refuses to open an
+        # environment whose files share an inode with one open in this process, and keys a reader by the lock file
+        # that was there when it opened, though it never holds it: deleting such a store would free that inode for
+        # the next store's lock file, which would be refused. Removed while this writer still holds writer.lock.
+        (self.path / "lock.mdb").unlink(missing_ok=True)
         self.close()
 
     def close_keeping(self) -> BaseException | None:
