@@ -516,6 +516,7 @@ def test_caption_bench_tiny_writes_json(tmp_path):
     assert [(r["decode_attention"], r["fp32_matmul"], r["kv_cache"], r["batch_size"]) for r in runs] == [
         (a, m, k, b) for a in ("sdpa", "triton") for m in ("ieee", "tf32") for k in ("dynamic", "graphed")
         for b in (4, 8)]
+    assert {r["decode_attention_ran"] for r in runs} == {"sdpa"}  # the JSON says the kernel did not run
     # Neither batch size nor KV cache (nor the graphed loop) changes a caption; on the CPU TF32 does not exist.
     assert all(r["same_captions_as_first"] == 1.0 for r in runs)
     assert all(r["captioned"] == 10 and r["images_per_s"] > 0 and 0 <= r["input_wait_s"] < r["seconds"] for r in runs)

@@ -139,6 +139,9 @@ def _streamsynth_run(
         "kv_cache": captioner.kv_cache,
         "fp32_matmul": captioner.fp32_matmul,
         "decode_attention": captioner.decode_attention,
+        # What took the decoding steps: "triton" needs the kernel to run on the device (CUDA, or Triton's interpreter).
+        "decode_attention_ran": "triton" if captioner.decode_attention == "triton" and runs_triton(
+            "decode_attention", torch.empty(0, device=device)) else "sdpa",
         "num_workers": num_workers,
         "images_per_s": round(n / total.seconds, 2),
         "seconds": round(total.seconds, 3),
