@@ -15,8 +15,8 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
