@@ -75,12 +75,12 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 def transformers_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                            **kwargs) -> tuple[torch.Tensor, None]:
-    """An attention function for transformers' `AttentionInterface`: the kernel for one query token (a decoding
-    step), transformers' SDPA function for anything else or for what the kernel does not do (dropout, a sink)."""
+    """An attention function for transformers' `AttentionInterface`: `decode_attention` for one query token (a
+    decoding step; the kernel where it runs, else its reference), transformers' SDPA function for anything else or
+    for what the kernel does not do (dropout, a sink)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.shape[2] == 1 and not (dropout and module.training) and kwargs.get("s_aux") is None \
-            and runs_triton("decode_attention", query):
+    if query.shape[2] == 1 and not (dropout and module.training) and kwargs.get("s_aux") is None:
         return decode_attention(query, key, value, attention_mask, scaling).transpose(1, 2), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
