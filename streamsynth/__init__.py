@@ -2,6 +2,7 @@
 
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 from pathlib import Path
@@ -11,10 +12,11 @@ from typing import TYPE_CHECKING
 class _RepositoryKernels(importlib.abc.MetaPathFinder):
     """Gives the repository's top-level `kernels/` folder its import name, `streamsynth.kernels`, in a checkout.
 
-    The repository keeps the Triton kernels in their own top-level folder; a built wheel installs that folder as
-    `streamsynth/kernels` (pyproject.toml maps it there at build time), so no top-level package named `kernels`
-    (Hugging Face's package of that name) is ever installed. Run from a checkout, or installed editable, there is
-    no `streamsynth/kernels` folder, and this finder answers for that one name.
+    The folder has no `__init__.py` on purpose: a checkout puts its root on `sys.path` (`python train.py`,
+    `python -m pytest`), and a regular package there named `kernels` would shadow Hugging Face's `kernels`, which
+    transformers imports. Without one, Python skips the folder whenever an installed `kernels` exists (PEP 420).
+    A built wheel installs the folder as `streamsynth/kernels` (pyproject.toml maps it there); a checkout or an
+    editable install has no such folder, and this finder answers for that one name with a namespace package.
     """
 
     def __init__(self, folder: Path):
@@ -23,14 +25,15 @@ class _RepositoryKernels(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname != f"{__name__}.kernels":
             return None
-        return importlib.util.spec_from_file_location(fullname, self.folder / "__init__.py",
-                                                      submodule_search_locations=[str(self.folder)])
+        spec = importlib.machinery.ModuleSpec(fullname, None, is_package=True)
+        spec.submodule_search_locations = [str(self.folder)]
+        return spec
 
 
 def _install_repository_kernels() -> None:
     here = Path(__file__).resolve().parent
     folder = here.parent / "kernels"
-    if (here / "kernels").is_dir() or not (folder / "__init__.py").is_file():
+    if (here / "kernels").is_dir() or not (folder / "dispatch.py").is_file():
         return  # an installed wheel (streamsynth/kernels exists), or a copy without the kernels
     if not any(isinstance(finder, _RepositoryKernels) for finder in sys.meta_path):
         sys.meta_path.insert(0, _RepositoryKernels(folder))

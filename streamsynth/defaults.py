@@ -2,8 +2,8 @@
 
 `embedded_model()` is the generator shipped inside the package (`streamsynth/data/digits-sd`): Stable Diffusion's
 component classes at a few MB, trained by `python -m streamsynth.train_digits_generator` on the training part of
-scikit-learn's handwritten digits. `embedded_captions()` is the caption store of those training digits (one caption
-per image, from `streamsynth.digits.describe_digit`), built on first use under the cache folder
+the UCI handwritten digits shipped in the package. `embedded_captions()` is the caption store of those training
+digits (one caption per image, from `streamsynth.digits.describe_digit`), built on first use under the cache folder
 (`$STREAMSYNTH_CACHE`, else `~/.cache/streamsynth`). Both are loaded the way real ones are: the model with
 `from_pretrained`, the captions from an LMDB caption store. The held-out real digits that score a classifier
 trained on them are `streamsynth.digits.HeldOutDigits`.
@@ -18,7 +18,7 @@ from .synth.digits_model import shipped_digits_model
 
 EMBEDDED_DEFAULT_NOTICE = (
     "embedded default: the generator is a TINY text-to-image model (Stable Diffusion's component classes, a few MB) "
-    "that streamsynth trained on 1,297 real 8x8 handwritten digits from scikit-learn, prompted with captions computed "
+    "that streamsynth trained on 1,297 real 8x8 handwritten digits (UCI), prompted with captions computed "
     "from those digits' pixels. It is not Stable Diffusion: it runs the same path in miniature. The classifier learns "
     "from its synthetic digits alone and is scored at the end on 500 held-out real digits. For a real run, give "
     "--sd-model stable-diffusion-v1-5/stable-diffusion-v1-5 (or a local diffusers folder) and --captions "

@@ -1,7 +1,9 @@
 """Real handwritten digits for the embedded default: a fixed split, pixel-derived captions, a held-out test set.
 
-The data are scikit-learn's handwritten digits (`sklearn.datasets.load_digits`: 1,797 real 8x8 greyscale images of
-the digits 0-9, ink values 0..16, shipped inside scikit-learn, no download).
+The data are the test part of the UCI optical-recognition handwritten digits (Alpaydin and Kaynak, 1998; CC BY 4.0):
+1,797 real 8x8 greyscale images of the digits 0-9, ink values 0..16, shipped inside streamsynth
+(`streamsynth/data/optdigits/`, 45 KB; the same images, in the same order, as `sklearn.datasets.load_digits`, which
+earlier versions read them from: their caption keys still say `sklearn-digits/`).
 
 The split is fixed and contiguous: images 0..1296 are the **training part** (the "real training images" that get
 captioned and that the shipped generator learned from), images 1297..1796 the **held-out test part** (500 images,
@@ -67,16 +69,19 @@ POSITIONS = (
 )
 
 
+DATA_FILE = Path(__file__).resolve().parent / "data" / "optdigits" / "optdigits-test.npz"
+
+
 @lru_cache(maxsize=1)
 def _load() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    if digits.images.shape != (NUM_IMAGES, 8, 8):
-        raise RuntimeError(f"sklearn's digits have shape {digits.images.shape}, expected ({NUM_IMAGES}, 8, 8)")
-    pixels = (digits.images / 16.0).astype(np.float32)
+    with np.load(DATA_FILE) as data:
+        images, labels = data["images"], data["labels"]
+    if images.shape != (NUM_IMAGES, 8, 8) or labels.shape != (NUM_IMAGES,):
+        raise RuntimeError(f"{DATA_FILE} holds digits of shape {images.shape}, expected ({NUM_IMAGES}, 8, 8): "
+                           "reinstall streamsynth")
+    pixels = (images / 16.0).astype(np.float32)
     pixels.setflags(write=False)
-    targets = digits.target.astype(np.int64)
+    targets = labels.astype(np.int64)
     targets.setflags(write=False)
     return pixels, targets
 
@@ -136,7 +141,7 @@ def describe_digit(pixels: np.ndarray) -> str:
 
 
 def image_key(index: int) -> str:
-    """The caption store's key of digit `index` (its index in `load_digits`)."""
+    """The caption store's key of digit `index` (its index in the 1,797 digits)."""
     return f"sklearn-digits/{index:04d}"
 
 
@@ -154,7 +159,7 @@ def write_digits_caption_store(out: str | os.PathLike):
 
     return write_store(
         caption_records(), out, name_map=dict(zip(CLASS_IDS, CLASS_NAMES)), captioner=DESCRIBER,
-        source=f"sklearn.datasets.load_digits, images 0..{TRAIN_COUNT - 1} (the training part)",
+        source=f"UCI optical-recognition digits, test part, images 0..{TRAIN_COUNT - 1} (the training part)",
         extra={"split": {"train": [0, TRAIN_COUNT], "test": [TRAIN_COUNT, NUM_IMAGES]}},
     )
 

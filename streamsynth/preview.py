@@ -166,7 +166,7 @@ def preview_grid(
                            "of the classes.")
     elif is_digits_model(generator.model):
         title_lines.append("streamsynth's embedded default: a tiny model trained on real 8x8 handwritten digits "
-                           "(scikit-learn), not Stable Diffusion")
+                           "(UCI), not Stable Diffusion")
     row_names = [f"{stream.store.classes[label].name}\n({stream.store.classes[label].id})" for label in labels]
     fig = render_grid(images, specs, row_names, title_lines)
     out = Path(out)

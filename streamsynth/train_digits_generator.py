@@ -210,8 +210,8 @@ def train_generator(out: str | os.PathLike, settings: GeneratorSettings | None =
         "architecture": DIGITS_MODEL_VERSION,
         "random_weights": False,
         "what": "a tiny text-to-image model with Stable Diffusion's component classes, trained on 8x8 handwritten "
-                "digits (scikit-learn); not Stable Diffusion",
-        "data": f"sklearn.datasets.load_digits, training part: images 0..{TRAIN_COUNT - 1}",
+                "digits (UCI optical-recognition digits); not Stable Diffusion",
+        "data": f"UCI optical-recognition digits (test part), training part: images 0..{TRAIN_COUNT - 1}",
         "captions": DESCRIBER,
         "settings": asdict(s),
         "parameters": {name: sum(p.numel() for p in getattr(pipe, name).parameters())

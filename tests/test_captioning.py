@@ -500,7 +500,7 @@ def test_sample_jpegs_do_not_depend_on_the_number_of_writers(tmp_path):
 
 
 def test_caption_bench_tiny_writes_json(tmp_path):
-    from streamsynth.kernels import disabled
+    from streamsynth.kernels.dispatch import disabled
 
     # The decoding kernel switched off, so "triton" runs SDPA: under Triton's interpreter it takes a third of a second
     # a step (tests/test_kernels.py runs it in a captioner); this checks the runs, not the kernel.

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streamsynth.kernels import disabled, set_enabled
+from streamsynth.kernels.dispatch import disabled, set_enabled
 from streamsynth.kernels.dispatch import is_interpreted, triton_kernel
 from streamsynth.kernels.geglu import FusedGEGLU, geglu, geglu_reference
 from streamsynth.kernels.group_norm import FusedGroupNorm, group_norm, group_norm_reference

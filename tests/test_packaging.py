@@ -51,7 +51,7 @@ def test_the_wheel_installs_no_top_level_kernels_package(tmp_path):
     assert not (site / "kernels").exists()
     script = (
         "import sys, streamsynth, streamsynth.kernels.patch as patch\n"
-        "from streamsynth.kernels import KERNEL_NAMES\n"
+        "from streamsynth.kernels.dispatch import KERNEL_NAMES\n"
         "assert patch.__file__.startswith(sys.argv[1]), patch.__file__\n"
         "assert not any(type(f).__name__ == '_RepositoryKernels' for f in sys.meta_path)\n"
         "print(KERNEL_NAMES)\n"
@@ -73,3 +73,27 @@ def test_every_public_name_imports_on_first_use():
         assert getattr(streamsynth, name).__name__ == name
     with pytest.raises(AttributeError, match="no attribute 'Nonexistent'"):
         streamsynth.Nonexistent
+
+
+def test_the_checkout_never_shadows_an_installed_kernels_package(tmp_path):
+    """From the repository root (where `python train.py` and `python -m pytest` put the checkout on sys.path),
+    `import kernels` is an installed package of that name (Hugging Face's, which transformers imports), and
+    streamsynth's own kernels still import as `streamsynth.kernels`. The installed one is a stand-in in a temporary
+    site folder, so this holds without a network and whatever this environment has installed."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("CUDAProperties = 'the installed kernels package'\n")
+    script = ("import kernels, streamsynth.kernels.dispatch as dispatch\n"
+              "print(kernels.__file__)\nprint(kernels.CUDAProperties)\nprint(dispatch.__file__)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(site)  # after the script's folder on sys.path, as site-packages is
+    for run in (["-c", script], ["-m", "streamsynth.cli", "--version"]):
+        result = subprocess.run([sys.executable, *run], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+    lines = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120).stdout.splitlines()
+    assert lines[:2] == [str(site / "kernels" / "__init__.py"), "the installed kernels package"]
+    assert lines[2] == str(ROOT / "kernels" / "dispatch.py")
+    # The root cause stays removed: a regular package there would win over every installed one.
+    assert not (ROOT / "kernels" / "__init__.py").exists()
