@@ -37,9 +37,9 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from streamsynth import GeneratorConfig, StreamLoader, SynthesisConfig, SyntheticStream  # noqa: E402
-from streamsynth.defaults import embedded_captions, embedded_model  # noqa: E402
-from streamsynth.cliargs import ArgumentParser, comma_list  # noqa: E402
-from streamsynth.digits import (CLASS_IDS, digit_augmentation, fit_classifier, held_out_top1,  # noqa: E402
+from streamsynth.digits import embedded_captions, embedded_model  # noqa: E402
+from streamsynth.commands.args import ArgumentParser, comma_list  # noqa: E402
+from streamsynth.digits.data import (CLASS_IDS, digit_augmentation, fit_classifier, held_out_top1,  # noqa: E402
                                 real_training_batches)
 from streamsynth.stream import EpochsInARow  # noqa: E402
 from streamsynth.synth.speed import SPEED_LEVERS, SPEED_PRESETS, SpeedPreset  # noqa: E402
@@ -128,7 +128,7 @@ def fidelity(args: argparse.Namespace, condition: dict, judge: torch.nn.Module,
     that a classifier trained on the real digits gives the class they were prompted with, and their mean absolute
     difference in grey levels from the reference recipe's images of the same samples (same prompts, same seeds).
     More sensitive than the synthetic-to-real top-1, which a classifier can reach from rough images."""
-    from streamsynth.evaluate import eval_transform
+    from streamsynth.classifier.evaluate import eval_transform
 
     specs, images = synthetic_stream(args, condition, seed=0).make_samples(range(args.fidelity_images))
     view = eval_transform(args.image_size)

@@ -51,11 +51,11 @@ step() {  # step NAME SECONDS COMMAND...
 environment() {
   # GPU, driver, CUDA, CPU and package versions: benchtools' environment capture, as every benchmark's JSON has it.
   { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
-    "$py" -m streamsynth.benchtools --device "$env_device"
+    "$py" -m streamsynth.benchmarks.benchtools --device "$env_device"
   } >"$OUT/environment.txt" 2>&1
   cat "$OUT/environment.txt"
   # Stop at once, before any device time goes to model building, if a wheel is missing.
-  "$py" -c "import streamsynth.cli, streamsynth.profile, diffusers, lmdb, webdataset" ||
+  "$py" -c "import streamsynth.cli, streamsynth.benchmarks.profile, diffusers, lmdb, webdataset" ||
     { echo "streamsynth cannot be imported: install the wheels first (shared/device/README.md)"; exit 1; }
 }
 
@@ -135,7 +135,7 @@ sys.exit(1 if repeated or not ids else 0)" "$scratch/train-e2e/sample_ids-rank0.
   step caption-e2e-build 180 "$py" -c "
 import sys, json, torch
 from streamsynth.captions.architectures import save_random_blip2
-from streamsynth.captions.bench import write_sample_jpegs
+from streamsynth.benchmarks.caption_bench import write_sample_jpegs
 save_random_blip2(sys.argv[1], sys.argv[3] + '/blip2-random', sys.argv[2], torch.float16 if sys.argv[2] == 'cuda' else torch.float32)
 write_sample_jpegs(sys.argv[3] + '/caption-e2e-jpegs', 64, num_classes=4)
 json.dump({f'class{c:03d}': n for c, n in enumerate(['tench', 'church', 'golf ball', 'parachute'])},
@@ -146,7 +146,7 @@ json.dump({f'class{c:03d}': n for c, n in enumerate(['tench', 'church', 'golf ba
 esac
 case $what in synthesis|all)
   # First, in about a minute: each kernel's output and time against its reference, call by call, at SD1.5's shapes.
-  step kernel-bench 120 "$py" -m streamsynth.kernel_bench "${kernel_bench[@]}" --out "$OUT/kernel-bench"
+  step kernel-bench 120 "$py" -m streamsynth.benchmarks.kernel_bench "${kernel_bench[@]}" --out "$OUT/kernel-bench"
   # The acceptance run: streamsynth's default fast path (Triton kernels, fused step and post-processing, probed
   # attention) against plain diffusers, and each kernel switched off alone. Builds /tmp/sd15-random first.
   step profile-eager 270 "${cli[@]}" profile "${sd15[@]}" --out "$OUT/profile-eager"
@@ -165,7 +165,7 @@ case $what in captioning|all)
   if [[ ! -d ${jpegs[0]} ]]; then  # written aside and renamed, so a killed write is never taken for a full set
     rm -rf "${jpegs[0]}.partial"
     step caption-jpegs 90 "$py" -c \
-      "import sys; from streamsynth.captions.bench import write_sample_jpegs as w; w(sys.argv[1], int(sys.argv[2]))" \
+      "import sys; from streamsynth.benchmarks.caption_bench import write_sample_jpegs as w; w(sys.argv[1], int(sys.argv[2]))" \
       "${jpegs[0]}.partial" "${jpegs[1]}" && { [[ ! -d ${jpegs[0]}.partial ]] || mv "${jpegs[0]}.partial" "${jpegs[0]}"; }
   fi
   step caption-bench 300 "${cli[@]}" caption-bench "${captions[@]}" --images "${jpegs[0]}" \

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from streamsynth import benchtools  # noqa: E402
-from streamsynth.cliargs import ArgumentParser, add_device, comma_list, resolve_device  # noqa: E402
+from streamsynth.benchmarks import benchtools  # noqa: E402
+from streamsynth.commands.args import ArgumentParser, add_device, comma_list, resolve_device  # noqa: E402
 from streamsynth.seeding import derive_seed  # noqa: E402
 from streamsynth.synth import SynthesisConfig, Synthesizer, load_pipeline  # noqa: E402
 from streamsynth.synth.loading import scheduler_from_name  # noqa: E402
@@ -69,7 +69,7 @@ def model_folder(args: argparse.Namespace, out: Path) -> str:
         return str(folder)
     if args.sd_model:
         return args.sd_model
-    from streamsynth.defaults import embedded_model
+    from streamsynth.digits.embedded import embedded_model
 
     return str(embedded_model())
 

@@ -7,8 +7,8 @@ arguments exactly as for a launch, and compiles them for the target GPU through 
 Triton ships; only the launch itself is skipped. For every compiled variant it reports registers, local memory (spills)
 and shared memory, read from the cubin with Triton's `cuobjdump`.
 
-    python -m streamsynth.kernel_compile_check                 # SD1.5's launches for sm_90: H100, H200
-    python -m streamsynth.kernel_compile_check --cuda-arch 80,90    # and sm_80: A100
+    python -m streamsynth.benchmarks.kernel_compile_check                 # SD1.5's launches for sm_90: H100, H200
+    python -m streamsynth.benchmarks.kernel_compile_check --cuda-arch 80,90    # and sm_80: A100
 
 `check(archs, dtypes, workloads)` takes the workloads to compile (`kernels.workloads.model_workloads` of a model's
 configurations); the command above passes SD1.5's. `TRITON_INTERPRET` must be unset: Triton decides when a kernel is

@@ -4,8 +4,8 @@ step its attention kernel (`decode_attention_workloads`), as repeatable calls on
 Each `Workload` calls the kernel through its public, switchable entry point, so the same call runs the Triton kernel
 or, inside `disabled(workload.kernel)`, its PyTorch reference. The model is given by its component configurations
 (`ModelConfigs`; streamsynth passes SD1.5's, `streamsynth.synth.sd15.kernel_workloads`, and BLIP-2 OPT-2.7b's text
-configuration, `streamsynth.kernel_bench.workloads`). `compile_check` compiles the
-workloads for a GPU without launching; `python -m streamsynth.kernel_bench` runs both sides on a device and compares
+configuration, `streamsynth.benchmarks.kernel_bench.workloads`). `compile_check` compiles the
+workloads for a GPU without launching; `python -m streamsynth.benchmarks.kernel_bench` runs both sides on a device and compares
 their outputs (`within_tolerance`) and times.
 """
 

@@ -7,16 +7,16 @@ import importlib
 import logging
 import sys
 
-from .cliargs import ArgumentParser, add_version
+from .commands.args import ArgumentParser, add_version
 
 # module path → the function that adds its sub-command(s) to the parser. Commands import their heavy
 # dependencies only when they run.
 COMMANDS = [
-    "streamsynth.captions.commands",
-    "streamsynth.profile",
-    "streamsynth.loader_bench",
-    "streamsynth.commands",
-    "streamsynth.generate",
+    "streamsynth.commands.captions",
+    "streamsynth.benchmarks.profile",
+    "streamsynth.benchmarks.loader_bench",
+    "streamsynth.commands.evaluation",
+    "streamsynth.commands.generate",
 ]
 
 
@@ -30,13 +30,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_version(parser)
     # Sub-command parsers are made of the same class: the same help formatter (defaults shown) everywhere.
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
+    # The training loop has its own parser (streamsynth/train.py, also run as `python train.py`): its flags pass
+    # through untouched, and `streamsynth train --help` is train.py's help.
+    train = subparsers.add_parser("train", add_help=False, help="train a classifier on the stream (python train.py; "
+                                  "`streamsynth train --help` lists its flags)")
+    train.add_argument("train_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     for module in COMMANDS:
         importlib.import_module(module).add_commands(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "train":
+        from .train import cli as train
+
+        train([*(["--verbose"] if args.verbose else []), *unknown, *args.train_args], prog="streamsynth train")
+        return 0
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to start the same command as several ranks
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .errors import StreamsynthError, one_line

@@ -12,7 +12,6 @@ after a checkpoint, for resume tests).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import multiprocessing
 import os
 import signal
@@ -32,9 +31,8 @@ def main() -> None:
     parser.add_argument("--fault-signal", choices=["KILL", "STOP", "SELF-KILL"], required=True)
     parser.add_argument("train_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    from streamsynth import train
+
     owner, name = (torch.Tensor, "backward") if args.fault_during == "backward" else (train, "save_checkpoint")
     original, calls = getattr(owner, name), [0]
 

@@ -491,7 +491,7 @@ def test_large_jpeg_is_decoded_at_reduced_scale():
 
 
 def test_sample_jpegs_do_not_depend_on_the_number_of_writers(tmp_path):
-    from streamsynth.captions.bench import write_sample_jpegs
+    from streamsynth.benchmarks.caption_bench import write_sample_jpegs
 
     one, two = write_sample_jpegs(tmp_path / "one", 6, workers=1), write_sample_jpegs(tmp_path / "two", 6, workers=2)
     files = sorted(p.relative_to(one) for p in one.rglob("*.jpg"))

@@ -5,7 +5,6 @@ listing that command; no retired spelling; every option documented; every defaul
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from streamsynth import cliargs
+from streamsynth.commands import args as cliargs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,10 +33,9 @@ OWNED = {
 
 
 def _load_train():
-    spec = importlib.util.spec_from_file_location("train_under_test", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from streamsynth import train
+
+    return train
 
 
 def _walk(parser: argparse.ArgumentParser, name: str):
@@ -50,7 +48,7 @@ def _walk(parser: argparse.ArgumentParser, name: str):
 
 def all_parsers() -> dict[str, argparse.ArgumentParser]:
     """Command name (as the README's table names it) → its parser."""
-    from streamsynth import benchtools, kernel_bench, kernel_compile_check
+    from streamsynth.benchmarks import benchtools, kernel_bench, kernel_compile_check
     from streamsynth.cli import build_parser
 
     return {**dict(_walk(build_parser(), "streamsynth")), "train.py": _load_train().build_parser(),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,9 @@ import torch
 
 from streamsynth import GeneratorConfig, StreamLoader, SynthesisConfig, SyntheticStream
 from streamsynth.captions import CaptionStore
-from streamsynth.classifier import learning_rate
-from streamsynth.defaults import embedded_captions, embedded_model
-from streamsynth.digits import (CLASS_IDS, CLASS_NAMES, POSITIONS, SIZES, SLANTS, STROKES, HeldOutDigits,
+from streamsynth.classifier.models import learning_rate
+from streamsynth.digits import embedded_captions, embedded_model
+from streamsynth.digits.data import (CLASS_IDS, CLASS_NAMES, POSITIONS, SIZES, SLANTS, STROKES, HeldOutDigits,
                                 caption_records, describe_digit, digit_augmentation, digit_pixels, digit_targets,
                                 ensure_digits_captions, fit_classifier, held_out_indices, held_out_top1, image_key,
                                 train_indices)
@@ -118,8 +117,8 @@ def test_shipped_model_round_trips_through_save_pretrained(tmp_path):
 
 
 def test_held_out_digits_reach_the_classifier_as_synthetic_ones_do():
-    from streamsynth.digits import digits_to_uint8
-    from streamsynth.evaluate import eval_transform
+    from streamsynth.digits.data import digits_to_uint8
+    from streamsynth.classifier.evaluate import eval_transform
 
     data = HeldOutDigits(IMAGE_SIZE, class_ids=[str(9 - d) for d in range(10)])  # labels follow the class ids
     image, label = data[0]
@@ -182,8 +181,8 @@ def test_control_random_weights_generator_teaches_nothing(tiny_model):
 
 
 def test_training_script_is_seeded_and_saves_a_loadable_pipeline(tmp_path):
-    from streamsynth.synth.digits_model import is_digits_model, model_card
-    from streamsynth.train_digits_generator import GeneratorSettings, train_generator
+    from streamsynth.digits.model import is_digits_model, model_card
+    from streamsynth.digits.train_generator import GeneratorSettings, train_generator
 
     settings = GeneratorSettings(seed=3, vae_steps=2, vae_batch_size=8, unet_steps=2, unet_batch_size=8, log_every=1)
     first = train_generator(tmp_path / "a", settings)
@@ -201,8 +200,7 @@ def test_training_script_is_seeded_and_saves_a_loadable_pipeline(tmp_path):
 
 
 def test_train_learning_rate_warms_up_then_decays():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import train
+    from streamsynth import train
 
     for extra, warmup in [([], 2), (["--warmup-steps", "10"], 10)]:  # by default, warmup is 2% of the steps
         args = train.parse_args(["--online-synthesis", "--steps", "100", *extra])

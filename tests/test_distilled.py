@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import AutoencoderTiny, LCMScheduler, StableDiffusionPipeline
 
-from streamsynth.defaults import embedded_model
+from streamsynth.digits.embedded import embedded_model
 from streamsynth.synth import (
     GeneratorConfig,
     ModelLoadError,

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-from streamsynth.evaluate import evaluate_suites, format_results, suite_classes, write_results
+from streamsynth.classifier.evaluate import evaluate_suites, format_results, suite_classes, write_results
 
 # Five Imagenette classes (ImageNet indices 0, 217, 482, 491, 497), none of them in ImageNet-R's 200.
 IMAGENETTE = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079"]
@@ -167,7 +167,7 @@ def test_results_table_json_and_csv(tmp_path):
 
 
 def test_cli_scores_a_checkpoint(tmp_path, capsys):
-    from streamsynth.classifier import build_classifier, classifier_checkpoint
+    from streamsynth.classifier.models import build_classifier, classifier_checkpoint
     from streamsynth.cli import main
 
     checkpoint = tmp_path / "model.pt"

@@ -33,7 +33,7 @@ def pipe(tiny_model):
 
 @pytest.fixture(scope="module")
 def digits():
-    from streamsynth.defaults import embedded_model
+    from streamsynth.digits.embedded import embedded_model
 
     return load_pipeline(embedded_model(), "cpu", "fp32", scheduler="ddim")
 

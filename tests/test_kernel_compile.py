@@ -29,7 +29,7 @@ def _run(args: list[str], interpret: bool = False) -> subprocess.CompletedProces
 
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm90_in_every_dtype_without_spills(tmp_path):
-    result = _run(["-m", "streamsynth.kernel_compile_check", "--cuda-arch", "90", "--out", str(tmp_path)])
+    result = _run(["-m", "streamsynth.benchmarks.kernel_compile_check", "--cuda-arch", "90", "--out", str(tmp_path)])
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "kernel-compile-check.json").read_text())
     assert report["failures"] == []
@@ -74,7 +74,7 @@ def test_the_compiler_rejects_what_the_interpreter_accepts(tmp_path):
 
 
 def test_the_check_refuses_to_run_under_the_interpreter(monkeypatch, capsys):
-    from streamsynth.kernel_compile_check import main
+    from streamsynth.benchmarks.kernel_compile_check import main
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(SystemExit) as exit:

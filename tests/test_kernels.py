@@ -259,7 +259,7 @@ def test_captioner_decodes_with_the_kernel_and_gives_sdpa_captions(blip2_model, 
     with pytest.raises(ValueError, match="choose one of"):
         captioner.decode_attention = "flash"
     # caption-bench's timing of one layer's decoding attention takes the kernel beside SDPA's backends where it runs
-    from streamsynth.captions.bench import decode_attention_ms
+    from streamsynth.benchmarks.caption_bench import decode_attention_ms
 
     timings = decode_attention_ms(captioner, batch_size=2)
     assert timings["triton"] > 0 and timings["math"] > 0
@@ -364,7 +364,7 @@ def test_patched_unet_compiles_as_one_graph(tiny_model):
 
 
 def test_kernel_bench_compares_each_workload_with_its_reference(monkeypatch):
-    from streamsynth import kernel_bench as bench
+    from streamsynth.benchmarks import kernel_bench as bench
     from streamsynth.kernels import guided_step
 
     results = bench.bench("cpu", torch.float32, warmup=0, repeats=1, only="guided_step")
@@ -391,7 +391,7 @@ def test_kernel_bench_compares_each_workload_with_its_reference(monkeypatch):
 
 
 def test_a_kernel_as_close_to_the_exact_result_as_its_fp16_reference_agrees():
-    from streamsynth.kernel_bench import agrees
+    from streamsynth.benchmarks.kernel_bench import agrees
 
     step, half = 2.0 ** -9, torch.float16  # fp16's spacing in [2, 4)
     exact = torch.tensor([2.0, 1.0], dtype=torch.float64)

@@ -34,7 +34,7 @@ def test_the_consumer_trains_on_the_benchmark_device(kind):
     The meta device stands in for a GPU: a model left on the CPU fails on meta inputs, and the reverse."""
     import torch
 
-    from streamsynth.loader_bench import _consumer
+    from streamsynth.benchmarks.loader_bench import _consumer
 
     consume = _consumer(kind, 3, "meta")
     consume(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))

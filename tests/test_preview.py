@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from streamsynth.cli import main
-from streamsynth.preview import CELL_HEIGHT, CELL_WIDTH, DPI, _cell_title, preview_grid
+from streamsynth.commands.preview import CELL_HEIGHT, CELL_WIDTH, DPI, _cell_title, preview_grid
 from streamsynth.stream import SyntheticStream
 from streamsynth.synth import GeneratorConfig, SynthesisConfig
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from streamsynth.classifier import build_classifier, classifier_checkpoint, load_classifier
+from streamsynth.classifier.models import build_classifier, classifier_checkpoint, load_classifier
 from streamsynth.cli import main
-from streamsynth.evaluate import LabelledImageFolder, eval_transform
-from streamsynth.privacy import MembershipAudit, audit_membership, threshold_attack
+from streamsynth.classifier.evaluate import LabelledImageFolder, eval_transform
+from streamsynth.classifier.privacy import MembershipAudit, audit_membership, threshold_attack
 
 CLASS_IDS = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079"]
 IMAGE_SIZE = 32

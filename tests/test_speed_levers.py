@@ -76,7 +76,7 @@ def test_a_lever_image_does_not_depend_on_its_batch(tiny_model, scheduler):
 # ----- presets and the sampler's flags ---------------------------------------------------------------------------
 
 def _sampler_args(argv: list[str]):
-    from streamsynth.cliargs import ArgumentParser
+    from streamsynth.commands.args import ArgumentParser
     from streamsynth.synth.speed import add_sampler_arguments
 
     parser = ArgumentParser()
@@ -110,7 +110,7 @@ def test_a_speed_preset_fills_what_the_flags_leave_out_and_explicit_flags_win():
 
 
 def test_train_py_takes_the_speed_preset_over_its_own_defaults():
-    import train
+    from streamsynth import train
 
     args = train.parse_args(["--online-synthesis", "--speed", "fast", "--out", "unused"])
     assert args.num_inference_steps == 10  # not the embedded default's 20

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from streamsynth.train import EMBEDDED_PRESET
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from train import EMBEDDED_PRESET  # noqa: E402
 
 
 def _train(*args: str, cache: Path) -> subprocess.CompletedProcess:

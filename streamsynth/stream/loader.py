@@ -36,7 +36,8 @@ from ..synth.loading import ModelLoadError
 from .dataset import SyntheticStream, TransformError, worker_index_and_count
 from .feedback import ClassFeedback
 from .layout import worker_groups
-from .metrics import WorkerStats, peak_memory_bytes, peak_memory_kind
+from ..peakmemory import peak_memory_bytes, peak_memory_kind
+from .metrics import WorkerStats
 from .shared import EpochWeights
 
 log = logging.getLogger(__name__)

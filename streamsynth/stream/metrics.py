@@ -9,9 +9,6 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-# Peak memory has one definition for the worker metrics and every benchmark report (see benchtools).
-from ..benchtools import peak_memory_bytes, peak_memory_kind  # noqa: F401 - re-exported for the stream
-
 _FIELDS = ("images", "busy_s", "peak_memory_bytes", "heartbeat", "cpu_s")
 
 

@@ -73,8 +73,8 @@ def save_random_sd15(folder: str | os.PathLike, device: str | torch.device = "cp
 def kernel_workloads(dtype: torch.dtype, device: str | torch.device = "cpu", batch: int = 1, random: bool = True,
                      kernel: str | None = None, upcast: torch.dtype | None = None):
     """Every call SD1.5's fast path makes to a Triton kernel (or to `kernel` only) at 512², as repeatable `Workload`s
-    (kernels/workloads.py): what `python -m streamsynth.kernel_compile_check` compiles and `python -m
-    streamsynth.kernel_bench` times."""
+    (kernels/workloads.py): what `python -m streamsynth.benchmarks.kernel_compile_check` compiles and `python -m
+    streamsynth.benchmarks.kernel_bench` times."""
     from ..kernels.workloads import ModelConfigs, model_workloads
 
     return model_workloads(ModelConfigs(UNET, VAE, TEXT_ENCODER, SCHEDULER), dtype, device, batch, random, kernel,

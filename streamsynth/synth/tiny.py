@@ -2,7 +2,7 @@
 
 No weights can be downloaded where streamsynth is developed and tested, so the tests and the speed benchmarks use
 this model where any generator will do (the embedded default is the trained digits model,
-`streamsynth.synth.digits_model`). It is saved with `save_pretrained` and always loaded back with `from_pretrained`,
+`streamsynth.digits.model`). It is saved with `save_pretrained` and always loaded back with `from_pretrained`,
 the path a real checkpoint takes. Its images are noise-like: it exercises the machinery, it does not draw.
 """
 

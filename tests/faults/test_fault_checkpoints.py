@@ -13,9 +13,9 @@ import torch
 
 from faultkit import fill, kill_me, on_small_fs, random_bytes, run_forked, truncate
 from streamsynth import safeio
-from streamsynth.checkpoints import (CheckpointError, check_checkpoint_room, estimate_checkpoint_bytes,
+from streamsynth.classifier.checkpoints import (CheckpointError, check_checkpoint_room, estimate_checkpoint_bytes,
                                      load_resume_checkpoint, save_checkpoint, state_bytes)
-from streamsynth.classifier import build_classifier, classifier_checkpoint
+from streamsynth.classifier.models import build_classifier, classifier_checkpoint
 from streamsynth.cli import main as cli
 from streamsynth.errors import DiskFullError
 

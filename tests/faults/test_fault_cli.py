@@ -14,7 +14,7 @@ def failing_stats(monkeypatch):
     def install(exc: BaseException):
         def stats(args):
             raise exc
-        monkeypatch.setattr("streamsynth.captions.commands._stats", stats)
+        monkeypatch.setattr("streamsynth.commands.captions._stats", stats)
     return install
 
 

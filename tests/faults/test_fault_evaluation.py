@@ -14,10 +14,10 @@ import torch
 
 from conftest import png
 from faultkit import fill, on_small_fs, unreadable
-from streamsynth.classifier import build_classifier, classifier_checkpoint
+from streamsynth.classifier.models import build_classifier, classifier_checkpoint
 from streamsynth.cli import main as cli
 from streamsynth.errors import DiskFullError
-from streamsynth.evaluate import EvalFolderError, SuiteResult, check_eval_folder, write_results
+from streamsynth.classifier.evaluate import EvalFolderError, SuiteResult, check_eval_folder, write_results
 
 CLASSES = ["n01440764", "n02102040", "n02979186"]
 BAD = {

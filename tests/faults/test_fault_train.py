@@ -38,7 +38,7 @@ def _error_before_training(result: subprocess.CompletedProcess, *words: str) -> 
 @pytest.fixture(scope="module")
 def class_ids(isolated_cache) -> list[str]:
     from streamsynth.captions import CaptionStore
-    from streamsynth.defaults import embedded_captions
+    from streamsynth.digits.embedded import embedded_captions
 
     return [c.id for c in CaptionStore(embedded_captions()).classes]
 
@@ -92,7 +92,7 @@ def test_resume_from_a_checkpoint_of_another_arch_is_one_short_line(tmp_path, is
     cache = write_cache(tmp_path / "cache", [2, 2])
     out = tmp_path / "run"
     out.mkdir()
-    from streamsynth.classifier import build_classifier, classifier_checkpoint
+    from streamsynth.classifier.models import build_classifier, classifier_checkpoint
 
     torch.save(classifier_checkpoint(build_classifier("resnet34", len(class_ids)), "resnet34", class_ids,
                                      image_size=16, step=1, optimizer={}, scaler={}, loaders=[None]),

@@ -35,12 +35,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from .classifier import DEFAULT_IMAGE_SIZE
-from .errors import StreamsynthError
-from .imagefiles import plain_rgb, read_image_file
-from .safeio import atomic_write_text
-from .captions.classnames import imagenet_classes
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .models import DEFAULT_IMAGE_SIZE
+from ..errors import StreamsynthError
+from ..imagefiles import plain_rgb, read_image_file
+from ..safeio import atomic_write_text
+from ..captions.classnames import imagenet_classes
+from ..transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 

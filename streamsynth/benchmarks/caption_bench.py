@@ -23,18 +23,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import benchtools
+from . import benchtools
 from ..kernels.decode_attention import decode_attention
 from ..kernels.dispatch import runs_triton
-from .architectures import BLIP2_ARCHITECTURES, random_blip2
-from .captioners import (
+from ..captions.architectures import BLIP2_ARCHITECTURES, random_blip2
+from ..captions.captioners import (
     DECODE_ATTENTIONS, FP32_MATMULS, KV_CACHES, Captioner, default_device, fp32_matmul_precision, load_captioner,
     resolve_dtype,
 )
-from .captioning import caption_images, default_batch_size, default_num_workers
-from .graphed import image_features, query_features
-from .images import ImageCollection, find_images
-from .store import CaptionStore
+from ..captions.captioning import caption_images, default_batch_size, default_num_workers
+from ..captions.graphed import image_features, query_features
+from ..captions.images import ImageCollection, find_images
+from ..captions.store import CaptionStore
 
 # The reference captioning script's batch size.
 REFERENCE_BATCH_SIZE = 65

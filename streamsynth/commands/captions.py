@@ -9,13 +9,13 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-from ..cliargs import add_device, comma_list, list_metavar
-from .classnames import load_name_map
-from .architectures import BLIP2_ARCHITECTURES
-from .bench import REFERENCE_BATCH_SIZE
-from .captioners import DECODE_ATTENTIONS, DEFAULT_MODEL, DTYPES, FP32_MATMULS, KV_CACHES, REFERENCE_MAX_NEW_TOKENS
-from .importers import import_captions
-from .store import CaptionStore
+from .args import add_device, comma_list, list_metavar
+from ..captions.classnames import load_name_map
+from ..captions.architectures import BLIP2_ARCHITECTURES
+from ..benchmarks.caption_bench import REFERENCE_BATCH_SIZE
+from ..captions.captioners import DECODE_ATTENTIONS, DEFAULT_MODEL, DTYPES, FP32_MATMULS, KV_CACHES, REFERENCE_MAX_NEW_TOKENS
+from ..captions.importers import import_captions
+from ..captions.store import CaptionStore
 
 BENCH_FILE, BENCH_CHART = "caption-bench.json", "caption-bench.png"  # what caption-bench writes inside --out
 
@@ -167,9 +167,9 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _caption(args: argparse.Namespace) -> int:
     from ..ranks import launch_local_ranks, ranks_from_environment, under_launcher
-    from .captioners import load_captioner
-    from .captioning import caption_images, report_path
-    from .images import find_images
+    from ..captions.captioners import load_captioner
+    from ..captions.captioning import caption_images, report_path
+    from ..captions.images import find_images
 
     devices = _device_list(args)
     if len(devices) > 1 and not under_launcher():
@@ -220,7 +220,7 @@ def _device_list(args: argparse.Namespace) -> list[str]:
 
 
 def _caption_bench(args: argparse.Namespace) -> int:
-    from .bench import run_benchmark, write_result
+    from ..benchmarks.caption_bench import run_benchmark, write_result
 
     logging.getLogger("streamsynth").setLevel(logging.WARNING)
     result = run_benchmark(

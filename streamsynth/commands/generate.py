@@ -37,19 +37,19 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .defaults import embedded_captions, embedded_model
-from .errors import StreamsynthError, one_line
-from .ranks import RankError, Ranks, raise_failures, ranks_from_environment
-from .safeio import atomic_write, atomic_write_text, disk_full_error, is_full_errno
-from .stream.cache import CLASSES_FILE, shard_name, write_cache_classes, write_group
-from .stream.dataset import SyntheticStream
-from .stream.devices import synthesis_devices
-from .stream.sampling import CaptionSampler, SampleSpec
-from .synth.config import GeneratorConfig
-from .synth.fast import add_fast_path_argument, fast_path_for
-from .synth.loading import resolve_dtype
-from .synth.speed import add_sampler_arguments, sampler_settings
-from .synth.tiny import RANDOM_WEIGHTS_NOTICE
+from ..digits.embedded import embedded_captions, embedded_model
+from ..errors import StreamsynthError, one_line
+from ..ranks import RankError, Ranks, raise_failures, ranks_from_environment
+from ..safeio import atomic_write, atomic_write_text, disk_full_error, is_full_errno
+from ..stream.cache import CLASSES_FILE, shard_name, write_cache_classes, write_group
+from ..stream.dataset import SyntheticStream
+from ..stream.devices import synthesis_devices
+from ..stream.sampling import CaptionSampler, SampleSpec
+from ..synth.config import GeneratorConfig
+from ..synth.fast import add_fast_path_argument, fast_path_for
+from ..synth.loading import resolve_dtype
+from ..synth.speed import add_sampler_arguments, sampler_settings
+from ..synth.tiny import RANDOM_WEIGHTS_NOTICE
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .captions.store import CaptionStore
-from .prompts.templates import PromptTemplate
-from .stream.dataset import SyntheticStream
-from .stream.sampling import SampleSpec
-from .synth.config import GeneratorConfig, SynthesisConfig
-from .synth.digits_model import is_digits_model
+from ..captions.store import CaptionStore
+from ..prompts.templates import PromptTemplate
+from ..stream.dataset import SyntheticStream
+from ..stream.sampling import SampleSpec
+from ..synth.config import GeneratorConfig, SynthesisConfig
+from ..digits.model import is_digits_model
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -142,7 +142,7 @@ def preview_grid(
     `captions` and `model` default to the embedded default (the digits captions and the tiny generator trained on
     them); the grid's title then says what that model is. A model with random weights is named as such too.
     """
-    from .defaults import embedded_captions, embedded_model
+    from ..digits.embedded import embedded_captions, embedded_model
 
     if samples_per_class < 1:
         raise ValueError(f"samples per class must be at least 1, got {samples_per_class}")

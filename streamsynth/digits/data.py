@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import os
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
@@ -43,7 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 if TYPE_CHECKING:
-    from .transforms import BatchAugment
+    from ..transforms import BatchAugment
 
 NUM_IMAGES = 1797
 TRAIN_COUNT = 1297  # images 0..1296 are the training part, 1297..1796 the held-out test part
@@ -69,7 +70,7 @@ POSITIONS = (
 )
 
 
-DATA_FILE = Path(__file__).resolve().parent / "data" / "optdigits" / "optdigits-test.npz"
+DATA_FILE = Path(str(resources.files("streamsynth") / "data" / "optdigits" / "optdigits-test.npz"))
 
 
 @lru_cache(maxsize=1)
@@ -147,7 +148,7 @@ def image_key(index: int) -> str:
 
 def caption_records():
     """One caption per training digit, keyed by image index, class id "0".."9"."""
-    from .captions.importers import CaptionRecord
+    from ..captions.importers import CaptionRecord
 
     pixels, targets = _load()
     return [CaptionRecord(CLASS_IDS[targets[i]], describe_digit(pixels[i]), image_key(i)) for i in train_indices()]
@@ -155,7 +156,7 @@ def caption_records():
 
 def write_digits_caption_store(out: str | os.PathLike):
     """Write the training part's captions as a new caption store at `out` (built aside, renamed when complete)."""
-    from .captions.importers import write_store
+    from ..captions.importers import write_store
 
     return write_store(
         caption_records(), out, name_map=dict(zip(CLASS_IDS, CLASS_NAMES)), captioner=DESCRIBER,
@@ -170,8 +171,8 @@ def ensure_digits_captions(folder: str | os.PathLike | None = None) -> Path:
     Safe under concurrent first uses: each builder writes its own hidden copy and renames it into place; a
     builder that loses the race keeps the winner's store (the same captions) and checks that it is valid.
     """
-    from .captions.store import CaptionStore, CaptionStoreError
-    from .synth.tiny import cache_dir
+    from ..captions.store import CaptionStore, CaptionStoreError
+    from ..synth.tiny import cache_dir
 
     out = Path(folder) if folder is not None else cache_dir() / CAPTION_STORE_NAME
     try:
@@ -190,7 +191,7 @@ def ensure_digits_captions(folder: str | os.PathLike | None = None) -> Path:
 
 def digits_to_uint8(pixels: np.ndarray | torch.Tensor, size: int | None) -> torch.Tensor:
     """8x8 grey levels (N, 8, 8) in [0, 1] → uint8 RGB (N, 3, size, size), resized as the stream resizes."""
-    from .synth.postprocess import resize_to_uint8
+    from ..synth.postprocess import resize_to_uint8
 
     images = torch.tensor(np.asarray(pixels), dtype=torch.float32)  # a copy: the digits are read-only
     return resize_to_uint8(images[:, None].expand(-1, 3, -1, -1), size)
@@ -209,10 +210,10 @@ def class_labels(class_ids: Sequence[str]) -> list[int]:
 
 class HeldOutDigits(Dataset):
     """The 500 held-out real digits as (image, label): resized to `image_size` as synthetic images are, then
-    shown through `transform` (default: the standard evaluation view, `streamsynth.evaluate.eval_transform`)."""
+    shown through `transform` (default: the standard evaluation view, `streamsynth.classifier.evaluate.eval_transform`)."""
 
     def __init__(self, image_size: int, class_ids: Sequence[str] = CLASS_IDS, transform=None):
-        from .evaluate import eval_transform
+        from ..classifier.evaluate import eval_transform
 
         pixels, targets = _load()
         indices = held_out_indices()
@@ -233,7 +234,7 @@ def held_out_top1(model: torch.nn.Module, image_size: int, device: torch.device 
     """Top-1 accuracy (percent) of `model` on the held-out real digits; the model's train/eval mode is restored."""
     from torch.utils.data import DataLoader
 
-    from .evaluate import topk_correct
+    from ..classifier.evaluate import topk_correct
 
     loader = DataLoader(HeldOutDigits(image_size, class_ids), batch_size=batch_size)
     was_training = model.training
@@ -261,7 +262,7 @@ def report_held_out_digits(model: torch.nn.Module, image_size: int, device: torc
 def digit_augmentation(image_size: int) -> "BatchAugment":
     """A mild augmentation for digits: crops of 60-100% of the frame and no flips (a mirrored 2 is not a 2), then
     ImageNet normalisation; a `BatchAugment`, so the stream augments each replayed use of a group in one batch."""
-    from .transforms import BatchAugment
+    from ..transforms import BatchAugment
 
     return BatchAugment(image_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), flip=False)
 
@@ -270,7 +271,7 @@ def real_training_batches(image_size: int, batch_size: int,
                           seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless batches of the real training part (the real-data baseline): a seeded reshuffle every epoch, each
     image augmented by `digit_augmentation` under a seed of (seed, epoch, index), labels = digits (ids "0".."9")."""
-    from .seeding import derive_seed
+    from ..seeding import derive_seed
 
     pixels, targets = _load()
     part = train_indices()
@@ -293,7 +294,7 @@ def fit_classifier(batches: Iterable[tuple], steps: int, arch: str = "test_resne
     recipe: SGD with Nesterov momentum, linear warmup over 2% of the steps, cosine decay to zero, label smoothing."""
     import torch.nn.functional as F
 
-    from .classifier import build_classifier, learning_rate, sgd_optimizer
+    from ..classifier.models import build_classifier, learning_rate, sgd_optimizer
 
     torch.manual_seed(seed)
     model = build_classifier(arch, num_classes)

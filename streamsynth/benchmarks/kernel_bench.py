@@ -5,7 +5,7 @@ The end-to-end ablation of `streamsynth profile` says what switching a kernel of
 per call and shape, how far the kernel's output is from its reference and how their times compare, so that a
 numerical problem or a slow variant is found in seconds on the first GPU run.
 
-    python -m streamsynth.kernel_bench --device cuda --dtype fp16 --batch-size 8 --out runs/kernel-bench
+    python -m streamsynth.benchmarks.kernel_bench --device cuda --dtype fp16 --batch-size 8 --out runs/kernel-bench
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from typing import Iterator
 import torch
 
 from . import benchtools
-from .cliargs import ArgumentParser, add_device, add_version, resolve_device
-from .captions.architectures import BLIP2_ARCHITECTURES
-from .captions.captioners import REFERENCE_MAX_NEW_TOKENS
-from .kernels.dispatch import KERNEL_NAMES, disabled, runs_triton
-from .kernels.workloads import DTYPES, TOLERANCES, Workload, decode_attention_workloads, within_tolerance
-from .synth.sd15 import kernel_workloads
+from ..commands.args import ArgumentParser, add_device, add_version, resolve_device
+from ..captions.architectures import BLIP2_ARCHITECTURES
+from ..captions.captioners import REFERENCE_MAX_NEW_TOKENS
+from ..kernels.dispatch import KERNEL_NAMES, disabled, runs_triton
+from ..kernels.workloads import DTYPES, TOLERANCES, Workload, decode_attention_workloads, within_tolerance
+from ..synth.sd15 import kernel_workloads
 
 CAPTIONER_ARCH = "blip2-opt-2.7b"  # whose decoding attention the workloads hold
 CAPTION_BATCHES = (65, 512)  # the reference loop's batch and streamsynth's on a large GPU
@@ -141,7 +141,7 @@ REPORT_FILE, CHART_FILE = "kernel-bench.json", "kernel-bench.png"  # written ins
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m streamsynth.kernel_bench", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m streamsynth.benchmarks.kernel_bench", description=__doc__.split("\n\n")[0])
     add_version(parser)
     add_device(parser)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="the workloads' dtype")

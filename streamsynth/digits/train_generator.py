@@ -1,6 +1,6 @@
 """Train the shipped digits generator: a tiny Stable Diffusion (SD1.5's component classes) on the training digits.
 
-    python -m streamsynth.train_digits_generator --out streamsynth/data/digits-sd     # about 35 min on 2 CPU cores
+    python -m streamsynth.digits.train_generator --out streamsynth/data/digits-sd     # about 35 min on 2 CPU cores
 
 Two stages, as latent diffusion is trained:
 
@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .digits import CLASS_NAMES, DESCRIBER, TRAIN_COUNT, describe_digit, digit_pixels, digit_targets, train_indices
-from .prompts.templates import prompt_template
-from .synth.digits_model import DIGITS_MODEL_VERSION, MODEL_CARD, build_digits_pipeline
+from .data import CLASS_NAMES, DESCRIBER, TRAIN_COUNT, describe_digit, digit_pixels, digit_targets, train_indices
+from ..prompts.templates import prompt_template
+from .model import DIGITS_MODEL_VERSION, MODEL_CARD, build_digits_pipeline
 
 
 @dataclass

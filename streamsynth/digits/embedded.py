@@ -1,20 +1,20 @@
 """The embedded default: a tiny text-to-image model trained on real 8x8 digits, and the captions of those digits.
 
 `embedded_model()` is the generator shipped inside the package (`streamsynth/data/digits-sd`): Stable Diffusion's
-component classes at a few MB, trained by `python -m streamsynth.train_digits_generator` on the training part of
+component classes at a few MB, trained by `python -m streamsynth.digits.train_generator` on the training part of
 the UCI handwritten digits shipped in the package. `embedded_captions()` is the caption store of those training
-digits (one caption per image, from `streamsynth.digits.describe_digit`), built on first use under the cache folder
+digits (one caption per image, from `streamsynth.digits.data.describe_digit`), built on first use under the cache folder
 (`$STREAMSYNTH_CACHE`, else `~/.cache/streamsynth`). Both are loaded the way real ones are: the model with
 `from_pretrained`, the captions from an LMDB caption store. The held-out real digits that score a classifier
-trained on them are `streamsynth.digits.HeldOutDigits`.
+trained on them are `streamsynth.digits.data.HeldOutDigits`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .digits import ensure_digits_captions
-from .synth.digits_model import shipped_digits_model
+from .data import ensure_digits_captions
+from .model import shipped_digits_model
 
 EMBEDDED_DEFAULT_NOTICE = (
     "embedded default: the generator is a TINY text-to-image model (Stable Diffusion's component classes, a few MB) "

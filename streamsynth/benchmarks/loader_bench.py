@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from . import benchtools
-from .cliargs import add_device, comma_list, list_metavar, resolve_device
-from .synth.config import GeneratorConfig, SynthesisConfig
+from ..commands.args import add_device, comma_list, list_metavar, resolve_device
+from ..synth.config import GeneratorConfig, SynthesisConfig
 
 
 AUGMENTS = ("batched", "per-image")
@@ -65,8 +65,8 @@ def add_commands(subparsers) -> None:
 def _plain_diffusers(model: str, args, specs: list, consume) -> dict:
     from diffusers import StableDiffusionPipeline
 
-    from .synth.loading import loading_options, quiet_hf_progress, resolve_dtype
-    from .synth.postprocess import resize_to_uint8
+    from ..synth.loading import loading_options, quiet_hf_progress, resolve_dtype
+    from ..synth.postprocess import resize_to_uint8
 
     quiet_hf_progress()
     device = torch.device(args.device)
@@ -135,7 +135,7 @@ def _consumer(kind: str, num_classes: int, device: str | torch.device):
 
 def _augmentation(kind: str, size: int):
     """The same crop, flip and normalisation either way: batched (`BatchAugment`) or a torchvision v2 pipeline."""
-    from .transforms import BatchAugment
+    from ..transforms import BatchAugment
 
     augment = BatchAugment(size)
     if kind == "batched":
@@ -150,8 +150,8 @@ def _augmentation(kind: str, size: int):
 
 
 def _stream_run(model: str, captions: str, args, workers: int, replay: int, augment: str) -> dict:
-    from .stream.dataset import SyntheticStream
-    from .stream.loader import StreamLoader
+    from ..stream.dataset import SyntheticStream
+    from ..stream.loader import StreamLoader
 
     needed = (-(-args.batches // replay) + 1) * replay * args.batch_size
     generator = GeneratorConfig(model, synthesis=SynthesisConfig(args.num_inference_steps, args.guidance_scale), image_size=args.image_size,
@@ -240,9 +240,9 @@ def _in_memory_limit(args, images: torch.Tensor, labels: torch.Tensor, workers: 
 
 
 def run(args: argparse.Namespace) -> int:
-    from .defaults import embedded_captions, embedded_model
-    from .stream.dataset import SyntheticStream
-    from .synth.tiny import RANDOM_WEIGHTS_NOTICE, has_random_weights
+    from ..digits.embedded import embedded_captions, embedded_model
+    from ..stream.dataset import SyntheticStream
+    from ..synth.tiny import RANDOM_WEIGHTS_NOTICE, has_random_weights
 
     args.device = resolve_device(args.device)
     model = args.sd_model or str(embedded_model())

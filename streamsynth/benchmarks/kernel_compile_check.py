@@ -2,12 +2,12 @@
 failures.
 
 Triton's CPU interpreter accepts code the real compiler rejects and says nothing about registers. This runs each
-kernel's wrapper on CPU tensors of every workload (`streamsynth.kernel_bench.workloads`: SD1.5's fast path and
+kernel's wrapper on CPU tensors of every workload (`streamsynth.benchmarks.kernel_bench.workloads`: SD1.5's fast path and
 BLIP-2's decoding attention), lets Triton bind and specialise the arguments as for a launch and compile them through
 PTX to a cubin, and skips the launch (`streamsynth.kernels.compile_check`). Run it without TRITON_INTERPRET:
 
-    python -m streamsynth.kernel_compile_check                 # sm_90: H100, H200
-    python -m streamsynth.kernel_compile_check --cuda-arch 80,90    # and sm_80: A100
+    python -m streamsynth.benchmarks.kernel_compile_check                 # sm_90: H100, H200
+    python -m streamsynth.benchmarks.kernel_compile_check --cuda-arch 80,90    # and sm_80: A100
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .cliargs import ArgumentParser, add_version, comma_list, list_metavar
-from .kernels.compile_check import check, format_report
-from .kernels.workloads import DTYPES
+from ..commands.args import ArgumentParser, add_version, comma_list, list_metavar
+from ..kernels.compile_check import check, format_report
+from ..kernels.workloads import DTYPES
 from .kernel_bench import workloads
 
 
@@ -28,7 +28,7 @@ REPORT_FILE = "kernel-compile-check.json"  # written inside --out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m streamsynth.kernel_compile_check", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m streamsynth.benchmarks.kernel_compile_check", description=__doc__.split("\n\n")[0])
     add_version(parser)
     parser.add_argument("--cuda-arch", type=comma_list(int), default="90", metavar=list_metavar("SM"),
                         help="comma-separated CUDA compute capabilities to compile for, e.g. 80,90")

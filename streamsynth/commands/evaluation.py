@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cliargs import EVAL_SUITES, add_device, add_eval_suites, comma_list, eval_suites, list_metavar, resolve_device
+from .args import EVAL_SUITES, add_device, add_eval_suites, comma_list, eval_suites, list_metavar, resolve_device
 
 # The files each command writes inside its --out folder.
 EVAL_FILES = ("eval.json", "eval.csv")
@@ -29,7 +29,7 @@ def add_commands(subparsers) -> None:
         description="Score a checkpoint written by train.py on real ImageFolder test sets. Class folders of classes "
         "the classifier was not trained on are skipped and counted.",
     )
-    evaluate.add_argument("checkpoint", help="a classifier checkpoint (see streamsynth.classifier)")
+    evaluate.add_argument("checkpoint", help="a classifier checkpoint (see streamsynth.classifier.models)")
     add_eval_suites(evaluate)
     evaluate.add_argument("--suite", action="append", metavar="NAME=DIR",
                           help="any other ImageFolder, scored under NAME (repeatable)")
@@ -46,7 +46,7 @@ def add_commands(subparsers) -> None:
         "trained on, NON-MEMBERS images it never saw, both ImageFolders named by the checkpoint's class ids. About "
         "50% balanced accuracy means no measurable leakage. See docs/privacy.md.",
     )
-    audit.add_argument("checkpoint", help="a classifier checkpoint (see streamsynth.classifier)")
+    audit.add_argument("checkpoint", help="a classifier checkpoint (see streamsynth.classifier.models)")
     audit.add_argument("--members", required=True, metavar="DIR", help="ImageFolder of training images")
     audit.add_argument("--non-members", required=True, metavar="DIR", help="ImageFolder of images not trained on")
     audit.add_argument("--out", metavar="DIR", help=f"also write the result to OUT/{AUDIT_FILE}")
@@ -79,8 +79,8 @@ def add_commands(subparsers) -> None:
 
 
 def _checkpoint_and_transform(args: argparse.Namespace):
-    from .classifier import DEFAULT_IMAGE_SIZE, load_classifier
-    from .evaluate import eval_transform
+    from ..classifier.models import DEFAULT_IMAGE_SIZE, load_classifier
+    from ..classifier.evaluate import eval_transform
 
     device = resolve_device(args.device)
     model, checkpoint = load_classifier(args.checkpoint, device)
@@ -89,7 +89,7 @@ def _checkpoint_and_transform(args: argparse.Namespace):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import check_eval_folder, evaluate_suites, format_results, write_results
+    from ..classifier.evaluate import check_eval_folder, evaluate_suites, format_results, write_results
 
     suites = eval_suites(args)
     for item in args.suite or []:
@@ -113,8 +113,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _audit_privacy(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .privacy import audit_membership
-    from .safeio import atomic_write_text
+    from ..classifier.privacy import audit_membership
+    from ..safeio import atomic_write_text
 
     model, checkpoint, transform, device = _checkpoint_and_transform(args)
     audit = audit_membership(
@@ -133,9 +133,9 @@ def _audit_privacy(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from .defaults import EMBEDDED_DEFAULT_NOTICE
+    from ..digits.embedded import EMBEDDED_DEFAULT_NOTICE
     from .preview import preview_grid
-    from .synth.tiny import RANDOM_WEIGHTS_NOTICE
+    from ..synth.tiny import RANDOM_WEIGHTS_NOTICE
 
     preview = preview_grid(
         captions=args.captions, model=args.sd_model, prompt=args.prompt, classes=args.classes,

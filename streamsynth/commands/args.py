@@ -15,7 +15,7 @@ from pathlib import Path
 
 DEVICE_HELP = "a torch device: cpu, cuda, cuda:N (default: cuda if available, else cpu)"
 
-# Evaluation folders, by their suite names (those streamsynth.evaluate.SUITES and SUBSET_SUITES use): the options of
+# Evaluation folders, by their suite names (those streamsynth.classifier.evaluate.SUITES and SUBSET_SUITES use): the options of
 # `streamsynth evaluate` and of train.py.
 EVAL_SUITES = {
     "imagenet-val": "ImageNet val: an ImageFolder, one folder per WordNet id",
@@ -61,7 +61,7 @@ def version() -> str:
     try:
         return installed_version("streamsynth")
     except PackageNotFoundError:
-        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
         found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
         return found.group(1) if found else "unknown"
 

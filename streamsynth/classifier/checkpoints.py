@@ -28,8 +28,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import StreamsynthError
-from .safeio import DiskFullError, atomic_write, free_bytes, human_bytes, temporary_path
+from ..errors import StreamsynthError
+from ..safeio import DiskFullError, atomic_write, free_bytes, human_bytes, temporary_path
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ kernel switched off alone, the fast path's images/s (the ablation). Writes profi
 Both paths run their own code, unchanged, and are timed by hooks: diffusers' pipeline by forward hooks on its text
 encoder and VAE, streamsynth by wrapping the `Synthesizer`'s own methods (`encode_text`, `denoise`, `decode`) on the
 instance around `generate_uint8`, the call the stream's workers make. Timing, peak memory, device names, the
-environment and the report come from `streamsynth.benchtools`, as in the other benchmarks.
+environment and the report come from `streamsynth.benchmarks.benchtools`, as in the other benchmarks.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import benchtools
-from .cliargs import add_device, resolve_device
+from ..commands.args import add_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace, settings: dict, out: Path, device: torch.device) -> int:
     model = _model_folder(args, out, device)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(settings["batch"])]
-    from .seeding import derive_seed
-    from .synth import has_random_weights
+    from ..seeding import derive_seed
+    from ..synth import has_random_weights
 
     seeds = [derive_seed("profile", i) for i in range(settings["batch"])]
 
@@ -162,10 +162,10 @@ def _model_folder(args, out: Path, device: torch.device) -> str | Path:
     if args.sd_model:
         return args.sd_model
     if args.sd_arch == "tiny":
-        from .synth import ensure_tiny_pipeline
+        from ..synth import ensure_tiny_pipeline
 
         return ensure_tiny_pipeline()
-    from .synth.sd15 import save_random_sd15
+    from ..synth.sd15 import save_random_sd15
 
     folder = Path(args.model_dir or out / "sd15-random")
     log.info("SD1.5 architecture with random weights in %s (built on first use)", folder)
@@ -173,7 +173,7 @@ def _model_folder(args, out: Path, device: torch.device) -> str | Path:
 
 
 def _load(model, args, device):
-    from .synth import load_pipeline
+    from ..synth import load_pipeline
 
     return load_pipeline(model, device, args.dtype, scheduler=args.scheduler)
 
@@ -185,7 +185,7 @@ def _free(device: torch.device) -> None:
 
 
 def _fast_path_options(args):
-    from .synth.fast import FastPathOptions
+    from ..synth.fast import FastPathOptions
 
     use_kernels = not args.no_kernels
     return FastPathOptions(
@@ -197,7 +197,7 @@ def _fast_path_options(args):
 
 def _synthesizer(pipe, settings, args):
     """streamsynth's Synthesizer on `pipe`, with the fast path switched on as the stream's workers switch it on."""
-    from .synth import SynthesisConfig, Synthesizer
+    from ..synth import SynthesisConfig, Synthesizer
 
     config = SynthesisConfig(num_inference_steps=settings["steps"], guidance_scale=args.guidance_scale)
     return Synthesizer.from_pipeline(pipe, config, fast=_fast_path_options(args))
@@ -258,7 +258,7 @@ def _stage_hooks(pipe, clock: benchtools.StageClock):
 
 
 def _diffusers_batch(pipe, prompts, seeds, settings, args) -> tuple[benchtools.StageClock, torch.Tensor]:
-    from .synth import resize_to_uint8
+    from ..synth import resize_to_uint8
 
     clock = _clock(pipe.unet.device)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -289,7 +289,7 @@ def _ablation(synth, prompts, seeds, args, settings, device, ref_images: torch.T
 
     The agreement localises a numerical problem: the kernel whose switching off raises the PSNR is the one to look at.
     """
-    from .kernels.dispatch import DIFFUSION_KERNELS, disabled
+    from ..kernels.dispatch import DIFFUSION_KERNELS, disabled
 
     # Eager, everything an ablation runs has run already; a compiled UNet recompiles when a kernel is switched off.
     settings = {**settings, "warmup": settings["warmup"] if args.compile or args.cuda_graphs else 0}
@@ -400,7 +400,7 @@ def _default_peak_tflops(device: torch.device) -> float | None:
 
 
 def _kernels_ran_triton(device: torch.device) -> bool:
-    from .kernels.dispatch import runs_triton
+    from ..kernels.dispatch import runs_triton
 
     return runs_triton("group_norm", torch.empty(0, device=device))
 

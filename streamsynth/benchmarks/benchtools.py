@@ -1,7 +1,8 @@
 """The one toolkit of streamsynth's benchmarks: device names, peak memory, timing, the environment, reports, plots.
 
-`streamsynth profile`, `loader-bench`, `caption-bench` and `python -m streamsynth.kernel_bench` all measure with it,
-and the stream's worker metrics take their peak memory from it, so their figures mean the same thing:
+`streamsynth profile`, `loader-bench`, `caption-bench` and `python -m streamsynth.benchmarks.kernel_bench` all measure with it,
+and the stream's worker metrics take their peak memory from the same place (`streamsynth.peakmemory`), so
+their figures mean the same thing:
 
 - `device_name(device)`: "NVIDIA H200", or "cpu (the CPU's model name)"; `on_device(device)` makes a CUDA device the
   current one (events, synchronisation, allocator statistics and Triton launches all follow the current device).
@@ -21,7 +22,7 @@ and the stream's worker metrics take their peak memory from it, so their figures
   torch, triton, diffusers, transformers and friends (read from package metadata: nothing is imported).
 - `write_json(path, report)` writes a report all or nothing; `figure(path)` makes and saves a matplotlib figure.
 
-`python -m streamsynth.benchtools [--device cuda] [--out FILE]` prints the environment as JSON.
+`python -m streamsynth.benchmarks.benchtools [--device cuda] [--out FILE]` prints the environment as JSON.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..peakmemory import (CUDA_PEAK_KIND, PeakMemory, as_device, peak_memory, peak_memory_bytes,  # noqa: F401
+                          peak_memory_kind, reset_peak_memory)
+
 # The packages whose versions every report records.
 PACKAGES = ("torch", "torchvision", "triton", "diffusers", "transformers", "accelerate", "xformers", "timm",
             "numpy", "streamsynth")
@@ -51,14 +55,6 @@ PACKAGES = ("torch", "torchvision", "triton", "diffusers", "transformers", "acce
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def as_device(device: str | torch.device) -> torch.device:
-    """`device` as a torch.device with its index filled in for CUDA ("cuda" is the current GPU)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def cpu_name() -> str:
@@ -90,66 +86,6 @@ def synchronize(device: str | torch.device | None) -> None:
     """Waits for the work queued on a CUDA `device`; a no-op elsewhere."""
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(as_device(device))
-
-
-# Peak memory: one definition for every report.
-
-CUDA_PEAK_KIND = ("cuda max_memory_reserved: the most the caching allocator held (the CUDA context, about 0.5 GiB a "
-                  "process, comes on top)")
-_cpu_reset_pid: int | None = None  # the process that last reset its own VmHWM (a forked child inherits this value)
-
-
-@dataclass(frozen=True)
-class PeakMemory:
-    bytes: int
-    kind: str  # what `bytes` measures, and since when
-
-    def as_dict(self) -> dict:
-        """The two keys every report uses: peak_memory_bytes and peak_memory_kind."""
-        return {"peak_memory_bytes": self.bytes, "peak_memory_kind": self.kind}
-
-
-def reset_peak_memory(device: str | torch.device) -> None:
-    """Starts a new peak for `device`: the CUDA allocator's peak statistics, or this process's VmHWM on the CPU."""
-    global _cpu_reset_pid
-    device = torch.device(device)
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(as_device(device))
-        return
-    try:  # Linux: writing 5 to clear_refs sets the peak resident set to the current resident set
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        _cpu_reset_pid = os.getpid()
-    except OSError:
-        pass  # the peak then counts from the process's start, and peak_memory_kind says so
-
-
-def peak_memory_bytes(device: str | torch.device) -> int:
-    """Peak memory of this process on `device` since the last reset (see the module's docstring)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_reserved(as_device(device))
-    try:  # VmHWM belongs to this process's address space; ru_maxrss would carry a spawning parent's peak over
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux; never reset
-
-
-def peak_memory_kind(device: str | torch.device) -> str:
-    """What `peak_memory_bytes` measures on `device` (without touching the device)."""
-    if torch.device(device).type == "cuda":
-        return CUDA_PEAK_KIND
-    since = "since the last reset" if _cpu_reset_pid == os.getpid() else "since the process started"
-    return (f"peak resident set (VmHWM) of the process {since} (a forked process also counts the pages it shares "
-            "with its parent)")
-
-
-def peak_memory(device: str | torch.device) -> PeakMemory:
-    return PeakMemory(peak_memory_bytes(device), peak_memory_kind(device))
 
 
 # Timing.
@@ -361,7 +297,7 @@ def _jsonable(value: Any) -> Any:
 
 def write_json(path: str | os.PathLike, report: dict) -> Path:
     """Writes `report` as indented JSON, all or nothing (parent folders created); returns the path."""
-    from .safeio import atomic_write_text
+    from ..safeio import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -407,9 +343,9 @@ ENVIRONMENT_FILE = "environment.json"  # written inside --out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cliargs import ArgumentParser, add_version
+    from ..commands.args import ArgumentParser, add_version
 
-    parser = ArgumentParser(prog="python -m streamsynth.benchtools",
+    parser = ArgumentParser(prog="python -m streamsynth.benchmarks.benchtools",
                             description="Prints the environment benchmarks record, as JSON.")
     add_version(parser)
     parser.add_argument("--device", default=None, help="also name this device (e.g. cuda, cuda:1, cpu)")

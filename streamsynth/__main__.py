@@ -1,0 +1,7 @@
+"""`python -m streamsynth ...` is the `streamsynth` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
