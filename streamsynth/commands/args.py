@@ -9,6 +9,7 @@ A bottom-layer module: it imports nothing of streamsynth, and nothing heavy (tor
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -126,3 +127,50 @@ def eval_suites(args: argparse.Namespace) -> dict[str, str]:
     """Suite name → folder, for the evaluation folders given."""
     folders = {suite: getattr(args, suite.replace("-", "_")) for suite in EVAL_SUITES}
     return {suite: folder for suite, folder in folders.items() if folder}
+
+
+# Value checks for `type=`: a bad value is argparse's one-line usage error (exit 2) when the command is parsed,
+# never a traceback after work started.
+
+def _number(kind: Callable[[str], float], what: str, low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is outside {what}")
+        return value
+
+    parse.__name__ = what  # what argparse names in its "invalid ... value" message
+    return parse
+
+
+positive_int = _number(int, "an integer of at least 1", low=1)
+nonnegative_int = _number(int, "an integer of at least 0", low=0)
+finite_float = _number(float, "a finite number")
+nonnegative_float = _number(float, "a finite number of at least 0", low=0.0)
+positive_float = _number(float, "a finite number above 0", low=0.0, low_open=True)
+fraction = _number(float, "a number from 0 to 1", low=0.0, high=1.0)
+# Seeds feed torch.manual_seed, numpy and streamsynth's own 63-bit seed derivation: keep them where all agree.
+SEED_LIMIT = 2**63 - 1
+seed = _number(int, f"a seed from 0 to {SEED_LIMIT}", low=0, high=SEED_LIMIT)
+
+
+def device_name(text: str) -> str:
+    """A torch device name (cpu, cuda, cuda:N, mps, ...), checked for its form here and for its presence when the
+    command resolves it."""
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    return text
+
+
+device_name.__name__ = "device"
