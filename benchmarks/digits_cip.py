@@ -1,6 +1,6 @@
 """The Caption-in-Prompt comparison in miniature, on real handwritten digits (a benchmark, not a test).
 
-    python benchmarks/digits_cip.py --out runs/digits-cip                 # the README's table; see --help
+    python benchmarks/digits_cip.py --out runs/digits-cip                 # docs/digits.md's table; see --help
     python benchmarks/digits_cip.py --seeds 0 --steps 40 --out runs/dry    # a quick look
 
 Classifiers of one architecture and one training recipe are trained on

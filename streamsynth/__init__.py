@@ -41,7 +41,7 @@ def _install_repository_kernels() -> None:
 
 _install_repository_kernels()
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The public API, imported on first use (PEP 562): `import streamsynth.cli` for `--help`, `--version` or a bad
 # argument then costs milliseconds instead of the seconds torch and its neighbours take to import.
@@ -49,16 +49,17 @@ _PUBLIC = {
     "CaptionStore": ".captions", "CaptionStoreWriter": ".captions", "import_captions": ".captions",
     "StreamLoader": ".stream", "SyntheticStream": ".stream",
     "GeneratorConfig": ".synth", "SynthesisConfig": ".synth", "Synthesizer": ".synth",
-    "FastPathOptions": ".synth.fast",
+    "FastPathOptions": ".synth.fast", "speed_preset": ".synth.speed",
 }
 __all__ = ["CaptionStore", "CaptionStoreWriter", "FastPathOptions", "GeneratorConfig", "StreamLoader",
-           "SynthesisConfig", "SyntheticStream", "Synthesizer", "import_captions"]
+           "SynthesisConfig", "SyntheticStream", "Synthesizer", "import_captions", "speed_preset"]
 
 if TYPE_CHECKING:
     from .captions import CaptionStore, CaptionStoreWriter, import_captions
     from .stream import StreamLoader, SyntheticStream
     from .synth import GeneratorConfig, SynthesisConfig, Synthesizer
     from .synth.fast import FastPathOptions
+    from .synth.speed import speed_preset
 
 
 def __getattr__(name: str):

@@ -17,13 +17,15 @@ COMMANDS = [
     "streamsynth.benchmarks.loader_bench",
     "streamsynth.commands.evaluation",
     "streamsynth.commands.generate",
+    "streamsynth.commands.preview",
+    "streamsynth.commands.digits_generator",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="streamsynth", description="Caption-in-Prompt synthetic training data for image classifiers. The flags "
-        "of every command and of train.py: README, \"Command-line vocabulary\"."
+        "of every command and of train.py: docs/cli.md."
     )
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and the traceback of an error")
@@ -50,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if getattr(args, "config", None):  # the file's values become the command's defaults, then flags win over them
+        from .commands.options import config_values
+
+        args.parser.set_defaults(**config_values(args.parser, args.config))
+        args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to start the same command as several ranks
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .errors import StreamsynthError, one_line

@@ -9,8 +9,10 @@ shuffles are keyed bijections rather than `torch.randperm` tables, so that no N-
 from __future__ import annotations
 
 import hashlib
+import random
 from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
 
 T = TypeVar("T")
@@ -23,11 +25,19 @@ def derive_seed(*parts: int | str) -> int:
 
 
 def seeded(seed: int, fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` under torch's RNG seeded with `seed` (and restored after): a random augmentation becomes a pure
-    function of the seed, whichever process or worker runs it and whatever ran there before."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return fn(*args)
+    """`fn(*args)` under torch's, Python's and NumPy's global RNGs seeded from `seed` (and restored after): a random
+    augmentation becomes a pure function of the seed, whichever process or worker runs it and whatever ran there
+    before, whether it draws from torch (torchvision) or from Python's `random` (timm's transforms)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            return fn(*args)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def _round_hash(key: int, round_: int, value: int, bits: int) -> int:

@@ -123,14 +123,18 @@ def test_the_fast_path_needs_no_triton_where_the_references_run(tiny_model):
 
 
 def test_the_fast_path_is_the_default_where_synthesis_runs_on_a_gpu():
-    """Measured on an H200 (benchmarks/results/2026-11-27-h200-profile-eager.json): faster, images equal to 59 dB."""
-    from streamsynth.synth.fast import FastPathOptions, add_fast_path_argument, fast_path_for
+    """Measured on an H200 (benchmarks/results/2026-11-27-h200-profile-eager.json): faster, images equal to 59 dB.
+    Decided by each worker for its own device ("auto"), so every rank of a mixed node gets what suits it."""
+    from streamsynth import GeneratorConfig
+    from streamsynth.synth.fast import FastPathOptions
 
-    assert fast_path_for(None, ["cuda:0"]) == FastPathOptions() and fast_path_for(None, ["cpu"]) is None
-    assert fast_path_for(True, ["cpu"]) == FastPathOptions() and fast_path_for(False, ["cuda"]) is None
-    parser = __import__("argparse").ArgumentParser()
-    add_fast_path_argument(parser)
-    assert [parser.parse_args(a).fast for a in ([], ["--fast"], ["--no-fast"])] == [None, True, False]
+    auto = GeneratorConfig("someone/a-model")
+    assert auto.fast == "auto"
+    assert auto.fast_path_on("cuda:3") == FastPathOptions() and auto.fast_path_on("cpu") is None
+    assert GeneratorConfig("someone/a-model", fast=None).fast_path_on("cuda") is None
+    assert GeneratorConfig("someone/a-model", fast=FastPathOptions()).fast_path_on("cpu") == FastPathOptions()
+    with pytest.raises(ValueError, match="fast must be"):
+        GeneratorConfig("someone/a-model", fast="always")
     # What the defaults switch on: the kernels whose ablation showed a gain, not the fused step or post-processing.
     options = FastPathOptions()
     assert options.triton_kernels and not options.fused_step and not options.fused_postprocess

@@ -62,6 +62,11 @@ def test_the_wheel_installs_no_top_level_kernels_package(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "group_norm" in result.stdout
+    # The installed commands, away from any checkout: the training loop is in the wheel (`streamsynth train`).
+    for args, said in ((["--version"], "streamsynth 0."), (["train", "--help"], "usage: streamsynth train")):
+        result = subprocess.run([sys.executable, "-m", "streamsynth", *args], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and said in result.stdout, result.stderr[-3000:]
 
 
 def test_every_public_name_imports_on_first_use():

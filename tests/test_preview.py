@@ -11,23 +11,21 @@ from streamsynth.commands.preview import CELL_HEIGHT, CELL_WIDTH, DPI, _cell_tit
 from streamsynth.stream import SyntheticStream
 from streamsynth.synth import GeneratorConfig, SynthesisConfig
 
-SETTINGS = dict(seed=5, steps=2, guidance=2.0, image_size=32, device="cpu")
+def _stream(caption_store, tiny_model) -> SyntheticStream:
+    generator = GeneratorConfig(tiny_model, SynthesisConfig(num_inference_steps=2, guidance_scale=2.0), image_size=32,
+                                devices=("cpu",))
+    return SyntheticStream(caption_store, generator, prompt="clip", seed=5)
 
 
 def test_grid_shows_the_streams_own_samples(tmp_path, tiny_model, caption_store):
     classes = ["n03000684", "tench", "2"]  # an id, a name and an index
-    preview = preview_grid(
-        caption_store, tiny_model, prompt="clip", classes=classes, samples_per_class=2,
-        out=tmp_path / "grid.png", **SETTINGS,
-    )
+    stream = _stream(caption_store, tiny_model)
+    preview = preview_grid(stream, classes, samples_per_class=2, out=tmp_path / "grid.png")
     png = matplotlib.image.imread(preview.path)
     assert png.shape[1] == round(2 * CELL_WIDTH * DPI)  # two columns
     assert png.shape[0] > 3 * CELL_HEIGHT * DPI  # three rows under a title
     assert len(preview.figure.axes) == 3 * 2
 
-    generator = GeneratorConfig(tiny_model, SynthesisConfig(num_inference_steps=2, guidance_scale=2.0), image_size=32,
-                                devices=("cpu",))
-    stream = SyntheticStream(caption_store, generator, prompt="clip", seed=5)
     assert [[spec.label for spec in row] for row in preview.specs] == [[3] * 2, [0] * 2, [2] * 2]
     for row in preview.specs:
         ids = [spec.sample_id for spec in row]
@@ -39,7 +37,7 @@ def test_grid_shows_the_streams_own_samples(tmp_path, tiny_model, caption_store)
 
     # Each cell holds exactly the image the stream generates for its sample, titled with its prompt.
     flat = [spec for row in preview.specs for spec in row]
-    expected = stream.synthesizer().generate_uint8([s.prompt for s in flat], [s.seed for s in flat], 32)
+    expected = stream.maker.synthesizer().generate_uint8([s.prompt for s in flat], [s.seed for s in flat], 32)
     for ax, spec, image in zip(preview.figure.axes, flat, expected):
         assert ax.get_title(loc="left") == _cell_title(spec.prompt)
         assert torch.equal(torch.from_numpy(ax.get_images()[0].get_array().data).permute(2, 0, 1), image)
@@ -54,12 +52,12 @@ def test_long_prompts_are_wrapped_and_truncated():
 
 def test_unknown_class_is_named(tmp_path, tiny_model, caption_store):
     with pytest.raises(ValueError, match="'zebra' is not in caption store"):
-        preview_grid(caption_store, tiny_model, classes=["zebra"], out=tmp_path / "x.png", **SETTINGS)
+        preview_grid(_stream(caption_store, tiny_model), ["zebra"], out=tmp_path / "x.png")
 
 
 def test_cli_with_the_embedded_default_says_what_the_model_is(tmp_path, capsys):
-    code = main(["preview", "--samples", "2", "--num-inference-steps", "1", "--image-size", "32", "--device", "cpu",
-                 "--classes", "0,1", "--out", str(tmp_path)])
+    code = main(["preview", "--samples", "2", "--num-inference-steps", "1", "--image-size", "32", "--synth-devices",
+                 "cpu", "--classes", "0,1", "--out", str(tmp_path)])
     out = tmp_path / "preview.png"
     assert code == 0
     printed = capsys.readouterr().out

@@ -73,54 +73,28 @@ def test_a_lever_image_does_not_depend_on_its_batch(tiny_model, scheduler):
         assert (synth.generate([PROMPTS[i]], [SEEDS[i]])[0] - batch[i]).abs().max().item() <= 1e-5
 
 
-# ----- presets and the sampler's flags ---------------------------------------------------------------------------
-
-def _sampler_args(argv: list[str]):
-    from streamsynth.commands.args import ArgumentParser
-    from streamsynth.synth.speed import add_sampler_arguments
-
-    parser = ArgumentParser()
-    add_sampler_arguments(parser, default_steps="50")
-    return parser.parse_args(argv)
-
+# ----- presets ----------------------------------------------------------------------------------------------------
 
 def test_the_reference_preset_is_the_published_recipe_and_the_default():
-    from streamsynth.synth.speed import SPEED_PRESETS, sampler_settings
+    from streamsynth.synth.speed import SPEED_PRESETS, speed_preset
 
     reference = SPEED_PRESETS["reference"]
     assert (reference.scheduler, reference.num_inference_steps, reference.guidance_interval,
             reference.feature_cache_interval) == ("pndm", 50, (0.0, 1.0), 1)
-    settings = sampler_settings(_sampler_args([]), 50)
-    assert settings["synthesis"] == SynthesisConfig()  # no flag: the reference recipe on the model's own scheduler
-    assert settings["scheduler"] is None and settings["lora"] is None and settings["decoder"] is None
+    assert speed_preset("reference") == {"synthesis": SynthesisConfig(), "scheduler": "pndm"}
 
 
-def test_a_speed_preset_fills_what_the_flags_leave_out_and_explicit_flags_win():
-    from streamsynth.synth.speed import SPEED_PRESETS, sampler_settings
+def test_library_code_takes_a_speed_preset():
+    from streamsynth import GeneratorConfig
+    from streamsynth.synth.speed import SPEED_PRESETS, speed_preset
 
     fast = SPEED_PRESETS["fast"]
-    settings = sampler_settings(_sampler_args(["--speed", "fast"]), 50)
-    assert settings["synthesis"].num_inference_steps == fast.num_inference_steps
-    assert settings["synthesis"].guidance_interval == fast.guidance_interval
-    assert settings["scheduler"] == fast.scheduler
-    settings = sampler_settings(_sampler_args(["--speed", "fast", "--num-inference-steps", "7", "--scheduler", "unipc",
-                                               "--guidance-interval", "0.1,0.9"]), 50)
-    assert (settings["synthesis"].num_inference_steps, settings["scheduler"]) == (7, "unipc")
-    assert settings["synthesis"].guidance_interval == (0.1, 0.9)
-
-
-def test_train_py_takes_the_speed_preset_over_its_own_defaults():
-    from streamsynth import train
-
-    args = train.parse_args(["--online-synthesis", "--speed", "fast", "--out", "unused"])
-    assert args.num_inference_steps == 10  # not the embedded default's 20
-    assert train.parse_args(["--online-synthesis", "--out", "unused"]).num_inference_steps == 20
-
-
-def test_a_bad_guidance_interval_flag_is_one_line(capsys):
-    with pytest.raises(SystemExit):
-        _sampler_args(["--guidance-interval", "0.5"])
-    assert "expected START,STOP" in capsys.readouterr().err
+    config = GeneratorConfig("someone/a-model", **speed_preset("fast"), image_size=64)
+    assert (config.synthesis.num_inference_steps, config.synthesis.guidance_interval, config.scheduler) == \
+        (fast.num_inference_steps, fast.guidance_interval, fast.scheduler)
+    assert config.synthesis.guidance_scale == SynthesisConfig().guidance_scale
+    with pytest.raises(ValueError, match="unknown speed preset 'fastest'"):
+        speed_preset("fastest")
 
 
 def test_the_fast_preset_makes_at_least_four_times_fewer_unet_evaluations(pipe):

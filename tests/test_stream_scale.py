@@ -18,6 +18,7 @@ import webdataset as wds
 from streamsynth import StreamLoader, SyntheticStream
 from streamsynth.stream import CachedBatches, SynthesisError, cache_shards
 from streamsynth.stream.cache import read_metadata
+from streamsynth.stream.groups import GroupMaker
 
 
 def _flip_and_crop():
@@ -27,8 +28,15 @@ def _flip_and_crop():
                        v2.ToDtype(torch.float32, scale=True)])
 
 
-def _stream(caption_store, generator, cls=SyntheticStream, **kwargs):
-    return cls(caption_store, generator, **{"batch_size": 4, "return_sample_ids": True, **kwargs})
+def _stream(caption_store, generator, maker=None, **kwargs):
+    """A stream; with `maker`, a GroupMaker subclass that makes its groups (a fault to inject), in the stream and in
+    the workers of any loader of it."""
+    stream = SyntheticStream(caption_store, generator, **{"batch_size": 4, "return_sample_ids": True, **kwargs})
+    if maker is not None:
+        made = maker.__new__(maker)
+        made.__dict__.update(stream.maker.__dict__)
+        stream.maker = made
+    return stream
 
 
 def _ids(batches) -> list[list[int]]:
@@ -128,13 +136,13 @@ def test_stateful_dataloader_with_two_workers_resumes_exactly(caption_store, sma
     assert seen == expected
 
 
-class FailOnce(SyntheticStream):
+class FailOnce(GroupMaker):
     """Fails in one worker the first time it makes group 3; a marker file makes "first" hold across processes."""
 
     marker: str = ""
     how: str = "raise"
 
-    def make_group(self, epoch, group, worker=0, class_weights=None):
+    def make_group(self, layout, epoch, group, worker=0, class_weights=None):
         if group == 3 and not os.path.exists(self.marker):
             Path(self.marker).touch()
             if self.how in ("kill", "stop"):
@@ -142,15 +150,15 @@ class FailOnce(SyntheticStream):
             if self.how == "hang":
                 time.sleep(600)
             raise RuntimeError("injected fault: CUDA out of memory (simulated)")
-        return super().make_group(epoch, group, worker, class_weights)
+        return super().make_group(layout, epoch, group, worker, class_weights)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["raise", "kill", "hang", "stop"])
 def test_worker_fault_is_survived_without_repeat_or_gap(caption_store, small_generator, tmp_path, how, caplog):
     reference = _uninterrupted(caption_store, small_generator)
-    stream = _stream(caption_store, small_generator, cls=FailOnce, epoch_size=32)
-    stream.marker, stream.how = str(tmp_path / "failed"), how
+    stream = _stream(caption_store, small_generator, maker=FailOnce, epoch_size=32)
+    stream.maker.marker, stream.maker.how = str(tmp_path / "failed"), how
     loader = StreamLoader(stream, num_workers=2, timeout=15 if how in ("hang", "stop") else 1800)
     seen = _ids(list(loader)) + _ids(list(loader))
     assert seen == reference
@@ -158,27 +166,27 @@ def test_worker_fault_is_survived_without_repeat_or_gap(caption_store, small_gen
     assert "restarting them there" in caplog.text
 
 
-class AlwaysFail(SyntheticStream):
-    def make_group(self, epoch, group, worker=0, class_weights=None):
+class AlwaysFail(GroupMaker):
+    def make_group(self, layout, epoch, group, worker=0, class_weights=None):
         raise RuntimeError("injected permanent fault")
 
 
 def test_a_group_that_keeps_failing_ends_the_run_with_its_cause(caption_store, small_generator):
-    loader = StreamLoader(_stream(caption_store, small_generator, cls=AlwaysFail, epoch_size=32), num_workers=2,
+    loader = StreamLoader(_stream(caption_store, small_generator, maker=AlwaysFail, epoch_size=32), num_workers=2,
                           max_restarts=1)
     with pytest.raises(SynthesisError, match="group 0 .*failed 2 times.*injected permanent fault"):
         list(loader)
 
 
-class ModelVanishes(SyntheticStream):
-    def make_group(self, epoch, group, worker=0, class_weights=None):
+class ModelVanishes(GroupMaker):
+    def make_group(self, layout, epoch, group, worker=0, class_weights=None):
         from streamsynth.synth import ModelLoadError
 
         raise ModelLoadError("model folder /models/sd was deleted")
 
 
 def test_a_deterministic_error_in_a_worker_ends_the_run_at_once_in_one_line(caption_store, small_generator):
-    loader = StreamLoader(_stream(caption_store, small_generator, cls=ModelVanishes, epoch_size=8), num_workers=1)
+    loader = StreamLoader(_stream(caption_store, small_generator, maker=ModelVanishes, epoch_size=8), num_workers=1)
     with pytest.raises(SynthesisError) as raised:
         list(loader)
     assert str(raised.value) == "ModelLoadError: model folder /models/sd was deleted"  # no worker traceback

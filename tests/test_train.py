@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamsynth.train import EMBEDDED_PRESET
+from streamsynth.commands.options import EMBEDDED, RUN_DEFAULTS
+
+EMBEDDED_PRESET = RUN_DEFAULTS[EMBEDDED]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +53,31 @@ def test_default_main_job(tmp_path, isolated_cache):
     assert top1 >= DEFAULT_JOB_LEARNS, result.stdout[-2000:]
     log_lines = (tmp_path / "run" / "log.csv").read_text().splitlines()
     assert log_lines[0].startswith("step,loss") and len(log_lines) == 1 + steps // 10
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+    # What the run recorded is what --print-config says it would use, and what its checkpoint holds.
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    printed = _train("--online-synthesis", "--out", str(tmp_path / "run"), "--print-config", cache=isolated_cache)
+    assert json.loads(printed.stdout) == recorded == checkpoint["config"]
+    # A rerun over the finished run is refused, and changes nothing.
+    again = _train("--online-synthesis", "--out", str(tmp_path / "run"), cache=isolated_cache)
+    assert again.returncode == 2 and "continue it with --resume" in again.stderr
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == steps
+
+
+def test_config_of_a_run_reruns_it(tmp_path, isolated_cache, caption_store, tiny_model):
+    """`--config OUT/run.json` is the run again: the same samples in the same batches, the same weights after them."""
+    first = _train("--online-synthesis", "--sd-model", str(tiny_model), "--captions", str(caption_store.path),
+                   "--steps", "2", "-b", "4", "--image-size", "16", "--model", "resnet18", "-j", "0", "--seed", "7",
+                   "--num-inference-steps", "2", "--log-sample-ids", "--out", str(tmp_path / "a"), cache=isolated_cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = _train("--config", str(tmp_path / "a" / "run.json"), "--out", str(tmp_path / "b"), cache=isolated_cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    ids = [(tmp_path / run / "sample_ids-rank0.csv").read_text() for run in ("a", "b")]
+    assert ids[0] == ids[1] and ids[0].startswith("0,0,synthetic,")
+    weights = [torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["model"] for run in ("a", "b")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    configs = [json.loads((tmp_path / run / "run.json").read_text())["config"] for run in ("a", "b")]
+    assert {k for k in configs[0] if configs[0][k] != configs[1][k]} == {"out"}
 
 
 def test_imagenet_val_top1(tmp_path, isolated_cache, caption_store, tiny_model, write_image_folder):
@@ -94,13 +122,18 @@ def test_real_baseline_and_real_plus_synthetic_mix(tmp_path, isolated_cache, cap
 
     mixed = _train("--online-synthesis", "--train-dir", str(real), "--mix", "synthetic=3,real=1",
                    "--sd-model", str(tiny_model), "--captions", str(caption_store.path), "--num-inference-steps", "1",
-                   "--accum-steps", "2", "--lr-schedule", "step", "--channels-last", "--tensorboard", *small,
-                   "--out", str(tmp_path / "mixed"), cache=isolated_cache)
+                   "--accum-steps", "2", "--lr-schedule", "step", "--channels-last", "--tensorboard",
+                   "--log-images-every", "2", *small, "--out", str(tmp_path / "mixed"), cache=isolated_cache)
     assert mixed.returncode == 0, mixed.stderr[-3000:]
     assert "10 classes from synthetic 75%, real 25%" in mixed.stdout
-    assert any((tmp_path / "mixed" / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "mixed" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert "train/loss" in events.Tags()["scalars"]
+    grids = {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]}
+    assert set(grids) <= {"batch/synthetic", "batch/real"} and sorted(s for v in grids.values() for s in v) == [0, 2]
     checkpoint = torch.load(tmp_path / "mixed" / "checkpoint.pt", weights_only=True)
-    assert checkpoint["class_ids"] == class_ids and checkpoint["args"]["accum_steps"] == 2
+    assert checkpoint["class_ids"] == class_ids and checkpoint["config"]["accum_steps"] == 2
 
     bad = _train("--online-synthesis", "--mix", "real=1", "--sd-model", str(tiny_model), "--captions",
                  str(caption_store.path), *small, "--out", str(tmp_path / "bad"), cache=isolated_cache)

@@ -153,6 +153,9 @@ def test_online_run_writes_no_image_bytes(tmp_path, short_tmp, caption_store, ti
     created = {p for p, mtime in _files(work, temp, cache).items() if before.get(p) != mtime}
     assert created, "the run should have written its checkpoint and logs"
     assert any(p.name == "checkpoint.pt" for p in created)
+    # One picture is the run's own: curves.png, its loss chart (lines on axes, no pixel of any sample).
+    assert (work / "run" / "curves.png") in created
+    created.discard(work / "run" / "curves.png")
     for path in created:
         assert path.suffix.lower() not in {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".npy", ".tar"}
         data = path.read_bytes()

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from . import benchtools
-from ..commands.args import add_device, comma_list, list_metavar, resolve_device
-from ..synth.config import GeneratorConfig, SynthesisConfig
+from ..commands import options
+from ..commands.args import add_device, comma_list, list_metavar, positive_int, resolve_device
 
 
 AUGMENTS = ("batched", "per-image")
@@ -36,20 +36,17 @@ def add_commands(subparsers) -> None:
         "loader-bench", help="images/s delivered by the stream (workers x replay) against a plain diffusers loop",
         description=__doc__.split("\n\n")[1],
     )
-    p.add_argument("--sd-model",
-                   help="Stable Diffusion hub id or diffusers folder (default: the embedded digits model)")
-    p.add_argument("--captions", help="caption store (default: the embedded digits captions)")
-    add_device(p, "the synthesis device")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="synthesis dtype (default: fp16 on CUDA, else fp32)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch")
-    p.add_argument("--batches", type=int, default=6,
+    options.add_config_options(p)
+    options.add_source_options(p)
+    add_device(p, "the synthesis device and the consumer's")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch")
+    p.add_argument("--batches", type=positive_int, default=6,
                    help="timed batches per configuration (rounded up to whole generation groups of replay batches)")
-    p.add_argument("--num-inference-steps", type=int, default=20, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance scale")
-    p.add_argument("--image-size", type=int, default=32, help="side of the delivered images, in pixels")
-    p.add_argument("--workers", type=comma_list(int), default="1,2", metavar=list_metavar("N"),
+    options.add_sampler_options(p)
+    options.add_generator_options(p, devices_help=None)
+    p.add_argument("--workers", type=comma_list(positive_int), default="1,2", metavar=list_metavar("N"),
                    help="comma-separated loader worker counts to try")
-    p.add_argument("--replay", type=comma_list(int), default="1,4", metavar=list_metavar("N"),
+    p.add_argument("--replay", type=comma_list(positive_int), default="1,4", metavar=list_metavar("N"),
                    help="comma-separated replay factors to try")
     p.add_argument("--augment", type=comma_list(choices=AUGMENTS), default="batched",
                    metavar=list_metavar("WHERE", AUGMENTS),
@@ -59,13 +56,13 @@ def add_commands(subparsers) -> None:
                    help="what eats the batches: nothing, or a torchvision ResNet training step on --device")
     p.add_argument("--out", metavar="DIR",
                    help=f"also write the results to OUT/{REPORT_FILE} and a chart of delivered images/s, OUT/{CHART_FILE}")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
 
 
 def _plain_diffusers(model: str, args, specs: list, consume) -> dict:
     from diffusers import StableDiffusionPipeline
 
-    from ..synth.loading import loading_options, quiet_hf_progress, resolve_dtype
+    from ..synth.loading import loading_options, quiet_hf_progress, resolve_dtype, scheduler_from_name
     from ..synth.postprocess import resize_to_uint8
 
     quiet_hf_progress()
@@ -75,13 +72,15 @@ def _plain_diffusers(model: str, args, specs: list, consume) -> dict:
                                                        safety_checker=None, requires_safety_checker=False,
                                                        **loading_options()).to(device)
         pipe.set_progress_bar_config(disable=True)
+        if args.scheduler:  # the same sampler as the stream's, in diffusers' own loop
+            pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     benchtools.reset_peak_memory(device)
 
     def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         part = specs[i * args.batch_size:(i + 1) * args.batch_size]
         generators = [torch.Generator().manual_seed(s.seed) for s in part]
-        images = pipe([s.prompt for s in part], num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                      generator=generators, output_type="pt").images
+        images = pipe([s.prompt for s in part], num_inference_steps=args.num_inference_steps,
+                      guidance_scale=args.guidance_scale, generator=generators, output_type="pt").images
         return resize_to_uint8(images, args.image_size).float().cpu(), torch.tensor([s.label for s in part])
 
     consume(*batch(0))  # warm-up, as the stream's first batch is excluded too
@@ -154,9 +153,9 @@ def _stream_run(model: str, captions: str, args, workers: int, replay: int, augm
     from ..stream.loader import StreamLoader
 
     needed = (-(-args.batches // replay) + 1) * replay * args.batch_size
-    generator = GeneratorConfig(model, synthesis=SynthesisConfig(args.num_inference_steps, args.guidance_scale), image_size=args.image_size,
-                                devices=(args.device,), dtype=args.dtype, batch_size=args.batch_size)
-    stream = SyntheticStream(captions, generator, replay=replay, batch_size=args.batch_size,
+    generator = options.generator_config(args, model, [args.device])
+    stream = SyntheticStream(captions, generator, prompt=args.prompt, seed=args.seed, replay=replay,
+                             batch_size=args.batch_size,
                              epoch_size=needed * workers * 2, transform=_augmentation(augment, args.image_size))
     loader = StreamLoader(stream, workers, augment_device=args.device)
     consume = _consumer(args.consumer, stream.num_classes, args.device)
@@ -240,14 +239,17 @@ def _in_memory_limit(args, images: torch.Tensor, labels: torch.Tensor, workers: 
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..digits.embedded import embedded_captions, embedded_model
     from ..stream.dataset import SyntheticStream
     from ..synth.tiny import RANDOM_WEIGHTS_NOTICE, has_random_weights
 
+    args = options.resolve(args)
     args.device = resolve_device(args.device)
-    model = args.sd_model or str(embedded_model())
-    captions = args.captions or str(embedded_captions())
-    probe = SyntheticStream(captions, GeneratorConfig(model, devices=(args.device,)), epoch_size=10**6)
+    if args.print_config:
+        options.print_config(args)
+        return 0
+    model, captions = options.source_paths(args)
+    probe = SyntheticStream(captions, options.generator_config(args, model, [args.device]), prompt=args.prompt,
+                            seed=args.seed, epoch_size=10**6)
     specs = [probe.spec(i) for i in range((args.batches + 1) * args.batch_size)]
     results = [_plain_diffusers(model, args, specs, _consumer(args.consumer, probe.num_classes, args.device))]
     pool = torch.randint(0, 256, (max(4 * args.batch_size, 256), 3, args.image_size, args.image_size),
@@ -263,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     device_name = benchtools.device_name(args.device)
     report = {"benchmark": "loader-bench", "device": device_name, "model": model,
               "random_weights": has_random_weights(model),
-              "settings": {k: v for k, v in vars(args).items() if k != "func"},
+              "settings": options.recorded(args),
               "environment": benchtools.environment(args.device), "results": results}
     print(f"{'configuration':<56}{'start-up s':>11}{'delivered img/s':>17}{'generated img/s':>17}"
           f"{'CPU ms/img':>12}{'wait':>7}{'peak MiB':>10}")

@@ -106,7 +106,7 @@ def list_image_folder(root: str | os.PathLike) -> ImageCollection:
     another class's folder (a loop would list the same images again and again, up to the OS's limit, and under
     the wrong class); a folder that cannot be listed is named in `unusable` (or, for a class folder, in
     `unreadable_classes`) instead of being passed over in silence. Class folders without readable files are kept
-    (see README)."""
+    (see docs/captioning.md)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
     root = Path(root)

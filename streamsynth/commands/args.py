@@ -1,6 +1,6 @@
 """The command line's shared pieces: the parser class and its help formatter, comma-separated lists, `--version`,
 `--device` and the evaluation folders. Used by `streamsynth` and every sub-command, by train.py and by the
-`python -m streamsynth.*` tools, so that a flag is spelled, typed and documented one way everywhere (README,
+`python -m streamsynth.*` tools, so that a flag is spelled, typed and documented one way everywhere (docs/cli.md,
 "Command-line vocabulary"; tests/test_cli_vocabulary.py walks every parser).
 
 A bottom-layer module: it imports nothing of streamsynth, and nothing heavy (torch only inside `resolve_device`).

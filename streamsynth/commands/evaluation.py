@@ -1,4 +1,4 @@
-"""`streamsynth evaluate | audit-privacy | preview`: argument parsing only; each command imports its module when it runs."""
+"""`streamsynth evaluate | audit-privacy`: argument parsing only; each command imports its module when it runs."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from .args import EVAL_SUITES, add_device, add_eval_suites, comma_list, eval_suites, list_metavar, resolve_device
+from .args import EVAL_SUITES, add_device, add_eval_suites, eval_suites, resolve_device
 
 # The files each command writes inside its --out folder.
 EVAL_FILES = ("eval.json", "eval.csv")
 AUDIT_FILE = "audit.json"
-PREVIEW_FILE = "preview.png"
 
 
 def _add_loader_options(parser: argparse.ArgumentParser) -> None:
@@ -52,30 +51,6 @@ def add_commands(subparsers) -> None:
     audit.add_argument("--out", metavar="DIR", help=f"also write the result to OUT/{AUDIT_FILE}")
     _add_loader_options(audit)
     audit.set_defaults(func=_audit_privacy)
-
-    preview = subparsers.add_parser(
-        "preview",
-        help="a PNG grid of synthetic samples per class, labelled with their prompts",
-        description="Draw the first samples of chosen classes exactly as the training stream would make them "
-        "(same sampler, prompts, seeds and generator). Without --sd-model/--captions it uses the embedded default, "
-        "a tiny generator trained on 8x8 handwritten digits (not Stable Diffusion).",
-    )
-    preview.add_argument("--sd-model",
-                         help="Stable Diffusion hub id or diffusers folder (default: the embedded digits model)")
-    preview.add_argument("--captions", help="caption store (default: the embedded digits captions)")
-    preview.add_argument("--prompt", default="cip",
-                         help="prompt strategy: cip, basic, name, clip, or a template with {name} and {caption}")
-    preview.add_argument("--classes", type=comma_list(), metavar=list_metavar("CLASS"),
-                         help="comma-separated class ids, names or indices (default: the first 10)")
-    preview.add_argument("--samples", type=int, default=4, help="samples per class (columns)")
-    preview.add_argument("--seed", type=int, default=0, help="the run seed, as given to training")
-    preview.add_argument("--num-inference-steps", type=int, default=50, help="denoising steps")
-    preview.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance scale")
-    preview.add_argument("--image-size", type=int, default=224, help="side of the images, as handed to training")
-    add_device(preview, "the generator's device")
-    preview.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, else fp32")
-    preview.add_argument("--out", default=".", metavar="DIR", help=f"folder for the grid: writes OUT/{PREVIEW_FILE}")
-    preview.set_defaults(func=_preview)
 
 
 def _checkpoint_and_transform(args: argparse.Namespace):
@@ -129,23 +104,4 @@ def _audit_privacy(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(result, indent=2) + "\n", what="audit result")
         print(f"wrote {path}")
-    return 0
-
-
-def _preview(args: argparse.Namespace) -> int:
-    from ..digits.embedded import EMBEDDED_DEFAULT_NOTICE
-    from .preview import preview_grid
-    from ..synth.tiny import RANDOM_WEIGHTS_NOTICE
-
-    preview = preview_grid(
-        captions=args.captions, model=args.sd_model, prompt=args.prompt, classes=args.classes,
-        samples_per_class=args.samples, seed=args.seed, steps=args.num_inference_steps, guidance=args.guidance_scale,
-        image_size=args.image_size, device=resolve_device(args.device), dtype=args.dtype,
-        out=Path(args.out) / PREVIEW_FILE,
-    )
-    print(f"wrote {preview.path}: {len(preview.specs)} classes x {len(preview.specs[0])} samples from {preview.model}")
-    if preview.random_weights:
-        print(f"NOTE: {RANDOM_WEIGHTS_NOTICE}")
-    elif preview.digits_model:
-        print(f"NOTE: {EMBEDDED_DEFAULT_NOTICE}")
     return 0

@@ -37,18 +37,16 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..digits.embedded import embedded_captions, embedded_model
 from ..errors import StreamsynthError, one_line
+from . import options
+from .args import positive_int
 from ..ranks import RankError, Ranks, raise_failures, ranks_from_environment
 from ..safeio import atomic_write, atomic_write_text, disk_full_error, is_full_errno
 from ..stream.cache import CLASSES_FILE, shard_name, write_cache_classes, write_group
 from ..stream.dataset import SyntheticStream
-from ..stream.devices import synthesis_devices
+from ..stream.devices import rank_share
 from ..stream.sampling import CaptionSampler, SampleSpec
-from ..synth.config import GeneratorConfig
-from ..synth.fast import add_fast_path_argument, fast_path_for
 from ..synth.loading import resolve_dtype
-from ..synth.speed import add_sampler_arguments, sampler_settings
 from ..synth.tiny import RANDOM_WEIGHTS_NOTICE
 
 log = logging.getLogger(__name__)
@@ -232,10 +230,8 @@ def generate(stream: SyntheticStream, out: str | os.PathLike, selection: Selecti
         raise ValueError(f"unknown format {fmt!r}: choose one of {FORMATS}")
     manifest = {
         "version": MANIFEST_VERSION, "format": fmt, "image_format": image_format if fmt == "imagefolder" else "png",
-        "seed": stream.layout.seed, "prompt": stream.sampler.template.template, "model": stream.generator.model,
-        "synthesis": asdict(stream.generator.synthesis), "image_size": stream.generator.image_size,
-        "scheduler": stream.generator.scheduler, "lora": stream.generator.lora, "decoder": stream.generator.decoder,
-        "fast": asdict(stream.generator.fast) if stream.generator.fast else None,
+        "seed": stream.layout.seed, "prompt": stream.sampler.template.template,
+        "generator": stream.generator.identity(),
         "captions": {"class_ids": stream.class_ids, "num_captions": stream.sampler.num_captions,
                      "captioner": stream.store.meta.get("captioner"), "created": stream.store.meta.get("created")},
         "selection": selection.describe, "shard_size": selection.unit_size, "num_samples": len(selection),
@@ -273,7 +269,7 @@ def generate(stream: SyntheticStream, out: str | os.PathLike, selection: Selecti
         log.info("%s: %d of this rank's %d units are already in %s", ranks.label, len(units) - len(todo), len(units),
                  out)
 
-    devices = stream.generator.devices
+    devices = rank_share(stream.generator.devices)  # one worker process per device of this rank
     workers = min(len(devices), len(todo)) if len(devices) > 1 else 0
     jobs = _Units(_Job(stream, str(out), fmt, image_format, todo))
     records = jobs if workers == 0 else DataLoader(
@@ -385,59 +381,46 @@ def add_commands(subparsers) -> None:
         "generate",
         help="write the images the stream makes to WebDataset shards or an ImageFolder, offline, on any number of "
              "ranks (torchrun)",
-        description="Make a fixed synthetic dataset: the stream's own samples (same seed, prompt, model and "
-                    "synthesis options give the same images), one image per caption per pass or N per class, as "
-                    "WebDataset shards (train with `train.py --from-cache OUT`) or an ImageFolder. Under torchrun "
-                    "the ranks split the shards; a killed run continues with --resume.",
+        description="Make a fixed synthetic dataset: the stream's own samples (the same flags and defaults as "
+                    "train.py, so the same seed, prompt, model and synthesis options give the same images), one image "
+                    "per caption per pass or N per class, as WebDataset shards (train with `train.py --from-cache "
+                    "OUT`) or an ImageFolder. Under torchrun the ranks split the shards; a killed run continues with "
+                    "--resume.",
     )
-    p.add_argument("--out", required=True, help="folder for the shards (or the ImageFolder tree) and generate-report.json")
-    p.add_argument("--sd-model", help="Stable Diffusion hub id or diffusers folder (default: embedded tiny random model)")
-    p.add_argument("--captions", help="caption store (default: the embedded illustrative Imagenette captions)")
-    p.add_argument("--prompt", default="cip", help="cip, basic, name, clip, or a template with {name} and {caption}")
-    p.add_argument("--seed", type=int, default=0, help="run seed, as given to train.py: the same seed, the same images")
+    options.add_config_options(p)
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for the shards (or the ImageFolder tree) and generate-report.json")
+    options.add_source_options(p)
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--passes", type=int, default=1,
+    which.add_argument("--passes", type=positive_int, default=1,
                        help="images per caption: sample ids 0 .. passes x captions - 1")
-    which.add_argument("--images-per-class", type=int, metavar="N",
+    which.add_argument("--images-per-class", type=positive_int, metavar="N",
                        help="N images of every class: its first N sample ids of the stream (captions cycled)")
     p.add_argument("--format", choices=FORMATS, default="webdataset",
                    help="webdataset: tar shards as train.py --cache writes them; imagefolder: OUT/{class id}/*.png")
     p.add_argument("--image-format", choices=sorted(IMAGE_FORMATS), default="png",
                    help="file format of an ImageFolder (shards always hold PNG)")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per shard (per unit of work)")
-    p.add_argument("--synth-devices", help="'auto' (every local GPU, split among local ranks) or a comma-separated "
-                                           "list, one worker process each (default: this rank's GPU, else the CPU)")
-    p.add_argument("--synth-batch-size", type=int, default=8, help="images per UNet batch")
-    add_sampler_arguments(p, default_steps="50")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="synthesis dtype (default: fp16 on CUDA)")
-    p.add_argument("--image-size", type=int, help="side of the images (default: 224; 32 for the embedded model)")
-    p.add_argument("--safety-checker", action="store_true", help="redraw images the model's safety checker flags")
-    add_fast_path_argument(p)
+    p.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE,
+                   help="samples per shard (per unit of work)")
+    options.add_sampler_options(p)
+    options.add_generator_options(p, devices_help="'auto' (every local GPU, split among local ranks) or a "
+                                  "comma-separated list, one worker process each (default: this rank's GPU, else the "
+                                  "CPU)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_generate)
-
-
-def _rank_devices(spec: str | None, ranks: Ranks) -> list[str]:
-    cuda = torch.cuda.is_available()
-    own = (f"cuda:{ranks.local_rank}" if ranks.distributed else "cuda") if cuda else "cpu"
-    if spec == "auto":
-        spec = ",".join(f"cuda:{i}" for i in range(torch.cuda.device_count())) if cuda else None
-    return synthesis_devices(spec, own, ranks.local_rank, ranks.local_world)
+    p.set_defaults(func=_generate, parser=p)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    if args.shard_size < 1:
-        raise ValueError(f"--shard-size must be at least 1, got {args.shard_size}")
-    embedded = not (args.sd_model or args.captions)
+    args = options.resolve(args)
+    if args.print_config:
+        options.print_config(args)
+        return 0
     with ranks_from_environment() as ranks:
-        devices = _rank_devices(args.synth_devices, ranks)
-        generator = GeneratorConfig(
-            args.sd_model or embedded_model(), image_size=args.image_size or (32 if embedded else 224),
-            dtype=args.dtype, devices=devices, **sampler_settings(args, 50),
-            batch_size=args.synth_batch_size, fast=fast_path_for(args.fast, devices))
-        stream = SyntheticStream(args.captions or embedded_captions(), generator, prompt=args.prompt, seed=args.seed,
-                                 rank=0, world_size=1)
+        model, captions = options.source_paths(args)
+        generator = options.generator_config(args, model, options.node_devices(args.synth_devices))
+        devices = rank_share(generator.devices)
+        stream = SyntheticStream(captions, generator, prompt=args.prompt, seed=args.seed, rank=0, world_size=1)
         if args.images_per_class:
             selection = select_per_class(stream.sampler, stream.class_ids, args.images_per_class, args.shard_size)
         else:
@@ -448,7 +431,7 @@ def _generate(args: argparse.Namespace) -> int:
         try:
             summary = generate(stream, args.out, selection, fmt=args.format, image_format=args.image_format,
                                resume=args.resume, ranks=ranks, progress=not args.no_progress,
-                               manifest_extra={"dtype": _dtype_name(args.dtype, generator.devices[0])})
+                               manifest_extra={"dtype": _dtype_name(args.dtype, devices[0])})
         except KeyboardInterrupt:
             print(f"interrupted: the finished units are kept in {args.out}; continue with the same command and "
                   "--resume", file=sys.stderr)
@@ -460,7 +443,7 @@ def _generate(args: argparse.Namespace) -> int:
                   f"{'shards' if args.format == 'webdataset' else 'units'} to {args.out} "
                   f"({summary.units_already_there} of {summary.units_in_set} were there already) in "
                   f"{summary.elapsed_s:.1f} s: {summary.images_per_s} images/s"
-                  + (f" ({per_rank})" if ranks.distributed else f" on {','.join(generator.devices)}"))
+                  + (f" ({per_rank})" if ranks.distributed else f" on {','.join(devices)}"))
             if args.format == "webdataset":
                 print(f"train on them: python train.py --from-cache {args.out} --seed {args.seed} ...")
             if generator.random_weights:

@@ -1,12 +1,14 @@
-"""A PNG grid of synthetic samples, one row per class, each image titled with its prompt.
+"""`streamsynth preview`: a PNG grid of synthetic samples, one row per class, each image titled with its prompt.
 
-It shows exactly what training would see: the samples are the first ones of each class in the stream's sample-id
-order, made by `SyntheticStream.spec` and `SyntheticStream.generate` (same sampler, prompt strategy, seeds,
-generator and resize), so a preview with the training run's settings previews that run.
+It shows exactly what training sees: the command takes train.py's synthesis flags with train.py's defaults
+(`streamsynth.commands.options`), and the samples are the first ones of each class in the stream's sample-id
+order, made by the stream itself (`SyntheticStream.make_samples`: same sampler, prompt strategy, seeds, generator
+loop and resize). A preview with a run's flags (or `--config` of its run.json) previews that run.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import textwrap
@@ -16,16 +18,16 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ..captions.store import CaptionStore
-from ..prompts.templates import PromptTemplate
+from ..digits.model import is_digits_model
 from ..stream.dataset import SyntheticStream
 from ..stream.sampling import SampleSpec
-from ..synth.config import GeneratorConfig, SynthesisConfig
-from ..digits.model import is_digits_model
+from . import options
+from .args import comma_list, list_metavar, positive_int
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+PREVIEW_FILE = "preview.png"
 DEFAULT_MAX_CLASSES = 10
 # Grid geometry in inches at DPI: each cell is a square image under a few lines of prompt text; the header holds
 # one line of text per TITLE_LINE_HEIGHT.
@@ -41,6 +43,7 @@ class Preview:
     random_weights: bool
     digits_model: bool  # the embedded default's tiny digits generator
     specs: list[list[SampleSpec]]  # rows of the grid
+    images: torch.Tensor  # uint8 (N, 3, H, W), row by row
     figure: Figure
 
 
@@ -123,43 +126,23 @@ def render_grid(
     return fig
 
 
-def preview_grid(
-    captions: str | os.PathLike | CaptionStore | None = None,
-    model: str | os.PathLike | None = None,
-    prompt: str | PromptTemplate = "cip",
-    classes: Sequence[str] | None = None,
-    samples_per_class: int = 4,
-    seed: int = 0,
-    steps: int = 50,
-    guidance: float = 1.5,
-    image_size: int | None = 224,
-    device: str = "cpu",
-    dtype: str | None = None,
-    out: str | os.PathLike = "preview.png",
-) -> Preview:
-    """Generates the preview grid and writes it to `out` (a PNG).
-
-    `captions` and `model` default to the embedded default (the digits captions and the tiny generator trained on
-    them); the grid's title then says what that model is. A model with random weights is named as such too.
-    """
-    from ..digits.embedded import embedded_captions, embedded_model
-
+def preview_grid(stream: SyntheticStream, classes: Sequence[str] | None = None, samples_per_class: int = 4,
+                 out: str | os.PathLike = "preview.png") -> Preview:
+    """Draws the first `samples_per_class` samples of each class of `stream` (its own sample ids, prompts, seeds and
+    generator loop, `SyntheticStream.make_samples`) and writes the grid to `out` (a PNG). The grid's title says what
+    the generator is: the embedded digits model, or one with random weights, is named as such."""
     if samples_per_class < 1:
         raise ValueError(f"samples per class must be at least 1, got {samples_per_class}")
-    generator = GeneratorConfig(model or embedded_model(), image_size=image_size, devices=(device,), dtype=dtype,
-                                synthesis=SynthesisConfig(num_inference_steps=steps, guidance_scale=guidance))
-    stream = SyntheticStream(captions or embedded_captions(), generator, prompt=prompt, seed=seed)
     labels = resolve_classes(stream, classes)
     specs = first_samples(stream, labels, samples_per_class)
-    flat = [spec for row in specs for spec in row]
-    synth, chunk = stream.synthesizer(), generator.batch_size
-    images = [image for start in range(0, len(flat), chunk)
-              for image in synth.generate_uint8([s.prompt for s in flat[start:start + chunk]],
-                                                [s.seed for s in flat[start:start + chunk]], image_size).cpu()]
+    _, images = stream.make_samples([spec.sample_id for row in specs for spec in row])
+    generator, synthesis = stream.generator, stream.generator.synthesis
     title_lines = [
-        f"generator: {generator.model}",
+        "generator: streamsynth's embedded digits model" if is_digits_model(generator.model)
+        else f"generator: {generator.model}",
         f"prompt: {_strategy_line(stream.sampler.template.templates)}",
-        f"seed {seed}, {steps} steps, guidance {guidance}, first samples of each class in training order",
+        f"seed {stream.sampler.run_seed}, {synthesis.num_inference_steps} steps, guidance {synthesis.guidance_scale}, "
+        "first samples of each class in training order",
     ]
     if stream.random_weights:
         title_lines.append("RANDOM WEIGHTS: streamsynth's tiny test generator. These images are noise, not pictures "
@@ -168,8 +151,51 @@ def preview_grid(
         title_lines.append("streamsynth's embedded default: a tiny model trained on real 8x8 handwritten digits "
                            "(UCI), not Stable Diffusion")
     row_names = [f"{stream.store.classes[label].name}\n({stream.store.classes[label].id})" for label in labels]
-    fig = render_grid(images, specs, row_names, title_lines)
+    fig = render_grid(list(images), specs, row_names, title_lines)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
-    return Preview(out, generator.model, stream.random_weights, is_digits_model(generator.model), specs, fig)
+    return Preview(out, generator.model, stream.random_weights, is_digits_model(generator.model), specs, images, fig)
+
+
+# ----- the command ---------------------------------------------------------------------------------------------------
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "preview",
+        help="a PNG grid of synthetic samples per class, labelled with their prompts",
+        description="Draw the first samples of chosen classes exactly as the training stream makes them: the same "
+        "flags and defaults as train.py (so the same sampler, prompts, seeds, generator and image size). Without "
+        "--sd-model/--captions it uses the embedded default, a tiny generator trained on 8x8 handwritten digits (not "
+        "Stable Diffusion).",
+    )
+    options.add_config_options(p)
+    options.add_source_options(p)
+    p.add_argument("--classes", type=comma_list(), metavar=list_metavar("CLASS"),
+                   help="comma-separated class ids, names or indices (default: the first 10)")
+    p.add_argument("--samples", type=positive_int, default=4, help="samples per class (columns)")
+    options.add_sampler_options(p)
+    options.add_generator_options(p, devices_help="the generator's device, e.g. cuda:1 (default: the GPU, else "
+                                  "the CPU)")
+    p.add_argument("--out", default=".", metavar="DIR", help=f"folder for the grid: writes OUT/{PREVIEW_FILE}")
+    p.set_defaults(func=_preview, parser=p)
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from ..digits.embedded import EMBEDDED_DEFAULT_NOTICE
+    from ..synth.tiny import RANDOM_WEIGHTS_NOTICE
+
+    args = options.resolve(args)
+    if args.print_config:
+        options.print_config(args)
+        return 0
+    model, captions = options.source_paths(args)
+    generator = options.generator_config(args, model, options.node_devices(args.synth_devices))
+    stream = SyntheticStream(captions, generator, prompt=args.prompt, seed=args.seed)
+    preview = preview_grid(stream, args.classes, args.samples, Path(args.out) / PREVIEW_FILE)
+    print(f"wrote {preview.path}: {len(preview.specs)} classes x {len(preview.specs[0])} samples from {preview.model}")
+    if preview.random_weights:
+        print(f"NOTE: {RANDOM_WEIGHTS_NOTICE}")
+    elif preview.digits_model:
+        print(f"NOTE: {EMBEDDED_DEFAULT_NOTICE}")
+    return 0

@@ -1,7 +1,7 @@
 """The embedded default: a tiny text-to-image model trained on real 8x8 digits, and the captions of those digits.
 
 `embedded_model()` is the generator shipped inside the package (`streamsynth/data/digits-sd`): Stable Diffusion's
-component classes at a few MB, trained by `python -m streamsynth.digits.train_generator` on the training part of
+component classes at a few MB, trained by `streamsynth train-digits-generator` on the training part of
 the UCI handwritten digits shipped in the package. `embedded_captions()` is the caption store of those training
 digits (one caption per image, from `streamsynth.digits.data.describe_digit`), built on first use under the cache folder
 (`$STREAMSYNTH_CACHE`, else `~/.cache/streamsynth`). Both are loaded the way real ones are: the model with

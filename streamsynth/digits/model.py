@@ -2,7 +2,7 @@
 
 The embedded default model is a `StableDiffusionPipeline` built from the same classes as SD1.5
 (`UNet2DConditionModel`, `AutoencoderKL`, `CLIPTextModel` with a `CLIPTokenizer`, `PNDMScheduler` with SD1.5's
-configuration), scaled down to draw the UCI 8x8 handwritten digits. `python -m streamsynth.digits.train_generator`
+configuration), scaled down to draw the UCI 8x8 handwritten digits. `streamsynth train-digits-generator`
 trains it; it ships in `streamsynth/data/digits-sd` and is loaded with `from_pretrained`, the path SD1.5 takes.
 
 Sizes (see docs/digits.md for why):

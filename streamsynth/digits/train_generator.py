@@ -1,6 +1,6 @@
 """Train the shipped digits generator: a tiny Stable Diffusion (SD1.5's component classes) on the training digits.
 
-    python -m streamsynth.digits.train_generator --out streamsynth/data/digits-sd     # about 35 min on 2 CPU cores
+    streamsynth train-digits-generator --out streamsynth/data/digits-sd     # about 35 min on 2 CPU cores
 
 Two stages, as latent diffusion is trained:
 
@@ -21,7 +21,6 @@ beside it: the settings, the loss curves and the training time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -42,6 +41,8 @@ from .model import DIGITS_MODEL_VERSION, MODEL_CARD, build_digits_pipeline
 
 @dataclass
 class GeneratorSettings:
+    """How the digits generator is trained (each a flag of `streamsynth train-digits-generator`)."""
+
     seed: int = 0
     threads: int = 1  # one thread per process is the faster choice on a busy 2-core machine
     vae_steps: int = 1000
@@ -259,28 +260,3 @@ def plot_loss_curves(folder: str | os.PathLike, png: str | os.PathLike) -> Path:
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png)
     return png
-
-
-def main(argv: list[str] | None = None) -> None:
-    defaults = GeneratorSettings()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="folder to save the pipeline to (e.g. streamsynth/data/digits-sd)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--plot", metavar="PNG", help="also draw the loss curves to this PNG")
-    p.add_argument("--plot-only", metavar="MODEL", help="draw the loss curves of an already trained MODEL; no training")
-    for field, value in asdict(defaults).items():
-        p.add_argument("--" + field.replace("_", "-"), type=type(value), default=value)
-    args = vars(p.parse_args(argv))
-    out, overwrite, png, plot_only = (args.pop(k) for k in ("out", "overwrite", "plot", "plot_only"))
-    if plot_only:
-        print(f"wrote {plot_loss_curves(plot_only, png or 'loss.png')}")
-        return
-    if not out:
-        p.error("--out is required (or --plot-only MODEL)")
-    folder = train_generator(out, GeneratorSettings(**args), overwrite=overwrite)
-    if png:
-        print(f"wrote {plot_loss_curves(folder, png)}")
-
-
-if __name__ == "__main__":
-    main()

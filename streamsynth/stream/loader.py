@@ -32,10 +32,13 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ..captions.store import CaptionStoreError
 from ..errors import StreamsynthError
-from ..synth.loading import ModelLoadError
-from .dataset import SyntheticStream, TransformError, worker_index_and_count
+from ..synth.loading import ModelLoadError, preload_pipeline_library
+from .dataset import SyntheticStream, worker_index_and_count
+from .devices import CUDAAfterForkError
 from .feedback import ClassFeedback
-from .layout import worker_groups
+from .groups import GroupMaker, TransformError
+from .layout import StreamLayout, worker_groups
+from .resumable import leave_interrupts_to_the_trainer
 from ..peakmemory import peak_memory_bytes, peak_memory_kind
 from .metrics import WorkerStats
 from .shared import EpochWeights
@@ -43,8 +46,8 @@ from .shared import EpochWeights
 log = logging.getLogger(__name__)
 
 # Errors that recur whenever the same group is made again: retrying cannot help.
-DETERMINISTIC_ERRORS = (ModelLoadError, CaptionStoreError, TransformError, ValueError, TypeError, KeyError,
-                        AttributeError, NotImplementedError, ImportError)
+DETERMINISTIC_ERRORS = (ModelLoadError, CaptionStoreError, TransformError, CUDAAfterForkError, ValueError, TypeError,
+                        KeyError, AttributeError, NotImplementedError, ImportError)
 
 
 class SynthesisError(StreamsynthError, RuntimeError):
@@ -65,7 +68,7 @@ def _one_line(err: BaseException) -> str:
 
 
 class GroupView(IterableDataset):
-    """The stream's groups from group index `first` on, endlessly, one item per group.
+    """The groups of one rank's layout from group index `first` on, endlessly, one item per group.
 
     Worker w of W makes groups first + w, first + w + W, ... (see `worker_groups`). Before its first group of an
     epoch it waits for that epoch's class weights (`EpochWeights`), which the trainer publishes when the epoch
@@ -74,29 +77,30 @@ class GroupView(IterableDataset):
     in the worker (any other transform).
     """
 
-    def __init__(self, stream: SyntheticStream, first: int, stats: WorkerStats, weights: EpochWeights):
-        self.stream, self.first, self.stats, self.weights = stream, first, stats, weights
+    def __init__(self, maker: GroupMaker, layout: StreamLayout, first: int, stats: WorkerStats,
+                 weights: EpochWeights):
+        self.maker, self.layout, self.first, self.stats, self.weights = maker, layout, first, stats, weights
 
     def __iter__(self) -> Iterator:
         worker, num_workers = worker_index_and_count()
-        stream, layout = self.stream, self.stream.layout
-        device = torch.device(stream.generator.device(worker))
+        maker, layout = self.maker, self.layout
+        device = torch.device(maker.device(worker))
         epoch_weights: tuple[int, list[float] | None] | None = None
         self.stats.beat(worker)
         for index in worker_groups(self.first, worker, num_workers):
             epoch, group = layout.group_at(index)
             try:
                 with self.stats.beating(worker):  # the model loads once, in one long call
-                    stream.synthesizer(worker)
+                    maker.synthesizer(worker)
                 if epoch_weights is None or epoch_weights[0] != epoch:
                     epoch_weights = epoch, self.weights.wait(epoch)
                 started = time.perf_counter()
-                made = stream.make_group(epoch, group, worker, epoch_weights[1])
+                made = maker.make_group(layout, epoch, group, worker, epoch_weights[1])
                 item = {"index": index, "labels": made.labels, "ids": made.sample_ids}
-                if stream.augments_in_batches:
+                if maker.augments_in_batches:
                     item["images"] = made.images
                 else:
-                    item["batches"] = [stream.augment_group(made.images, item["ids"].tolist(), use)
+                    item["batches"] = [maker.augment_group(made.images, item["ids"].tolist(), use)
                                        for use in range(layout.replay)]
                 self.stats.record(worker, len(made.specs), time.perf_counter() - started, peak_memory_bytes(device))
                 self.stats.beat(worker)
@@ -113,18 +117,6 @@ def _start_method(context) -> str:
     if context is None:
         return multiprocessing.get_start_method()  # fixes the default, as the DataLoader's first queue does anyway
     return context if isinstance(context, str) else context.get_start_method()
-
-
-def _import_the_pipeline_library() -> None:
-    """Imports diffusers' pipeline class (and the transformers modules it imports) here, once, before workers are
-    forked: each forked worker then only loads the model's weights, instead of spending the import (about 8 s of CPU
-    on a CPU core) in every worker at every start and restart. With spawn (any CUDA device) workers import anew."""
-    try:
-        import diffusers
-
-        diffusers.StableDiffusionPipeline  # diffusers imports a class's module when it is first asked for
-    except ImportError:  # the workers' own load says what is missing, as a worker error
-        pass
 
 
 def _worker_processes(iterator) -> list:
@@ -189,13 +181,13 @@ class StreamLoader:
         if multiprocessing_context is None and num_workers > 0 and stream.generator.uses_cuda:
             multiprocessing_context = "spawn"
         self.stream = stream
-        self.layout = stream.layout
         self.num_workers = num_workers
         self.max_restarts = max_restarts
         self.timeout = timeout
         self.feedback = feedback
         self._loader_kwargs = {
             "batch_size": None,  # a worker's item is a whole group, already in batches
+            "worker_init_fn": leave_interrupts_to_the_trainer,
             "num_workers": num_workers,
             "pin_memory": pin_memory,
             "multiprocessing_context": multiprocessing_context if num_workers > 0 else None,
@@ -215,6 +207,12 @@ class StreamLoader:
         self._made_at_start = 0
         self._first_index = 0
 
+    @property
+    def layout(self) -> StreamLayout:
+        """The stream's layout for this process's rank, read now (a loader built before the process group exists
+        still partitions by rank once it does)."""
+        return self.stream.layout
+
     def __len__(self) -> int:
         return self.layout.batches_per_epoch
 
@@ -231,6 +229,8 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator:
         """The rest of the current epoch; the next pass is the next epoch."""
+        if self.batch >= len(self):  # the last pass took every batch but stopped before it saw the end (Lightning)
+            self.epoch, self.batch, self._epoch_weights = self.epoch + 1, 0, None
         while self.batch < len(self):
             batch = self._next_batch()
             self.batch += 1
@@ -272,7 +272,7 @@ class StreamLoader:
         if "batches" in group:
             images = group["batches"][use]
         else:
-            images = self.stream.augment_group(group["images"], group["ids"].tolist(), use)
+            images = self.stream.maker.augment_group(group["images"], group["ids"].tolist(), use)
         return (images, group["labels"], group["ids"]) if self.stream.return_sample_ids else (images, group["labels"])
 
     def _decide_epoch_weights(self) -> None:
@@ -312,8 +312,8 @@ class StreamLoader:
 
     def _start(self, index: int) -> None:
         if self.num_workers > 0 and _start_method(self._loader_kwargs["multiprocessing_context"]) == "fork":
-            _import_the_pipeline_library()
-        view = GroupView(self.stream, index, self.stats, self._weights)
+            preload_pipeline_library()
+        view = GroupView(self.stream.maker, self.layout, index, self.stats, self._weights)
         self._iterator = iter(DataLoader(view, **self._loader_kwargs))
         _detach_from_sigchld(self._iterator)
         self._next_index = self._first_index = index
@@ -361,7 +361,7 @@ class StreamLoader:
         wall = time.perf_counter() - self._started
         workers = []
         for i, row in enumerate(self.stats.rows()):
-            device = self.stream.generator.device(i)
+            device = self.stream.maker.device(i)
             workers.append({"worker": i, "device": device, "images": int(row["images"]),
                             "images_per_s": row["images"] / row["busy_s"] if row["busy_s"] else 0.0,
                             "cpu_s": row["cpu_s"],

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..seeding import derive_seed, seeded
-from .resumable import ResumableBatches
+from .resumable import ResumableBatches, leave_interrupts_to_the_trainer
 
 if TYPE_CHECKING:  # importing torchvision costs about 2 s (it loads torch._dynamo); only the annotations need it
     from torchvision.datasets import ImageFolder
@@ -98,7 +98,7 @@ class RealBatches(ResumableBatches):
     def _loader_from(self, batch: int) -> DataLoader:
         sampler = EpochBatchSampler(len(self.dataset), self.batch_size, self.seed, self.rank, self.world, batch)
         return DataLoader(PositionSeeded(self.dataset, self.seed, self.rank), batch_sampler=sampler,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, worker_init_fn=leave_interrupts_to_the_trainer)
 
     def _data_change(self, saved: dict) -> str | None:
         now = self.fingerprint

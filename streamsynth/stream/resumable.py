@@ -8,8 +8,15 @@ index arithmetic: nothing before it is read or decoded, and the number of loader
 
 from __future__ import annotations
 
+import signal
 from abc import ABC, abstractmethod
 from typing import Iterable, Iterator
+
+
+def leave_interrupts_to_the_trainer(worker_id: int | None = None) -> None:
+    """A loader worker's `worker_init_fn`: Ctrl-C reaches every process of the terminal's group, and the trainer
+    decides what it means (stop at the next step boundary and save), so a worker ignores it instead of dying."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ResumeError(ValueError):

@@ -1,7 +1,7 @@
 """Choosing the attention backend: xformers where it demonstrably works on the device, else PyTorch SDPA.
 
 An installed xformers is no proof that it works: a wheel built for another PyTorch imports fine but has no CUDA
-operators (seen on the H200 box, see shared/perf/anchors.md). So xformers is used only after a probe call on tiny
+operators (seen on the H200 box, see docs/performance.md, "Anchors"). So xformers is used only after a probe call on tiny
 tensors on the target device returns the same numbers as SDPA. xformers is an optional extra
 (`pip install streamsynth[xformers]`); without it SDPA is used.
 """

@@ -8,7 +8,7 @@ picklable, so a config crosses into spawned workers as it is and no worker can c
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -58,10 +58,6 @@ class SynthesisConfig:
         return self.guidance_scale > 1.0 and start <= step / steps < stop
 
 
-def default_devices() -> tuple[str, ...]:
-    return ("cuda",) if torch.cuda.is_available() else ("cpu",)
-
-
 @dataclass(frozen=True)
 class GeneratorConfig:
     """Which Stable Diffusion makes the images, where, and how they come out.
@@ -72,12 +68,15 @@ class GeneratorConfig:
         synthesis: steps, guidance scale, resolution and safety check.
         image_size: side of the square uint8 images handed out (resized on the generator's device); None keeps
             the model's resolution.
-        devices: where workers generate; worker w uses `devices[w % len(devices)]`. Default: CUDA if present.
+        devices: where workers generate. None (default): each rank's own GPU (cuda:LOCAL_RANK), else the CPU; a
+            list is split among a node's ranks when it has a device for each, and a rank's worker w uses its
+            share's device w mod n (`streamsynth.stream.devices`).
         dtype: "fp16", "bf16" or "fp32"; default fp16 on CUDA, fp32 on the CPU.
         scheduler: a scheduler name (see `streamsynth.synth.loading.SCHEDULERS`); default: the model's own.
         batch_size: images per UNet batch in a worker (a generation group is made in chunks of this size).
         fast: fast-path options (Triton kernels, fused guidance step, attention backend, compile); None runs the
-            plain diffusers components.
+            plain diffusers components; "auto" (default) the default options on a CUDA device and none elsewhere,
+            decided by each worker for its own device (measured faster on GPUs, images equal within rounding).
         lora: a LoRA (a .safetensors file, a folder as `save_lora_weights` writes it, or a hub id) fused into the
             model's weights at load, e.g. an LCM-LoRA for 4-step sampling with scheduler "lcm" and guidance 1.
         decoder: an `AutoencoderTiny` (TAESD) folder or hub id that decodes in place of the model's VAE, much
@@ -87,11 +86,11 @@ class GeneratorConfig:
     model: str
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     image_size: int | None = 224
-    devices: tuple[str, ...] = field(default_factory=default_devices)
+    devices: tuple[str, ...] | None = None
     dtype: str | None = None
     scheduler: str | None = None
     batch_size: int = 8
-    fast: FastPathOptions | None = None
+    fast: FastPathOptions | str | None = "auto"
     lora: str | None = None
     decoder: str | None = None
 
@@ -103,23 +102,41 @@ class GeneratorConfig:
             if getattr(self, name) is not None:
                 check(getattr(self, name))
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
-        object.__setattr__(self, "devices", tuple(str(d) for d in self.devices) or default_devices())
+        if self.devices is not None:
+            object.__setattr__(self, "devices", tuple(str(d) for d in self.devices) or None)
         if self.batch_size < 1:
             raise ValueError(f"the generator's batch_size must be at least 1, got {self.batch_size}")
-        compiled = self.fast is not None and (self.fast.compile_unet or self.fast.cuda_graphs)
+        if isinstance(self.fast, str) and self.fast != "auto":
+            raise ValueError(f"fast must be FastPathOptions, None or \"auto\", got {self.fast!r}")
+        compiled = isinstance(self.fast, FastPathOptions) and (self.fast.compile_unet or self.fast.cuda_graphs)
         if compiled and self.synthesis.feature_cache_interval > 1:
             # The cache swaps the deep blocks' forward between calls, which a compiled graph does not see (and
             # CUDA graphs reuse the memory the cached features live in).
             raise ValueError("feature_cache_interval > 1 does not combine with a compiled UNet (compile_unet, "
                              "cuda_graphs): drop one of them")
 
-    def device(self, worker: int) -> str:
-        """The device of loader worker `worker` (workers share the devices round-robin)."""
-        return self.devices[worker % len(self.devices)]
+    # Fields that say where the images are made, not what they are: left out of `identity`.
+    PLACEMENT_FIELDS = ("devices",)
 
     @property
     def uses_cuda(self) -> bool:
+        if self.devices is None:
+            return torch.cuda.is_available()
         return any(d.startswith("cuda") for d in self.devices)
+
+    def fast_path_on(self, device: str | torch.device) -> FastPathOptions | None:
+        """The fast-path options a worker on `device` switches on ("auto": the defaults on CUDA, none elsewhere)."""
+        if self.fast == "auto":
+            return FastPathOptions() if torch.device(device).type == "cuda" else None
+        return self.fast
+
+    def identity(self) -> dict:
+        """Every setting that changes what the images are, as JSON-ready data (for manifests and resume checks): all
+        fields but `PLACEMENT_FIELDS`, so a new field can never escape a check."""
+        data = asdict(self)
+        for name in self.PLACEMENT_FIELDS:
+            data.pop(name)
+        return data
 
     @property
     def random_weights(self) -> bool:

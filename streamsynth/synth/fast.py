@@ -122,21 +122,3 @@ def _compile(pipe, fast: FastPath, cuda_graphs: bool) -> None:
     # Not fullgraph: the Triton kernels' Python wrappers (validation, dispatch) may break the graph.
     pipe.unet = torch.compile(pipe.unet, mode=mode)
     fast.applied.append(f"torch.compile(unet, mode={mode!r})" + (" with CUDA graphs" if cuda_graphs else ""))
-
-
-def add_fast_path_argument(parser) -> None:
-    """`--fast` / `--no-fast`, as train.py and `streamsynth generate` take it (default: on where synthesis runs on a
-    GPU)."""
-    import argparse
-
-    parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                        help="the fast path: Triton GroupNorm+SiLU and GEGLU, probed attention backend "
-                             "(kernels/README.md); default: on where synthesis runs on a GPU (measured faster there, "
-                             "images equal within rounding), off on the CPU")
-
-
-def fast_path_for(requested: bool | None, devices) -> FastPathOptions | None:
-    """The fast path's default options where `requested` (or, when it is None, any of `devices` is a GPU), else None."""
-    if requested is None:
-        requested = any(str(d).startswith("cuda") for d in devices)
-    return FastPathOptions() if requested else None

@@ -240,3 +240,15 @@ def scheduler_from_name(name: str, config):
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}: use one of {sorted(SCHEDULERS)}")
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
+
+
+def preload_pipeline_library() -> None:
+    """Imports diffusers' pipeline class (and the transformers modules it imports) in this process, once: loader
+    workers forked from it then only load the model's weights, instead of spending the import (about 8 s of CPU on a
+    CPU core) in every worker at every start and restart. Workers started with spawn import anew."""
+    try:
+        import diffusers
+
+        diffusers.StableDiffusionPipeline  # diffusers imports a class's module when it is first asked for
+    except ImportError:  # the workers' own load says what is missing, as a worker error
+        pass

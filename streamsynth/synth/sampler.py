@@ -98,7 +98,7 @@ class Synthesizer:
     def from_config(cls, config: GeneratorConfig, device: str | torch.device) -> "Synthesizer":
         """The generator `config` describes, loaded on `device` (what each synthesis worker does once)."""
         return cls.from_pretrained(config.model, device=device, dtype=config.dtype, scheduler=config.scheduler,
-                                   config=config.synthesis, fast=config.fast, lora=config.lora,
+                                   config=config.synthesis, fast=config.fast_path_on(device), lora=config.lora,
                                    decoder=config.decoder)
 
     @torch.no_grad()

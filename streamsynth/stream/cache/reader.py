@@ -1,209 +1,27 @@
-"""The optional WebDataset cache: keep what the stream made, train from it later.
-
-Each generation group becomes one tar shard of (png, cls, json) samples, written under a hidden temporary name and
-renamed when complete: a reader (plain `webdataset` included) never sees a partial shard, and a killed writer
-leaves only a hidden `.tmp` file that the next writer of that shard replaces. A shard is named by its run seed and
-first sample id, so a restarted or resumed run finds the shards it already wrote and does not write them again.
-
-Training from the cache reads it in a seeded order that is a pure function of (seed, position), so a run resumes
-exactly from a batch count (`CachedBatches`): see `CacheOrder` and `CacheStream`.
-
-Damage (see docs/reliability.md): shards are indexed from their tar headers (`streamsynth.shards`). A shard that is
-not a tar, empty or truncated is named in a warning when training starts and only its whole samples are used; a
-sample whose image does not decode (streamsynth's one decoding policy, `streamsynth.imagefiles`) or that cannot be
-read any more is left out of its batch, with a warning naming the shard and sample. A batch with no usable sample at
-all, or a cache with none, is a `CacheReadError` naming the shards.
-"""
+"""Reading the cache as an endless, exactly resumable source of augmented batches for one rank (`CachedBatches`),
+with damaged shards and samples named and left out (see docs/reliability.md)."""
 
 from __future__ import annotations
 
-import bisect
-import glob
 import json
 import logging
 import os
 from dataclasses import dataclass
-from itertools import accumulate, count
+from itertools import count
 from pathlib import Path
 from typing import Callable, Collection, Iterator, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import StreamsynthError
-from ..imagefiles import decode_image, image_to_uint8_tensor
-from ..safeio import disk_full_error, is_full_errno
-from ..seeding import derive_seed, keyed_permutation, seeded
-from ..shards import ShardIndex, index_shard
-from .resumable import ResumableBatches
-from .sampling import SampleSpec
+from ...imagefiles import decode_image, image_to_uint8_tensor
+from ...seeding import derive_seed, seeded
+from ...shards import ShardIndex, index_shard
+from ..resumable import ResumableBatches, leave_interrupts_to_the_trainer
+from .folder import CLASSES_FILE, CacheReadError, cache_classes, cache_shards
+from .order import CacheOrder, shard_index
 
 log = logging.getLogger(__name__)
-
-# The fields every cache sample needs; a sample without them is not counted.
-_REQUIRED = ("png", "cls")
-
-
-class CacheReadError(StreamsynthError, RuntimeError):
-    """The cache cannot be read (no usable shard, a batch without a usable sample); the message names the shards."""
-
-
-def shard_name(seed: int, first_sample_id: int) -> str:
-    return f"seed{seed}-{first_sample_id:012d}.tar"
-
-
-CLASSES_FILE = "classes.json"
-
-
-def write_cache_classes(cache: str | os.PathLike, class_ids: Sequence[str]) -> None:
-    """Record the class ids the cached labels index, once per cache folder, so that training from the cache needs
-    no caption store; a cache already filled for other classes is an error (its labels would mean other things)."""
-    folder = Path(cache)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / CLASSES_FILE
-    if path.exists():
-        known = cache_classes(folder)
-        if known != list(class_ids):
-            raise ValueError(f"the cache folder {folder} holds images of other classes ({len(known)} classes, "
-                             f"starting {known[:3]}): give this run another --cache folder")
-        return
-    partial = folder / f".{CLASSES_FILE}.{os.getpid()}.tmp"
-    partial.write_text(json.dumps({"class_ids": list(class_ids)}))
-    os.replace(partial, path)
-
-
-def cache_classes(cache: str | os.PathLike) -> list[str] | None:
-    """The class ids of a cache folder's labels (None for a cache written before they were recorded)."""
-    path = Path(cache) / CLASSES_FILE
-    if not path.is_file():
-        return None
-    try:
-        return list(json.loads(path.read_text())["class_ids"])
-    except OSError as err:
-        raise CacheReadError(f"cannot read {path}: {err.strerror or err}") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise CacheReadError(f"{path} is damaged ({err}): restore it, or delete it and give --captions") from None
-
-
-def write_group(
-    cache: str | os.PathLike, class_ids: Sequence[str], specs: Sequence[SampleSpec], images: torch.Tensor, seed: int
-) -> Path | None:
-    """Write one group's samples as a shard; returns its path, or None when that shard already exists."""
-    import webdataset as wds
-
-    folder = Path(cache)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / shard_name(seed, specs[0].sample_id)
-    if final.exists():
-        return None
-    partial = folder / f".{final.name}.{os.getpid()}.tmp"
-    try:
-        with open(partial, "wb") as stream, wds.TarWriter(stream) as writer:
-            for spec, image in zip(specs, images):
-                writer.write({
-                    "__key__": f"{spec.sample_id:012d}",
-                    "png": Image.fromarray(image.permute(1, 2, 0).numpy()),
-                    "cls": spec.label,
-                    "json": {
-                        "sample_id": spec.sample_id, "seed": spec.seed, "prompt": spec.prompt,
-                        "caption": spec.caption, "class_id": class_ids[spec.label], "label": spec.label,
-                    },
-                })
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(partial, final)
-    except BaseException as err:  # a failed write leaves neither a shard nor its temporary file (nor its space)
-        partial.unlink(missing_ok=True)
-        if isinstance(err, Exception) and is_full_errno(err):
-            raise disk_full_error(final, "cache shard", kept="the shards written before are kept",
-                                  fix="free some space, then resume") from None
-        raise
-    return final
-
-
-def cache_shards(cache: str | os.PathLike) -> list[str]:
-    """The complete shards in a cache folder (temporary, partial ones are hidden and never listed)."""
-    try:
-        os.listdir(cache)
-    except FileNotFoundError:
-        pass  # said below, with the way to fill it
-    except OSError as err:
-        raise CacheReadError(f"cannot list cache folder {cache}: {err.strerror or err}") from None
-    shards = sorted(glob.glob(os.path.join(glob.escape(str(cache)), "*.tar")))
-    if not shards:
-        raise FileNotFoundError(
-            f"no cache shards in {cache}: fill it first with `train.py --online-synthesis --cache {cache}`"
-        )
-    return shards
-
-
-def shard_index(shard: str | os.PathLike) -> ShardIndex:
-    """The whole, usable samples of a shard (png and cls present), from its tar headers; damage is in `.problem`."""
-    return index_shard(shard, _REQUIRED)
-
-
-def shard_sample_count(shard: str | os.PathLike) -> int:
-    """The samples in a shard, counted from its tar headers alone (no image is read or decoded).
-
-    Members are grouped into samples by webdataset's own key function, so the count is what a webdataset read yields
-    (for a damaged shard: its whole samples).
-    """
-    return len(shard_index(shard).samples)
-
-
-@dataclass(frozen=True)
-class _PassLayout:
-    shards: list[int]  # shard indices in this pass's order
-    shard_starts: list[int]  # offset in the pass of each shard's first sample, then the pass length
-    window_bounds: list[int]  # offset of each window's first sample, then the pass length
-
-
-class CacheOrder:
-    """Where position i of the endless cache stream reads from: (shard, member), a pure function of (seed, i).
-
-    Positions [pN, (p+1)N) are pass p (N samples in the cache) and read every sample once: the shards in an order
-    shuffled per pass, and the samples of each window (a run of consecutive shards in that order holding at least
-    `shuffle_window` samples) shuffled together. This is webdataset's shard shuffle and shuffle buffer made
-    addressable: any position is found by arithmetic and keyed permutations, without reading what comes before it.
-    """
-
-    def __init__(self, counts: Sequence[int], seed: int, shuffle_window: int = 1000):
-        self.counts = list(counts)
-        self.seed = seed
-        self.shuffle_window = shuffle_window
-        self.samples_per_pass = sum(self.counts)
-        if self.samples_per_pass == 0:
-            raise ValueError("the cache shards hold no samples")
-        self._layout_cache: tuple[int, _PassLayout] | None = None
-
-    def locate(self, position: int) -> tuple[int, int]:
-        """(shard index, member index in the shard) of a position."""
-        pass_index, offset = divmod(position, self.samples_per_pass)
-        layout = self._layout(pass_index)
-        window = bisect.bisect_right(layout.window_bounds, offset) - 1
-        start, end = layout.window_bounds[window], layout.window_bounds[window + 1]
-        flat = start + keyed_permutation(offset - start, end - start,
-                                         derive_seed(self.seed, "cache window", pass_index, window))
-        slot = bisect.bisect_right(layout.shard_starts, flat) - 1
-        return layout.shards[slot], flat - layout.shard_starts[slot]
-
-    def _layout(self, pass_index: int) -> _PassLayout:
-        # Positions arrive in order, so remembering the last pass computes each layout about once.
-        if self._layout_cache is None or self._layout_cache[0] != pass_index:
-            self._layout_cache = pass_index, self._compute_layout(pass_index)
-        return self._layout_cache[1]
-
-    def _compute_layout(self, pass_index: int) -> _PassLayout:
-        key = derive_seed(self.seed, "cache shards", pass_index)
-        shards = [keyed_permutation(i, len(self.counts), key) for i in range(len(self.counts))]
-        shard_starts = [0, *accumulate(self.counts[s] for s in shards)]
-        window_bounds = [0]
-        for end in shard_starts[1:]:
-            if end > window_bounds[-1] and (end - window_bounds[-1] >= self.shuffle_window
-                                            or end == self.samples_per_pass):
-                window_bounds.append(end)
-        return _PassLayout(shards, shard_starts, window_bounds)
 
 
 _index_cache: dict[tuple[str, int, int], ShardIndex] = {}
@@ -419,7 +237,8 @@ class CachedBatches(ResumableBatches):
 
     def _loader_from(self, batch: int) -> DataLoader:
         stream = CacheStream(self.shards, self.order, self.transform, self.batch_size, self.rank, self.world, batch)
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                          worker_init_fn=leave_interrupts_to_the_trainer)
 
     def __next__(self):
         batch = super().__next__()
