@@ -330,6 +330,7 @@ def test_the_memorisation_check_finds_copies_and_passes_fresh_images():
     assert "NEAR COPIES" in copying.report()
     honest = memorisation_check(fresh, held_out, training, "test vectors")
     assert honest.near_copy_fraction <= honest.chance_95 and abs(honest.closer_auc - 0.5) < 0.1
+    assert honest.training_quantiles["1%"] > 0  # each training vector's nearest other one, not itself
     assert "no sign of copying" in honest.report()
 
 

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..transforms import train_transform
-from .attacks import AttackResult, auc_chance_95, evaluate_attack, lira_scores, rmia_scores, sklearn_metrics
+from .attacks import (FPR_TARGETS, AttackResult, auc_chance_95, evaluate_attack, lira_scores, rmia_scores,
+                      sklearn_metrics)
 from .evaluate import (EvalFolderError, ImagesOrReasons, LabelledImageFolder, check_eval_folder, eval_transform,
                        scoring_loader, suite_folder_labels, warn_unreadable)
 from .recipe import TrainingRecipe
@@ -187,22 +188,22 @@ def audit_membership(
 def membership_attacks(
     target_log_confidence: np.ndarray, target_logit_confidence: np.ndarray, reference_log_confidence: np.ndarray,
     reference_logit_confidence: np.ndarray, memberships: np.ndarray, audited: np.ndarray, is_member: np.ndarray,
-    online: bool,
+    online: bool, fpr_targets: tuple[float, ...] = FPR_TARGETS,
 ) -> list[AttackResult]:
     """The confidence threshold, LiRA and RMIA, judged on the audited images of the pool.
 
     Per pool image (N): the audited classifier's log true-class confidence and its logit, log(p / (1 - p)); per
     reference model and image (K, N): the same; `memberships` (K, N): which images each reference model trained on;
     `audited` (N booleans): the audited images, the others being the population; `is_member`: the truth for the
-    audited images, in pool order."""
+    audited images, in pool order; `fpr_targets`: the FPRs to report the TPR at."""
     mode = "online" if online else "offline"
     audited = np.asarray(audited, dtype=bool)
     lira = lira_scores(target_logit_confidence, reference_logit_confidence, memberships, online)
     rmia = rmia_scores(np.exp(target_log_confidence), np.exp(reference_log_confidence), memberships, online,
                        population=~audited)
-    return [evaluate_attack("confidence threshold", target_log_confidence[audited], is_member),
-            evaluate_attack(f"LiRA ({mode})", lira[audited], is_member),
-            evaluate_attack(f"RMIA ({mode})", rmia[audited], is_member)]
+    return [evaluate_attack("confidence threshold", target_log_confidence[audited], is_member, fpr_targets),
+            evaluate_attack(f"LiRA ({mode})", lira[audited], is_member, fpr_targets),
+            evaluate_attack(f"RMIA ({mode})", rmia[audited], is_member, fpr_targets)]
 
 
 @dataclass
