@@ -20,6 +20,11 @@ class DamagedFileError(StreamsynthError, ValueError):
     """A file streamsynth wrote or reads back (a store, a shard, a checkpoint) is truncated or corrupt."""
 
 
+class MissingExtraError(StreamsynthError, ImportError):
+    """A feature needs an optional dependency (a pyproject extra) that is not installed; the message names the
+    `pip install` that adds it."""
+
+
 def one_line(err: BaseException) -> str:
     """The message of `err` on one line. An error re-raised from a DataLoader worker carries the worker's traceback
     in its message: only its last line, the original message, is kept."""

@@ -190,13 +190,13 @@ class LabelledImageFolder(ImageFolder):
 
 
 class ImagesOrReasons(Dataset):
-    """The images of a `LabelledImageFolder` for scoring, decoded with streamsynth's policy: item i is
-    (tensor, label, None), or (None, label, "path: why it is unusable") for an image that cannot be read, decoded
-    or transformed. Batch it with `collate_skipping`."""
+    """Images (`samples`: (path, label) pairs, e.g. a `LabelledImageFolder`'s) decoded with streamsynth's policy:
+    item i is (tensor, label, None), or (None, label, "path: why it is unusable") for an image that cannot be read,
+    decoded or transformed. Batch it with `collate_skipping`."""
 
-    def __init__(self, folder: LabelledImageFolder):
-        self.samples = folder.samples
-        self.transform = folder.transform
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None):
+        self.samples = samples
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -221,8 +221,8 @@ def collate_skipping(items: list) -> tuple[torch.Tensor | None, torch.Tensor, li
 
 def scoring_loader(folder: LabelledImageFolder, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
     """A DataLoader of (images, labels, unreadable) batches that survives corrupt images (see `ImagesOrReasons`)."""
-    return DataLoader(ImagesOrReasons(folder), batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
-                      collate_fn=collate_skipping)
+    return DataLoader(ImagesOrReasons(folder.samples, folder.transform), batch_size=batch_size, num_workers=workers,
+                      pin_memory=pin_memory, collate_fn=collate_skipping)
 
 
 def warn_unreadable(where: str, unreadable: Sequence[str]) -> None:

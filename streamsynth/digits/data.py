@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 if TYPE_CHECKING:
+    from ..classifier.recipe import TrainingRecipe
     from ..transforms import BatchAugment
 
 NUM_IMAGES = 1797
@@ -208,18 +209,19 @@ def class_labels(class_ids: Sequence[str]) -> list[int]:
     return [list(class_ids).index(cid) for cid in CLASS_IDS]
 
 
-class HeldOutDigits(Dataset):
-    """The 500 held-out real digits as (image, label): resized to `image_size` as synthetic images are, then
-    shown through `transform` (default: the standard evaluation view, `streamsynth.classifier.evaluate.eval_transform`)."""
+class DigitImages(Dataset):
+    """Real digits (`indices` into the 1,797) as (image, label): resized to `image_size` as synthetic images are,
+    then shown through `transform` (default: the standard evaluation view,
+    `streamsynth.classifier.evaluate.eval_transform`)."""
 
-    def __init__(self, image_size: int, class_ids: Sequence[str] = CLASS_IDS, transform=None):
+    def __init__(self, indices: Sequence[int], image_size: int, class_ids: Sequence[str] = CLASS_IDS, transform=None):
         from ..classifier.evaluate import eval_transform
 
         pixels, targets = _load()
-        indices = held_out_indices()
-        self.images = digits_to_uint8(pixels[indices.start:indices.stop], image_size)
+        chosen = np.asarray(indices, dtype=np.int64)
+        self.images = digits_to_uint8(pixels[chosen], image_size)
         labels = class_labels(class_ids)
-        self.labels = torch.tensor([labels[t] for t in targets[indices.start:indices.stop]])
+        self.labels = torch.tensor([labels[t] for t in targets[chosen]])
         self.transform = transform if transform is not None else eval_transform(image_size)
 
     def __len__(self) -> int:
@@ -227,6 +229,13 @@ class HeldOutDigits(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.images[index]), int(self.labels[index])
+
+
+class HeldOutDigits(DigitImages):
+    """The 500 held-out real digits (`held_out_indices`) as a `DigitImages`."""
+
+    def __init__(self, image_size: int, class_ids: Sequence[str] = CLASS_IDS, transform=None):
+        super().__init__(held_out_indices(), image_size, class_ids, transform)
 
 
 def held_out_top1(model: torch.nn.Module, image_size: int, device: torch.device | str,
@@ -267,23 +276,27 @@ def digit_augmentation(image_size: int) -> "BatchAugment":
     return BatchAugment(image_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), flip=False)
 
 
-def real_training_batches(image_size: int, batch_size: int,
-                          seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless batches of the real training part (the real-data baseline): a seeded reshuffle every epoch, each
-    image augmented by `digit_augmentation` under a seed of (seed, epoch, index), labels = digits (ids "0".."9")."""
+def real_training_batches(image_size: int, batch_size: int, seed: int = 0,
+                          indices: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless batches of real digits, by default the training part (the real-data baseline; `indices`: any of the
+    1,797, e.g. a shadow model's share): a seeded reshuffle every epoch, each image augmented by
+    `digit_augmentation` under a seed of (seed, epoch, digit index), labels = digits (ids "0".."9")."""
     from ..seeding import derive_seed
 
     pixels, targets = _load()
-    part = train_indices()
-    images = digits_to_uint8(pixels[part.start:part.stop], image_size)
-    labels = torch.from_numpy(targets[part.start:part.stop].copy())
+    chosen = np.asarray(train_indices() if indices is None else indices, dtype=np.int64)
+    if len(chosen) < batch_size:
+        raise ValueError(f"{len(chosen)} digits cannot fill a batch of {batch_size}: give more digits or a smaller "
+                         "batch")
+    images = digits_to_uint8(pixels[chosen], image_size)
+    labels = torch.from_numpy(targets[chosen])
     augment = digit_augmentation(image_size)
     generator = torch.Generator().manual_seed(seed)
     for epoch in itertools.count():
         order = torch.randperm(len(labels), generator=generator)
         for start in range(0, len(order) - batch_size + 1, batch_size):
             index = order[start:start + batch_size]
-            seeds = [derive_seed(seed, "real digits", epoch, i) for i in index.tolist()]
+            seeds = [derive_seed(seed, "real digits", epoch, int(chosen[i])) for i in index.tolist()]
             yield augment(images[index], seeds), labels[index]
 
 
@@ -291,23 +304,19 @@ def fit_classifier(batches: Iterable[tuple], steps: int, arch: str = "test_resne
                    lr: float = 0.1, weight_decay: float = 5e-5, label_smoothing: float = 0.1,
                    seed: int = 0) -> torch.nn.Module:
     """Trains `build_classifier(arch)` for `steps` batches of `batches` ((images, labels, ...) tuples) with train.py's
-    recipe: SGD with Nesterov momentum, linear warmup over 2% of the steps, cosine decay to zero, label smoothing."""
-    import torch.nn.functional as F
+    recipe (`streamsynth.classifier.recipe`): SGD with Nesterov momentum, linear warmup over 2% of the steps, cosine
+    decay to zero from the peak learning rate `lr`, label smoothing."""
+    from ..classifier.recipe import train_classifier
 
-    from ..classifier.models import build_classifier, learning_rate, sgd_optimizer
+    return train_classifier(digits_recipe(steps, arch, num_classes, lr, weight_decay, label_smoothing), batches, seed)
 
-    torch.manual_seed(seed)
-    model = build_classifier(arch, num_classes)
-    optimizer = sgd_optimizer(model, lr, weight_decay)
-    warmup = max(1, steps // 50)
-    model.train()
-    iterator = iter(batches)
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, warmup)
-        images, labels = next(iterator)[:2]
-        loss = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+
+def digits_recipe(steps: int, arch: str = "test_resnet", num_classes: int = 10, lr: float = 0.1,
+                  weight_decay: float = 5e-5, label_smoothing: float = 0.1, image_size: int = 16,
+                  batch_size: int = 64) -> "TrainingRecipe":
+    """The digits benchmarks' recipe; `lr` is the peak learning rate itself (not scaled by the batch size)."""
+    from ..classifier.recipe import TrainingRecipe
+
+    return TrainingRecipe(arch=arch, num_classes=num_classes, image_size=image_size, steps=steps,
+                          batch_size=batch_size, peak_lr=lr, weight_decay=weight_decay,
+                          label_smoothing=label_smoothing)
