@@ -458,8 +458,8 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> None:
     checkpoint_path = out / "checkpoint.pt"
     resume_path = Path(args.resume) if args.resume else checkpoint_path  # --resume PATH, or bare: OUT/checkpoint.pt
     resuming = args.resume is not None and resume_path.exists()
-    if is_main and not args.print_config:  # one run per folder; a finished run is continued, never overwritten
-        RunFolder(out, args.resume is not None)
+    # One run per folder, held until this process ends; a finished run is continued, never overwritten.
+    run_folder = RunFolder(out, args.resume is not None) if is_main and not args.print_config else None  # noqa: F841
     if device.type == "cpu" and args.online_synthesis and args.workers:
         # Synthesis workers run one thread each on these cores: a trainer that also takes every core makes its
         # threads wait on each other (measured: 4x the CPU time of the embedded default on 2 cores).

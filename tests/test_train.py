@@ -164,3 +164,31 @@ def test_cache_then_train_from_cache(tmp_path, isolated_cache, caption_store, ti
     assert second.returncode == 0, second.stderr[-3000:]
     assert "from cache 100%" in second.stdout
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def test_a_run_folder_holds_one_run_at_a_time(tmp_path, isolated_cache):
+    """A second run into a folder another run holds is refused in one line, before it does anything."""
+    from streamsynth.train import RunFolder
+
+    held = RunFolder(tmp_path / "run", resuming=False)  # this process holds the folder, as a running train.py does
+    result = _train("--online-synthesis", "--out", str(tmp_path / "run"), cache=isolated_cache)
+    assert result.returncode == 2 and "is in use by another run (pid" in result.stderr, result.stderr[-2000:]
+    assert "train:" not in result.stderr and not (tmp_path / "run" / "run.json").exists()
+    del held
+    # And a running train.py holds its folder for as long as it runs.
+    import time
+
+    from streamsynth.train import RunError
+
+    running = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--online-synthesis", "--out",
+                                str(tmp_path / "other")], env={**os.environ, "STREAMSYNTH_CACHE": str(isolated_cache)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "other" / "run.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with pytest.raises(RunError, match="in use by another run"):
+            RunFolder(tmp_path / "other", resuming=True)
+    finally:
+        running.kill()
+        running.wait()
