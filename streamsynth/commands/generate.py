@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..digits.embedded import embedded_captions, embedded_model
 from ..errors import StreamsynthError, one_line
 from ..ranks import RankError, Ranks, raise_failures, ranks_from_environment
-from ..safeio import atomic_write, atomic_write_text, disk_full_error, is_full_errno
+from ..safeio import atomic_write, atomic_write_text, disk_full_error, is_full_errno, output_folder
 from ..stream.cache import CLASSES_FILE, shard_name, write_cache_classes, write_group
 from ..stream.dataset import SyntheticStream
 from ..stream.devices import synthesis_devices
@@ -124,17 +124,18 @@ def unit_marker(out: Path, fmt: str, seed: int, first_id: int) -> Path:
 def _write_imagefolder(out: Path, class_ids: Sequence[str], specs: Sequence[SampleSpec], images: torch.Tensor,
                        image_format: str, marker: Path) -> None:
     """One unit as image files under OUT/{class id}/, each written all or nothing, then its metadata (last, so that
-    its presence means every image of the unit is there)."""
+    its presence means every image of the unit is there). A class id that is not a plain folder name, or a class
+    folder that is a symbolic link, is refused before anything is written (`safeio.output_folder`): nothing lands
+    outside OUT."""
     from io import BytesIO
 
     from PIL import Image
 
     extension = "jpg" if image_format == "jpeg" else "png"
+    folders = {label: output_folder(out, class_ids[label]) for label in sorted({spec.label for spec in specs})}
     records = []
     for spec, image in zip(specs, images):
-        folder = out / class_ids[spec.label]
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{spec.sample_id:012d}.{extension}"
+        path = folders[spec.label] / f"{spec.sample_id:012d}.{extension}"
         buffer = BytesIO()
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(
             buffer, IMAGE_FORMATS[image_format], **({"quality": 95} if image_format == "jpeg" else {}))
