@@ -189,9 +189,10 @@ def list_class_images(root: str | os.PathLike, class_folder: str, extensions: tu
                 real = os.path.realpath(entry.path)
                 try:
                     target = os.stat(entry.path)
-                except OSError:
+                except OSError as err:
                     if is_image:
-                        listing.skipped.append((entry.path, f"a symbolic link to {real}, which does not exist"))
+                        listing.skipped.append((entry.path, f"a symbolic link to {real} that cannot be followed "
+                                                            f"({err.strerror or err})"))
                     continue
                 is_folder = stat.S_ISDIR(target.st_mode)
                 if not (is_folder or is_image):

@@ -119,14 +119,15 @@ def class_folders(root: str | os.PathLike, suite: str = "") -> list[str]:
     return folders
 
 
-def class_folder_images(root: str | os.PathLike, folder: str, folders: Sequence[str]) -> ClassFolderListing:
-    """The image files of class folder `folder` of `root` (whose class folders are `folders`), listed by streamsynth's
-    one rule (`imagefiles.list_class_images`: nothing outside `root`, each file once), less the files whose path is
-    not UTF-8, which are moved to `skipped`: a folder, its report and its fingerprint name every image, and one such
-    name must not make the whole folder unusable."""
+def class_folder_images(root: str | os.PathLike, folder: str, real_folders: Mapping[str, str]) -> ClassFolderListing:
+    """The image files of class folder `folder` of `root`, listed by streamsynth's one rule
+    (`imagefiles.list_class_images`: nothing outside `root`, each file once), less the files whose path is not UTF-8,
+    which are moved to `skipped`: a folder, its report and its fingerprint name every image, and one such name must
+    not make the whole folder unusable. `real_folders`: every class folder of `root` → its real path
+    (`real_class_folders`)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    others = [os.path.realpath(os.path.join(root, other)) for other in folders if other != folder]
+    others = [real for other, real in real_folders.items() if other != folder]
     listing = list_class_images(root, folder, IMG_EXTENSIONS, others)
     kept = [path for path in listing.files if is_utf8_path(path)]
     if len(kept) < len(listing.files):
@@ -134,6 +135,11 @@ def class_folder_images(root: str | os.PathLike, folder: str, folders: Sequence[
                             if not is_utf8_path(path)]
         listing.files = kept
     return listing
+
+
+def real_class_folders(root: str | os.PathLike, folders: Sequence[str]) -> dict[str, str]:
+    """Class folder → its real path (links resolved), once per folder: no listing may lead into another's."""
+    return {folder: os.path.realpath(os.path.join(root, folder)) for folder in folders}
 
 
 def _left_out(skipped: Sequence[tuple[str, str]]) -> str:
@@ -168,8 +174,9 @@ def check_eval_folder(
                 f"(e.g. {list(scorable[:3])}); name class folders by class id (or 0..999 as in ImageNet-V2), or "
                 "leave it out"
             )
+    real_folders = real_class_folders(root, folders)
     for folder in to_score:
-        listing = class_folder_images(root, folder, folders)
+        listing = class_folder_images(root, folder, real_folders)
         if listing.unreadable:
             raise EmptyClassFolderError(f"{what}: cannot read class folder {folder} ({listing.unreadable})")
         if not listing.files:
@@ -198,10 +205,10 @@ class LabelledImageFolder(ImageFolder):
 
     def make_dataset(self, directory: str | os.PathLike, class_to_idx: dict[str, int], extensions=None,
                      is_valid_file=None, allow_empty: bool = False) -> list[tuple[str, int]]:
-        folders = class_folders(directory)
+        real_folders = real_class_folders(directory, class_folders(directory))
         samples = []
         for folder in sorted(class_to_idx):
-            listing = class_folder_images(directory, folder, folders)
+            listing = class_folder_images(directory, folder, real_folders)
             if listing.unreadable or not listing.files:
                 raise EmptyClassFolderError(
                     f"{directory}: class folder {folder} " + (f"cannot be read ({listing.unreadable})"
