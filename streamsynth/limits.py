@@ -19,6 +19,14 @@ the main process waited for it forever. Two things prevent that:
 torch's `file_system` sharing strategy is no way out: it keeps batches in /dev/shm too (it differs from the default
 `file_descriptor` strategy in how the files are passed, which matters for the open-file limit, not for room).
 
+Use, for any DataLoader whose workers hand over tensors:
+
+    plan = plan_workers(workers, lambda w: batch_bytes, what="decoding val", fewer="a smaller --batch-size")
+    loader = DataLoader(dataset, batch_size=..., collate_fn=SharedCollate(collate), **plan.loader_options())
+
+(`in_process_ok=False` where the workers cannot be done without; `SharedCollate()` for a loader that does not batch,
+`batch_size=None`.)
+
 A bottom-layer module: it imports nothing of streamsynth but `errors` and `safeio`, and torch only inside functions.
 """
 
@@ -160,17 +168,19 @@ _said: set[str] = set()
 
 class SharedCollate:
     """A collate function whose batches a worker moves into shared memory itself (see the module's docstring), so that
-    a batch that cannot be handed over is a `SharedMemoryError` in the main process, not a hang. Picklable when the
-    wrapped function is (spawned workers). In the main process (no workers) it changes nothing."""
+    a batch that cannot be handed over is a `SharedMemoryError` in the main process, not a hang. `collate`: the
+    function it wraps (none: items go as they are, for a loader with `batch_size=None`); picklable when that is
+    (spawned workers). In the main process (no workers) it changes nothing. `fix`: what the error tells the user to
+    pass."""
 
-    def __init__(self, collate: Callable, fix: str = "pass --workers 0"):
+    def __init__(self, collate: Callable | None = None, fix: str = "pass --workers 0"):
         self.collate = collate
         self.fix = fix
 
     def __call__(self, items):
         from torch.utils.data import get_worker_info
 
-        batch = self.collate(items)
+        batch = self.collate(items) if self.collate is not None else items
         if get_worker_info() is not None:
             tensors = list(_tensors(batch))
             try:

@@ -10,6 +10,7 @@ real, set in a forked child with `resource.setrlimit`.
 from __future__ import annotations
 
 import json
+import os
 import resource
 from pathlib import Path
 
@@ -159,16 +160,17 @@ def test_a_batch_a_worker_cannot_hand_over_is_one_line_not_a_hang(tmp_path, chec
 
 
 class BigPixels:
-    """A captioner's processor with a realistic output (3 x 64 x 64 float32, 48 KiB an image): shares of batches
-    then need real room in shared memory, as BLIP-2's 384-pixel ones do."""
+    """A captioner's processor whose output takes real room (3 x size x size float32: 48 KiB an image at 64 pixels,
+    1.7 MiB at BLIP-2's 384), so that shares of batches need real room in shared memory."""
 
-    size = 64
+    def __init__(self, size: int = 64):
+        self.size = size
 
     def __call__(self, image):
         import numpy as np
 
         mean = torch.from_numpy(np.asarray(image, dtype=np.float32).reshape(-1, 3).mean(0) / 255)
-        return mean[:, None, None].expand(3, 64, 64).contiguous()
+        return mean[:, None, None].expand(3, self.size, self.size).contiguous()
 
 
 @pytest.fixture
@@ -186,6 +188,27 @@ def _caption(images: Path, out: Path, *extra: str) -> int:
     """`streamsynth caption` at its defaults (on the CPU: batches of 8, min(8, CPUs) workers)."""
     return cli(["caption", "--images", str(images), "--out", str(out), "--captioner", "stub", "--device", "cpu",
                 "--no-progress", *extra])
+
+
+def test_caption_at_its_defaults_with_dockers_64_mib_of_shared_memory(tmp_path, image_tree, big_captioner,
+                                                                      monkeypatch):
+    """BLIP-2's 384-pixel float32 images on the CPU, batches of 8: 3 workers' shares (5 MiB each), two in flight per
+    worker, do not fit in 64 MiB; one each does, and the run ends."""
+    _needs_small_fs()
+    monkeypatch.setattr(big_captioner, "preprocessor", BigPixels(384))
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)  # the default workers: min(8, CPUs)
+    monkeypatch.setattr(limits, "_said", set())
+    images = _images(image_tree, tmp_path / "images")
+
+    def caption():
+        mount_small_fs("/dev/shm", 64 * MiB)
+        return _caption(images, tmp_path / "c.lmdb")
+
+    result = run_forked(caption, timeout=60)
+    assert result.status == 0, result.describe()
+    assert "caption: decoding images: 3 workers would hold" in result.err
+    assert "using 3 workers prefetching 1 batch each" in result.err
+    assert json.loads((tmp_path / "c.lmdb.report.json").read_text())["captions_in_store"] == 12
 
 
 def test_caption_at_its_defaults_with_little_shared_memory(tmp_path, image_tree, big_captioner, shm, caplog):
@@ -262,3 +285,26 @@ def test_a_checkpoint_above_the_file_size_limit_is_refused_before_training(tmp_p
 
     result = run_forked(check)
     assert "ulimit -f" in result.value and "checkpoint" in result.value, result.describe()
+
+
+def test_an_unbatched_loaders_items_that_cannot_be_handed_over_are_one_line(shm):
+    """What the stream's loader would use (`batch_size=None`, one dict per group): the same error, not a hang."""
+    _needs_small_fs()
+
+    class Groups(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield {"images": torch.zeros(4, 3, 64, 64), "labels": torch.arange(4)}
+
+    def load():
+        mount_small_fs("/dev/shm", 64 << 10)
+        loader = torch.utils.data.DataLoader(Groups(), batch_size=None, num_workers=1,
+                                             collate_fn=limits.SharedCollate(fix="pass fewer --workers"))
+        try:
+            next(iter(loader))
+        except limits.SharedMemoryError as err:
+            return str(err).splitlines()[-1]
+        return ""
+
+    result = run_forked(load, timeout=60)
+    assert "cannot hand over a batch of 192.0 KiB" in result.value and "pass fewer --workers" in result.value, \
+        result.describe()
