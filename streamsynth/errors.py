@@ -16,6 +16,12 @@ class DiskFullError(StreamsynthError, OSError):
     """A write found no space left on the device; the message says where, how much is free and what was kept."""
 
 
+class FileSizeLimitError(DiskFullError):
+    """A write went past the process's file-size limit (`ulimit -f`, RLIMIT_FSIZE), not a full disk; a `DiskFullError`
+    all the same for whoever handles one: in both cases the write found no room and what was written before is kept.
+    The message names the limit and how to raise it."""
+
+
 class DamagedFileError(StreamsynthError, ValueError):
     """A file streamsynth wrote or reads back (a store, a shard, a checkpoint) is truncated or corrupt."""
 

@@ -1,4 +1,5 @@
-"""The one image-decoding policy of streamsynth: captioning, reading the cache and evaluation decode images here.
+"""The one image-decoding policy of streamsynth, and the one way an image folder is listed: captioning, reading the
+cache and evaluation decode images here, and captioning, evaluation and `--train-dir` list class folders here.
 
 Decoding never raises for a bad image. `decode_image` returns either an RGB picture or the reason it cannot be used,
 in words (`empty file (0 bytes)`, `not an image file PIL can read ...`, `corrupt or truncated image data (...)`,
@@ -6,14 +7,21 @@ in words (`empty file (0 bytes)`, `not an image file PIL can read ...`, `corrupt
 folder). Each caller skips such an image, counts it and names it with its reason: captioning in its report, cache
 reading and evaluation in a warning and in their results. A truncated image is refused rather than half decoded:
 its grey lower half would give a wrong caption or a wrong score.
+
+`list_class_images` lists a class folder as torchvision's `ImageFolder` does (image files at any depth, folders and
+files in sorted order) except where that would read the wrong images: a symbolic link that leads outside the image
+folder or into another class's folder is not followed, a loop is walked once, and a file reached twice (through a
+link, or a hard link) is listed once; each of these is named, with why, instead of being passed over.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -101,3 +109,127 @@ def image_to_uint8_tensor(image: Image.Image):
     import torch
 
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def printable_path(path: str | os.PathLike) -> str:
+    """`path` as text that can be printed and stored: bytes that are not UTF-8 (a file name from another system's
+    encoding) become `\\xNN` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def is_utf8_path(path: str) -> bool:
+    """Whether `path` is valid UTF-8 text (Python carries the bytes of a name that is not as lone surrogates)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@dataclass
+class ClassFolderListing:
+    """The image files of one class folder, and what was left out of the listing, with why."""
+
+    files: list[str] = field(default_factory=list)  # in torchvision ImageFolder's order, each real file once
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why it is not listed)
+    unreadable: str | None = None  # why the class folder itself cannot be listed ("Permission denied", ...)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def list_class_images(root: str | os.PathLike, class_folder: str, extensions: tuple[str, ...],
+                      other_classes: Sequence[str] = ()) -> ClassFolderListing:
+    """The files of `root/class_folder` whose names end (in any case) with one of `extensions`, at any depth.
+
+    Nothing outside `root` is read: a symbolic link that leads outside it is not followed, nor one into another
+    class's folder (`other_classes`: their real paths), so no image is scored or captioned under the wrong class. A
+    link back to a folder already listed (a loop) is not followed, and a file reached a second time is not listed
+    again. Each is in `skipped`, as is a sub-folder that cannot be listed; a class folder that cannot be listed, or is
+    a link out of `root`, has its reason in `unreadable`. Non-UTF-8 names are listed as they are (see
+    `is_utf8_path`)."""
+    root_real = os.path.realpath(root)
+    top = os.path.join(root, class_folder)
+    listing = ClassFolderListing()
+    if os.path.islink(top):
+        real = os.path.realpath(top)
+        if _inside(root_real, real):
+            listing.unreadable = f"a symbolic link to {real}, the image folder or a folder above it, not followed"
+        elif not _inside(real, root_real):
+            listing.unreadable = f"a symbolic link to {real}, outside {root}, not followed"
+        elif any(_inside(real, other) for other in other_classes):
+            listing.unreadable = f"a symbolic link to {real}, inside another class's folder, not followed"
+        if listing.unreadable:
+            return listing
+    try:
+        st = os.stat(top)
+    except OSError as err:
+        listing.unreadable = err.strerror or str(err)
+        return listing
+    visited = {(st.st_dev, st.st_ino)}
+    seen: dict[tuple[int, int], str] = {}
+    walked: list[tuple[str, list[str]]] = []
+    stack = [(top, st.st_dev)]
+    while stack:
+        folder, device = stack.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except OSError as err:
+            if folder == top:
+                listing.unreadable = err.strerror or str(err)
+                return listing
+            listing.skipped.append((folder, f"folder not listed ({err.strerror or err})"))
+            continue
+        names, subfolders = [], []
+        for entry in entries:
+            is_image = entry.name.lower().endswith(extensions)
+            if entry.is_symlink():
+                real = os.path.realpath(entry.path)
+                try:
+                    target = os.stat(entry.path)
+                except OSError as err:
+                    if is_image:
+                        listing.skipped.append((entry.path, f"a symbolic link to {real} that cannot be followed "
+                                                            f"({err.strerror or err})"))
+                    continue
+                is_folder = stat.S_ISDIR(target.st_mode)
+                if not (is_folder or is_image):
+                    continue
+                if not _inside(real, root_real):
+                    listing.skipped.append((entry.path, f"a symbolic link to {real}, outside {root}: not followed"))
+                    continue
+                if any(_inside(real, other) for other in other_classes):
+                    listing.skipped.append((entry.path, f"a symbolic link to {real}, inside another class's folder: "
+                                                        "not followed"))
+                    continue
+                identity = (target.st_dev, target.st_ino)
+                if is_folder and (identity in visited or _inside(root_real, real)):
+                    listing.skipped.append((entry.path, f"a symbolic link to {real}, a loop (it leads back to a "
+                                                        "folder already listed): not followed"))
+                    continue
+            elif entry.is_dir(follow_symlinks=False):
+                is_folder = True
+                # Its device is the folder's, unless it is a mount point: lstat says.
+                identity = (entry.stat(follow_symlinks=False).st_dev, entry.inode())
+                if identity in visited:
+                    continue  # already listed through a link that came first
+            elif is_image:
+                is_folder = False
+                identity = (device, entry.inode())  # a file's device is its folder's: no stat needed
+            else:
+                continue
+            if is_folder:
+                visited.add(identity)
+                subfolders.append((entry.path, identity[0]))
+            elif identity in seen:
+                listing.skipped.append((entry.path, f"the same file as {seen[identity]}: listed once"))
+            else:
+                seen[identity] = entry.path
+                names.append(entry.name)
+        walked.append((folder, names))
+        stack.extend(reversed(subfolders))
+    walked.sort(key=lambda item: item[0])
+    listing.files = [os.path.join(folder, name) for folder, names in walked for name in names]
+    return listing

@@ -1,15 +1,18 @@
-"""The one write path for files streamsynth produces (reports, results, checkpoints): all or nothing, and a full
-disk said in words.
+"""The one write path for files streamsynth produces (reports, results, checkpoints): all or nothing, only inside
+the output folder, and a full disk said in words.
 
 `atomic_write(path, write)` writes under a hidden temporary name beside `path`, flushes it to the disk and renames it
 into place, so a reader (or the next run) sees either the previous file or the new one, never half of one, whatever
 stops the writer: an exception, Ctrl-C, kill -9, a full disk. On any failure the temporary file is removed, so a
-failed write does not keep the space it took.
+failed write does not keep the space it took. A symbolic link at `path` or at the temporary name is replaced, never
+followed, so nothing is written outside the folder; `open_append` refuses a symbolic link, and `safe_name` and
+`output_folder` keep names that come from data (class ids) from leaving it.
 
 A full disk is recognised however the failing layer reports it: as ENOSPC/EDQUOT from Python's own writes, through
 libraries that lose the errno on the way (torch's zip writer says "unexpected pos"), and for LMDB, which reports a
 short write as EIO, by the free space left on the file system (`low_on_space`). It becomes a `DiskFullError` whose
-message names the file, the space free there and the fix.
+message names the file, the space free there and the fix; where the process has a file-size limit (`ulimit -f`) and
+the disk has room, the limit is the cause, and it is named instead (`FileSizeLimitError`).
 """
 
 from __future__ import annotations
@@ -17,16 +20,23 @@ from __future__ import annotations
 import codecs
 import errno
 import os
+import resource
 import shutil
+import unicodedata
 from pathlib import Path
 from typing import Callable
 
-from .errors import DiskFullError, StreamsynthError
+from .errors import DiskFullError, FileSizeLimitError, StreamsynthError
 
 # LMDB and zip writers lose ENOSPC on the way; a failed write on a file system with less than this free is taken to
 # be a full disk (a write that failed for any other reason almost never coincides with a nearly full disk).
 LOW_SPACE_BYTES = 1 << 20
+# EFBIG: a file past the file-size limit (Python ignores SIGXFSZ, so the write fails instead of killing the process).
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class UnsafePathError(StreamsynthError, ValueError):
+    """A name or a symbolic link would make streamsynth write outside its output folder; the message names it."""
 
 
 def human_bytes(n: float) -> str:
@@ -64,8 +74,32 @@ def low_on_space(path: str | os.PathLike, threshold: int = LOW_SPACE_BYTES) -> b
     return free is not None and free < threshold
 
 
+def file_size_limit() -> int | None:
+    """This process's file-size limit in bytes (`ulimit -f`, RLIMIT_FSIZE), None when there is none."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def check_file_size_limit(size: int, what: str) -> None:
+    """Before work starts: a `FileSizeLimitError` if a file of `size` bytes (`what`, e.g. "a checkpoint") cannot be
+    written under this process's file-size limit."""
+    limit = file_size_limit()
+    if limit is not None and size > limit:
+        raise FileSizeLimitError(f"{what} takes about {human_bytes(size)}, above this process's file-size limit "
+                                 f"(`ulimit -f`: {human_bytes(limit)}); raise it (`ulimit -f unlimited`)")
+
+
 def disk_full_error(path: str | os.PathLike, what: str, kept: str = "", fix: str = "") -> DiskFullError:
-    """The one-line `DiskFullError` for a failed write of `what` at `path`: where, how much is free, what survived."""
+    """The one-line `DiskFullError` for a failed write of `what` at `path`: where, how much is free, what survived.
+    Where a file-size limit is in force and the disk has room, the limit is what stopped the write: a
+    `FileSizeLimitError` says so."""
+    limit = file_size_limit()
+    if limit is not None and not low_on_space(path):
+        # The caller's fix is for a full disk; whether the command then continues with --resume carries over.
+        then = "continue with --resume" if "--resume" in fix else "run the command again"
+        return FileSizeLimitError("; ".join(filter(None, [
+            f"writing {what} {path} went past this process's file-size limit (`ulimit -f`: {human_bytes(limit)})",
+            kept, f"raise it (`ulimit -f unlimited`) and {then}"])))
     free = free_bytes(path)
     where = f" ({human_bytes(free)} free there)" if free is not None else ""
     parts = [f"no space left on device writing {what} {path}{where}"]
@@ -122,6 +156,17 @@ def temporary_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+def _create_new(path: Path):
+    """`path` as a new, empty binary file: whatever is there is removed first (a temporary file left by a killed
+    writer, or a symbolic link someone put in its place), and a link that appears meanwhile is refused, not followed."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    return os.fdopen(fd, "wb")
+
+
 def atomic_write(
     path: str | os.PathLike, write: Callable, *, what: str = "file", kept: str = "", fix: str = ""
 ) -> Path:
@@ -132,7 +177,7 @@ def atomic_write(
     tmp = temporary_path(path)
     tracked = None
     try:
-        with open(tmp, "wb") as f:
+        with _create_new(tmp) as f:
             tracked = _TrackedFile(f)
             write(tracked)
             tracked.flush()
@@ -155,6 +200,57 @@ def atomic_write(
 def atomic_write_text(path: str | os.PathLike, text: str, **kwargs) -> Path:
     data = text.encode("utf-8")
     return atomic_write(path, lambda f: f.write(data), **kwargs)
+
+
+def open_append(path: str | os.PathLike, what: str = "log"):
+    """A text file opened for appending (a log), created if missing; a symbolic link there is an `UnsafePathError`:
+    appending through it would write wherever it points."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnsafePathError(f"{what} {path} is a symbolic link (to {os.readlink(path)}): streamsynth appends "
+                                  "only to files inside its output folder; remove the link") from None
+        raise
+    return os.fdopen(fd, "a", encoding="utf-8", newline="")
+
+
+def safe_name(name: object, what: str = "class id") -> str:
+    """`name` if it can be a folder or file name inside an output folder, else an `UnsafePathError` saying why: it must
+    be text (UTF-8), not empty, not `.` or `..`, without a path separator, NUL or other control character."""
+    if not isinstance(name, str):
+        raise UnsafePathError(f"{what} {name!r} is a {type(name).__name__}, not text")
+    problem = None
+    if name in ("", ".", ".."):
+        problem = "empty" if not name else "a relative path"
+    elif "/" in name or "\\" in name:
+        problem = "a path (it holds a path separator)"
+    elif any(unicodedata.category(c) == "Cc" for c in name):
+        problem = "not printable (it holds a control character)"
+    else:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            problem = "not UTF-8 text"
+    if problem:
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise UnsafePathError(f"{what} {shown!r} is {problem}: it cannot name a folder inside the output folder; use "
+                              "plain names such as n01440764 or tench")
+    return name
+
+
+def output_folder(parent: str | os.PathLike, name: str, what: str = "class id") -> Path:
+    """The folder `parent/name`, created if missing, after `safe_name(name)`; a symbolic link or a file there is an
+    `UnsafePathError` (files written into a link would land wherever it points)."""
+    folder = Path(parent) / safe_name(name, what)
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        if folder.is_symlink() or not folder.is_dir():
+            kind = f"a symbolic link (to {os.readlink(folder)})" if folder.is_symlink() else "not a folder"
+            raise UnsafePathError(f"{folder} is {kind}: streamsynth writes only into folders it made inside the "
+                                  "output folder; remove it") from None
+    return folder
 
 
 class TextFileError(StreamsynthError, ValueError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import fcntl
+import io
 import json
 import logging
 import math
@@ -47,7 +48,7 @@ from streamsynth.commands.args import (ArgumentParser, add_eval_suites, add_vers
 from streamsynth.digits.data import CLASS_IDS as DIGIT_CLASS_IDS, report_held_out_digits
 from streamsynth.digits.embedded import EMBEDDED_DEFAULT_NOTICE
 from streamsynth.errors import StreamsynthError, one_line
-from streamsynth.safeio import atomic_write_text
+from streamsynth.safeio import atomic_write, atomic_write_text, open_append
 from streamsynth.stream import CachedBatches, EpochsInARow, MixedBatches, RealBatches, mix_weights
 from streamsynth.stream.devices import synthesis_devices
 from streamsynth.stream.feedback import ClassFeedback
@@ -250,7 +251,11 @@ class RunFolder:
     def __init__(self, out: Path, resuming: bool):
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
-        self._lock = open(out / ".lock", "a+")
+        try:
+            self._lock = os.fdopen(os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+        except OSError as err:
+            raise RunError(f"cannot take {out / '.lock'} ({err.strerror or err}): a run holds its folder with this file;"
+                           " remove whatever is there, or give another --out") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -268,10 +273,10 @@ class RunFolder:
 
 
 def open_log(path: Path, fresh: bool):
-    """A log file of the run, opened for appending (truncated when the run starts afresh), never through a link."""
-    if path.is_symlink():
-        raise RunError(f"{path} is a symbolic link: a run writes its logs only into its own --out; remove the link")
-    return open(path, "w" if fresh else "a", newline="")
+    """A log file of the run, opened for appending (started anew with a fresh run), never through a link."""
+    if fresh and not path.is_symlink():
+        path.unlink(missing_ok=True)
+    return open_append(path, what="run log")
 
 
 def record_run(out: Path, args: argparse.Namespace, stream: SyntheticStream | None, class_ids: list[str],
@@ -399,10 +404,9 @@ class RunLog:
             axes[1].legend()
             axes[1].set(xlabel="step", ylabel="top-1 %", title="evaluation")
         fig.tight_layout()
-        path = self.out / "curves.png"
-        partial = self.out / ".curves.png.tmp"
-        fig.savefig(partial, format="png", dpi=80)
-        os.replace(partial, path)
+        picture = io.BytesIO()
+        fig.savefig(picture, format="png", dpi=80)
+        atomic_write(self.out / "curves.png", lambda file: file.write(picture.getvalue()), what="loss curves")
 
     def __enter__(self) -> "RunLog":
         return self

@@ -56,3 +56,18 @@ def test_replayed_batches_resume_bit_identically_in_bounded_memory(caption_store
         assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[2], theirs[2])
     assert [b[2].tolist() for b in reference[:4]] == [[0, 1, 2, 3]] * 4  # a group's k uses, in a row
     assert not torch.equal(reference[0][0], reference[1][0])  # each use augmented afresh
+
+
+def test_the_normalisation_is_imagenets_computed_by_hand():
+    """A crop that is the whole square image, unflipped, leaves the pixels as they are: the output must then be
+    (x / 255 - mean) / std with ImageNet's published statistics, written out here rather than taken from
+    streamsynth."""
+    augment = BatchAugment(16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64)[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64)[:, None, None]
+    expected = (images.double() / 255 - mean) / std
+    assert (augment(images, [1, 2, 3]).double() - expected).abs().max() < 1e-5
+    assert (augment.reference(images[0], 1).double() - expected[0]).abs().max() < 1e-5
+    plain = BatchAugment(16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, mean=None, std=None)
+    assert (plain(images, [1, 2, 3]).double() - images.double() / 255).abs().max() < 1e-6

@@ -208,3 +208,33 @@ def test_train_learning_rate_warms_up_then_decays():
         assert rates[0] == pytest.approx(1 / warmup) and rates[warmup - 1] == pytest.approx(1.0)  # a linear warmup
         assert max(rates) == pytest.approx(1.0)  # ... to the peak, where it ends
         assert all(b <= a for a, b in zip(rates[warmup:], rates[warmup + 1:])) and rates[-1] < 0.01  # then decay
+
+
+def test_the_generator_trains_on_each_digits_own_prompts():
+    """The training prompts, written out: image i's Caption-in-Prompt prompt names its digit and its own caption."""
+    from streamsynth.digits.train_generator import training_prompts
+
+    cip, basic = training_prompts()
+    assert len(cip) == len(basic) == 1297
+    assert cip[:3] == ["a photo of zero, thin strokes, slanted right, small, in the center",
+                       "a photo of one, thick strokes, upright, average size, in the center",
+                       "a photo of two, thick strokes, slanted right, large, at the bottom"]
+    assert basic[:3] == ["a photo of zero", "a photo of one", "a photo of two"]
+
+
+def test_the_generators_prompt_mix_is_10_10_80():
+    """Empty prompt below the first share of the draw, basic prompt below the two shares, else the image's own CiP
+    prompt; at the defaults 10%, 10% and 80% of the images."""
+    from streamsynth.digits.train_generator import GeneratorSettings, prompt_mix
+
+    ids = {"cip": torch.arange(100, 110)[:, None], "basic": torch.arange(200, 210)[:, None],
+           "empty": torch.tensor([7])}
+    index = torch.tensor([3, 3, 3, 3, 5])
+    u = torch.tensor([0.0, 0.0999, 0.1, 0.1999, 0.2])
+    assert prompt_mix(ids, index, u, GeneratorSettings()).flatten().tolist() == [7, 7, 203, 203, 105]
+    draws = prompt_mix(ids, torch.zeros(20000, dtype=torch.long), torch.rand(20000, generator=torch.Generator()
+                                                                                 .manual_seed(0)), GeneratorSettings())
+    shares = [(draws == token).float().mean().item() for token in (7, 200, 100)]
+    assert all(abs(got - want) < 0.01 for got, want in zip(shares, (0.1, 0.1, 0.8))), shares
+    no_empty = GeneratorSettings(empty_prompt_share=0.0, basic_prompt_share=0.5)
+    assert prompt_mix(ids, index, u, no_empty).flatten().tolist() == [203, 203, 203, 203, 205]

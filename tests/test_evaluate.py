@@ -195,3 +195,21 @@ def test_numeric_folders_that_are_the_models_own_class_ids_are_not_imagenet_indi
         write_image(tmp_path / folder, image_id)
     [result] = evaluate_suites(LookupModel(table), {"custom": tmp_path}, class_ids, PLAIN, workers=0)
     assert (result.images, result.top1, result.skipped_folders) == (2, 100.0, [])
+
+
+def test_the_subset_suites_are_the_classes_of_imagenet_a_and_r():
+    """Not only 200 classes each: the very wnids, checked against timm's other list of them (ImageNet-1K indices) and
+    against classes named here, so that one suite's list cannot stand in for the other's."""
+    import pkgutil
+
+    from streamsynth.captions.classnames import imagenet_classes
+
+    wnids, names = zip(*imagenet_classes())
+    for suite, indices in (("imagenet-a", "imagenet_a_indices.txt"), ("imagenet-r", "imagenet_r_indices.txt")):
+        listed = pkgutil.get_data("timm.data", f"_info/{indices}").decode().split()
+        assert suite_classes(suite) == {wnids[int(i)] for i in listed}
+    a, r = suite_classes("imagenet-a"), suite_classes("imagenet-r")
+    assert sorted(a)[:5] == ["n01498041", "n01531178", "n01534433", "n01558993", "n01580077"]
+    assert sorted(r)[:5] == ["n01443537", "n01484850", "n01494475", "n01498041", "n01514859"]
+    assert {"stingray", "goldfinch", "junco"} <= {names[wnids.index(w)] for w in a}
+    assert "goldfish" in {names[wnids.index(w)] for w in r} and "goldfish" not in {names[wnids.index(w)] for w in a}

@@ -190,3 +190,45 @@ def test_the_cache_refuses_a_compiled_unet(tiny_model):
     with pytest.raises(ValueError, match="compiled UNet"):
         GeneratorConfig(tiny_model, synthesis=SynthesisConfig(feature_cache_interval=2),
                         fast=FastPathOptions(compile_unet=True))
+
+
+@pytest.fixture(scope="module")
+def three_levels():
+    """A UNet with three blocks each way (SD's has four): the up block that feeds the last one (up_blocks[-2]) is not
+    the first, and the deep path has two blocks each way, so taking the wrong block or too few is seen here, as it
+    is not in the two-block UNets above."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+        norm_num_groups=4, attention_head_dim=2).eval()
+
+
+def test_a_deeper_unet_reuses_exactly_and_skips_every_deep_block(three_levels):
+    unet = three_levels
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 16, 16, generator=generator)
+    text = torch.randn(2, 77, 16, generator=generator)
+    deep = {"down1": unet.down_blocks[1], "down2": unet.down_blocks[2], "mid": unet.mid_block,
+            "up0": unet.up_blocks[0], "up1": unet.up_blocks[1]}
+    shallow = {"down0": unet.down_blocks[0], "up2": unet.up_blocks[2]}
+    calls = {name: 0 for name in {**deep, **shallow}}
+    handles = [module.resnets[0].register_forward_hook(lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
+               for name, module in {**deep, **shallow}.items()]
+    cache = FeatureCache(unet, interval=2)
+    try:
+        with torch.no_grad():
+            with cache.step(0, 2):
+                full = unet(sample, 400, encoder_hidden_states=text, return_dict=False)[0]
+            assert all(count == 1 for count in calls.values())
+            with cache.step(1, 2):
+                reused = unet(sample, 400, encoder_hidden_states=text, return_dict=False)[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert (reused - full).abs().max().item() <= 1e-5
+    assert {name: calls[name] for name in deep} == dict.fromkeys(deep, 1)  # not run again on the shallow step
+    assert {name: calls[name] for name in shallow} == dict.fromkeys(shallow, 2)

@@ -93,7 +93,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 # The layers, bottom first: nothing imports a module of a higher layer. Modules of one layer may import each other.
 BOTTOM = {"streamsynth.seeding", "streamsynth.transforms", "streamsynth.errors", "streamsynth.safeio",
-          "streamsynth.imagefiles", "streamsynth.shards", "streamsynth.ranks", "streamsynth.peakmemory"}
+          "streamsynth.imagefiles", "streamsynth.shards", "streamsynth.ranks", "streamsynth.peakmemory",
+          "streamsynth.limits"}
 # The kernels (streamsynth.kernels) import nothing of streamsynth (below), so they sit at the bottom: the captioner's
 # decoding attention and the synthesis fast path both use them.
 STAGES = ("captions", "prompts", "synth", "stream", "classifier", "digits")

@@ -43,6 +43,22 @@ def test_cache_order_visits_every_sample_once_per_pass():
     assert [s for i, s in enumerate(by_shard) if i == 0 or s != by_shard[i - 1]] == list(dict.fromkeys(by_shard))
 
 
+def test_each_pass_reads_the_shards_in_an_order_of_its_own():
+    """Shards are read whole here (a window of one sample is one shard): the order of the shards themselves, not only
+    of the samples, changes from pass to pass."""
+    order = CacheOrder([2] * 8, seed=3, shuffle_window=1)
+    shard_orders = [list(dict.fromkeys(order.locate(p)[0] for p in range(16 * k, 16 * (k + 1)))) for k in range(3)]
+    assert all(sorted(shards) == list(range(8)) for shards in shard_orders)
+    assert len({tuple(shards) for shards in shard_orders}) == 3
+
+
+def test_each_pass_shuffles_a_window_afresh():
+    order = CacheOrder([12], seed=3, shuffle_window=100)  # one shard, one window: only the window's shuffle varies
+    passes = [[order.locate(p)[1] for p in range(12 * k, 12 * (k + 1))] for k in range(3)]
+    assert all(sorted(members) == list(range(12)) for members in passes)
+    assert len({tuple(members) for members in passes}) == 3
+
+
 def test_shard_sample_count_is_what_webdataset_reads(tmp_path, write_cache):
     cache = write_cache(tmp_path / "cache", [3, 1, 4])
     assert [shard_sample_count(s) for s in sorted(cache.glob("*.tar"))] == [3, 1, 4]
@@ -119,6 +135,28 @@ def test_real_batches_follow_distributed_sampler_epochs(image_folder):
             sampler = DistributedSampler(folder, num_replicas=2, rank=rank, seed=5)
             sampler.set_epoch(epoch)
             assert indices[epoch * 6:(epoch + 1) * 6] == list(sampler)
+
+
+def _augmented_by_key(batches: list) -> dict:
+    seen: dict = {}
+    for images, _, keys in batches:
+        for image, key in zip(images, list(keys.tolist() if isinstance(keys, torch.Tensor) else keys)):
+            seen.setdefault(key, []).append(image)
+    return seen
+
+
+def test_a_real_image_is_augmented_afresh_in_every_epoch(image_folder):
+    folder = image_folder([2, 2])  # 4 images, 2 batches of 2 per epoch
+    seen = _augmented_by_key(_take(RealBatches(folder, 2, seed=5), 6))  # three epochs
+    assert sorted(seen) == [0, 1, 2, 3] and all(len(uses) == 3 for uses in seen.values())
+    assert all(not torch.equal(uses[0], uses[1]) and not torch.equal(uses[1], uses[2]) for uses in seen.values())
+
+
+def test_a_cached_sample_is_augmented_afresh_in_every_pass(tmp_path, write_cache):
+    cache = write_cache(tmp_path / "cache", [3, 3])
+    seen = _augmented_by_key(_take(CachedBatches(cache, _random_crop_and_flip(), 3, seed=7), 6))  # three passes
+    assert len(seen) == 6 and all(len(uses) == 3 for uses in seen.values())
+    assert all(not torch.equal(uses[0], uses[1]) and not torch.equal(uses[1], uses[2]) for uses in seen.values())
 
 
 def test_real_batches_resume_exactly_whatever_the_worker_count(image_folder):

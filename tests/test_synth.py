@@ -143,3 +143,24 @@ def test_models_built_with_random_weights_say_so(tmp_path, tiny_model, monkeypat
     monkeypatch.setattr(sd15, "build_random_sd15", lambda device: build_tiny_pipeline(with_safety_checker=False))
     folder = sd15.save_random_sd15(tmp_path / "sd15-random")
     assert has_random_weights(folder) and (folder / "model_index.json").is_file()
+
+
+def test_each_scheduler_name_is_the_diffusers_class_it_says(pipe):
+    """Named literally here, not looked up in streamsynth's table; each is built from the model's own config (its
+    noise schedule), not diffusers' defaults."""
+    import diffusers
+
+    from streamsynth.synth.loading import SCHEDULERS
+
+    expected = {"pndm": diffusers.PNDMScheduler, "ddim": diffusers.DDIMScheduler,
+                "euler": diffusers.EulerDiscreteScheduler, "euler-ancestral": diffusers.EulerAncestralDiscreteScheduler,
+                "dpm++": diffusers.DPMSolverMultistepScheduler, "unipc": diffusers.UniPCMultistepScheduler,
+                "lcm": diffusers.LCMScheduler}
+    assert set(SCHEDULERS) == set(expected)
+    own = pipe.scheduler.config
+    assert (own.beta_schedule, own.beta_start, own.beta_end) != ("linear", 0.0001, 0.02)  # not diffusers' defaults
+    for name, cls in expected.items():
+        scheduler = scheduler_from_name(name, own)
+        assert type(scheduler) is cls, name
+        assert (scheduler.config.beta_schedule, scheduler.config.beta_start, scheduler.config.beta_end) == (
+            own.beta_schedule, own.beta_start, own.beta_end), name

@@ -33,6 +33,7 @@ from ..ranks import RankError, Ranks, raise_failures
 from ..safeio import atomic_write_text, fsync_folder
 from .captioners import Captioner, ImagePreprocessor
 from ..imagefiles import decode_image
+from ..limits import SharedCollate, plan_workers
 from .images import ImageCollection, ImageRef, Skipped, find_images
 from .store import CaptionStore, CaptionStoreError, CaptionStoreWriter, StorePart
 
@@ -121,6 +122,12 @@ def worker_shares(batches: list[list[int]], batch_size: int, num_workers: int) -
         shares += cut
         counts.append(len(cut))
     return shares, counts
+
+
+def _pixel_bytes(captioner: Captioner) -> int:
+    """The bytes of one image as the model's processor hands it over: 3 x side x side in the processor's dtype."""
+    side = captioner.preprocessor.size
+    return 3 * side * side * getattr(captioner.preprocessor, "dtype", torch.float32).itemsize
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> _Batch:
@@ -290,13 +297,16 @@ def _caption_batches(
     indices into `todo`). Skipped images go to the report (with `rank`, if given)."""
     if batches is None:
         batches = [list(range(start, min(start + batch_size, len(todo)))) for start in range(0, len(todo), batch_size)]
-    shares, shares_per_batch = worker_shares(batches, batch_size, num_workers)
+    plan = plan_workers(num_workers if todo else 0, lambda w: -(-batch_size // w) * _pixel_bytes(captioner),
+                        held=lambda w: w + 1, what="caption: decoding images",
+                        fewer="a smaller --batch-size")
+    shares, shares_per_batch = worker_shares(batches, batch_size, plan.workers)
     loader = DataLoader(
         _DecodedImages(todo, captioner.preprocessor),
         batch_sampler=shares,
-        num_workers=num_workers if todo else 0,
-        collate_fn=_collate,
+        collate_fn=SharedCollate(_collate),
         pin_memory=captioner.device.type == "cuda",
+        **plan.loader_options(),
     )
 
     def joined_batches():

@@ -45,7 +45,12 @@ def load_name_map(path: str | os.PathLike) -> dict[str, str]:
                              "id to readable name") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object mapping class id to readable name")
-        return {str(k): str(v) for k, v in data.items()}
+        for cid, name in data.items():
+            # A null or a number would become the name "None" or "3", and prompts would read "a photo of None".
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"{path}: the name of class {cid!r} is {json.dumps(name)}: give every class a readable "
+                                 "name (a JSON string that is not empty), or leave the class out")
+        return {cid: name.strip() for cid, name in data.items()}
     mapping = {}
     for line_no, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
         if not row or row[0].startswith("#"):

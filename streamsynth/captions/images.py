@@ -22,7 +22,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..imagefiles import read_file_bytes
+from ..imagefiles import list_class_images, read_file_bytes
+from ..safeio import UnsafePathError, safe_name
 from ..shards import index_shard
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
@@ -101,12 +102,11 @@ def find_images(source: str | os.PathLike, class_field: str = "cls") -> ImageCol
 
 def list_image_folder(root: str | os.PathLike) -> ImageCollection:
     """Every image file of an ImageFolder tree, listed as torchvision's `ImageFolder` lists it (classes sorted, files
-    with an image extension at any depth, in sorted order), with three differences that keep a tree with faults
-    usable: a symbolic link to a folder is followed only once and never back into the tree above it nor into
-    another class's folder (a loop would list the same images again and again, up to the OS's limit, and under
-    the wrong class); a folder that cannot be listed is named in `unusable` (or, for a class folder, in
-    `unreadable_classes`) instead of being passed over in silence. Class folders without readable files are kept
-    (see docs/captioning.md)."""
+    with an image extension at any depth, in sorted order), except where that would read the wrong images: nothing
+    outside `root` is read, a loop is walked once, a link into another class's folder is not followed, a file is
+    listed once (`streamsynth.imagefiles.list_class_images`). What is left out is named in `unusable` (or, for a class
+    folder, in `unreadable_classes`) instead of being passed over in silence. Class folders without readable files
+    are kept (see docs/captioning.md). A class folder whose name cannot be a class id is an `ImageSourceError`."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
     root = Path(root)
@@ -119,7 +119,11 @@ def list_image_folder(root: str | os.PathLike) -> ImageCollection:
         ) from None
     except OSError as err:
         raise ImageSourceError(f"--images {root}: cannot list the folder ({err.strerror or err})") from None
-    root_real = os.path.realpath(root)
+    for cid in class_ids:
+        try:
+            safe_name(cid, "class folder")
+        except UnsafePathError as err:
+            raise ImageSourceError(f"--images {root}: {err}; rename the folder") from None
     class_real = {cid: os.path.realpath(root / cid) for cid in class_ids}
     images: list[ImageRef] = []
     unusable: list[Skipped] = []
@@ -127,77 +131,12 @@ def list_image_folder(root: str | os.PathLike) -> ImageCollection:
     for cid in class_ids:
         index = class_to_index[cid]
         others = [real for other, real in class_real.items() if other != cid]
-        walked, problems = _walk_class_folder(root, cid, root_real, others)
-        for relative, reason in problems:
-            if relative == cid:
-                unreadable[index] = reason
-            else:
-                unusable.append(Skipped(relative, reason))
-        for folder, names in walked:
-            for name in names:
-                if name.lower().endswith(IMG_EXTENSIONS):
-                    path = os.path.join(folder, name)
-                    images.append(ImageRef(Path(path).relative_to(root).as_posix(), index, path))
+        listing = list_class_images(root, cid, IMG_EXTENSIONS, others)
+        if listing.unreadable:
+            unreadable[index] = f"class folder unreadable ({listing.unreadable})"
+        unusable += [Skipped(Path(path).relative_to(root).as_posix(), reason) for path, reason in listing.skipped]
+        images += [ImageRef(Path(path).relative_to(root).as_posix(), index, path) for path in listing.files]
     return ImageCollection(str(root), "imagefolder", class_ids, images, unusable, unreadable)
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _walk_class_folder(
-    root: Path, cid: str, root_real: str, other_classes: list[str]
-) -> tuple[list[tuple[str, list[str]]], list[tuple[str, str]]]:
-    """([(folder, sorted file names)] in torchvision's order, [(relative path, problem)]) of one class folder."""
-    top = os.path.join(root, cid)
-    problems: list[tuple[str, str]] = []
-    visited: set[tuple[int, int]] = set()
-    try:
-        st = os.stat(top)
-        visited.add((st.st_dev, st.st_ino))
-    except OSError as err:
-        return [], [(cid, f"class folder unreadable ({err.strerror or err})")]
-
-    def relative(path: str) -> str:
-        return Path(path).relative_to(root).as_posix()
-
-    def on_error(err: OSError) -> None:
-        where = relative(err.filename) if err.filename else cid
-        what = "class folder unreadable" if where == cid else "folder not listed"
-        problems.append((where, f"{what} ({err.strerror or err})"))
-
-    walked = []
-    for folder, dirs, files in os.walk(top, onerror=on_error, followlinks=True):
-        keep = []
-        for name in sorted(dirs):
-            path = os.path.join(folder, name)
-            if os.path.islink(path):
-                real = os.path.realpath(path)
-                try:
-                    st = os.stat(path)
-                except OSError:
-                    continue
-                if (st.st_dev, st.st_ino) in visited or _inside(root_real, real):
-                    problems.append((relative(path), f"symbolic link to {real} not followed: a loop (it leads back "
-                                                     "to a folder already listed)"))
-                    continue
-                if any(_inside(real, other) for other in other_classes):
-                    problems.append((relative(path), f"symbolic link to {real} not followed: it leads into another "
-                                                     "class's folder"))
-                    continue
-            else:
-                try:
-                    st = os.stat(path)
-                except OSError:
-                    continue
-                if (st.st_dev, st.st_ino) in visited:
-                    continue
-            visited.add((st.st_dev, st.st_ino))
-            keep.append(name)
-        dirs[:] = keep
-        walked.append((folder, sorted(files)))
-    walked.sort()
-    return walked, problems
 
 
 def index_shards(shards: list[str], class_field: str = "cls", source: str = "") -> ImageCollection:
@@ -232,6 +171,11 @@ def index_shards(shards: list[str], class_field: str = "cls", source: str = "") 
                 continue
             if not class_id:
                 unusable.append(Skipped(key, f"class field {class_field!r} is empty"))
+                continue
+            try:
+                safe_name(class_id, f"class field {class_field!r}")
+            except UnsafePathError as err:
+                unusable.append(Skipped(key, str(err)))
                 continue
             found.append((key, class_id, shard, *fields[image_field]))
     class_ids = _sorted_class_ids({class_id for _, class_id, *_ in found})

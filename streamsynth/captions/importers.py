@@ -29,7 +29,7 @@ from typing import Iterable
 
 from ..errors import DiskFullError, StreamsynthError
 from .classnames import readable_names
-from ..safeio import disk_full_error, human_bytes, read_text, text_lines
+from ..safeio import UnsafePathError, disk_full_error, human_bytes, read_text, safe_name, text_lines
 from .store import CaptionStore, CaptionStoreWriter
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ def read_text_folder(folder: str | os.PathLike) -> list[CaptionRecord]:
     records = []
     for path in files:
         class_id = path.stem if path.suffix == ".txt" else path.name
+        _check_class_id(class_id, str(path))
         lines = text_lines(read_text(path, "caption file", CaptionImportError))
         found = [
             CaptionRecord(class_id, line.strip(), f"{class_id}/{path.name}:{n}")
@@ -79,16 +80,27 @@ def _record_from_fields(
     for field in (class_field, caption_field):
         if row.get(field) in (None, ""):
             raise CaptionImportError(f"{where}: missing or empty field {field!r} (fields present: {sorted(row)})")
-    for field in (class_field, caption_field, key_field):
+    # The class and the caption must be text: a number or null would be stored as "3" or "None" and read in prompts.
+    # An image key may be a number (a row index).
+    for field, kinds in ((class_field, str), (caption_field, str), (key_field, (str, int))):
         value = row.get(field) if field else None
-        if value is not None and not isinstance(value, (str, int)) or isinstance(value, bool):
-            raise CaptionImportError(f"{where}: field {field!r} must be text, not {type(value).__name__} ({value!r:.60})")
-    class_id, caption = str(row[class_field]).strip(), str(row[caption_field]).strip()
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise CaptionImportError(f"{where}: field {field!r} must be text, not {type(value).__name__} "
+                                     f"({value!r:.60}); write it as a JSON string")
+    class_id, caption = row[class_field].strip(), row[caption_field].strip()
     for field, value in ((class_field, class_id), (caption_field, caption)):
         if not value:
             raise CaptionImportError(f"{where}: field {field!r} holds only white space")
+    _check_class_id(class_id, where)
     key = str(row.get(key_field) or default_key) if key_field else default_key
     return CaptionRecord(class_id, caption, key)
+
+
+def _check_class_id(class_id: str, where: str) -> None:
+    try:
+        safe_name(class_id)
+    except UnsafePathError as err:
+        raise CaptionImportError(f"{where}: {err}") from None
 
 
 def read_jsonl(

@@ -38,7 +38,7 @@ from typing import Iterator, Sequence
 import lmdb
 
 from ..errors import StreamsynthError
-from ..safeio import disk_full_error, is_full_errno, low_on_space
+from ..safeio import UnsafePathError, disk_full_error, file_size_limit, is_full_errno, low_on_space, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,17 @@ _MAP_SIZE = 64 << 30
 # is an error at open and not a SIGBUS when LMDB first touches it. 16 KiB holds LMDB's header and the writer's
 # default table of 126 readers (8 KiB).
 _LOCK_FILE_BYTES = 16 << 10
+# LMDB's largest page: a write that ends within one page of the file-size limit was cut short by it.
+_MAX_PAGE_BYTES = 64 << 10
 _REBUILD = "restore it from a copy, or rebuild it with `streamsynth captions import` or `streamsynth caption`"
 
 
 class CaptionStoreError(StreamsynthError, RuntimeError):
     """A caption store is missing, damaged, incomplete or of an unknown schema; the message names it and the fix."""
+
+    def without_fix(self) -> str:
+        """What is wrong, without the usual fix (restore or rebuild), for a caller that knows a better one."""
+        return str(self).removesuffix(f"; {_REBUILD}")
 
 
 @dataclass(frozen=True)
@@ -170,7 +176,7 @@ def open_store_env(path: str | os.PathLike, *, write: bool = False, **kwargs) ->
             f"caption store {path} is damaged: {data} is not an LMDB file (overwritten or corrupt); {_REBUILD}"
         ) from None
     except lmdb.Error as err:
-        if write and (is_full_errno(err) or isinstance(err, lmdb.DiskError) or low_on_space(path)):
+        if write and _no_room(err, path):
             raise disk_full_error(path, "caption store") from None
         reason = str(err).removeprefix(f"{path}: ")
         raise CaptionStoreError(f"cannot open caption store {path}: {reason}") from None
@@ -183,12 +189,28 @@ def open_store_env(path: str | os.PathLike, *, write: bool = False, **kwargs) ->
     return env
 
 
+def _no_room(err: BaseException, path: Path) -> bool:
+    """Whether a failed LMDB write found no room. LMDB reports a short write as EIO ("Input/output error"): on a full
+    disk the free space tells, under a file-size limit (`ulimit -f`) the data file's size, which the short write took
+    up to the limit; a write that starts at the limit fails with EFBIG, which LMDB reports by its text only."""
+    if is_full_errno(err) or isinstance(err, lmdb.DiskError) or low_on_space(path):
+        return True
+    limit = file_size_limit()
+    if limit is None:
+        return False
+    try:
+        size = _data_file(path).stat().st_size
+    except OSError:
+        size = 0
+    return os.strerror(errno.EFBIG) in str(err) or size >= limit - _MAX_PAGE_BYTES
+
+
 def _prepare_lock_file(path: Path) -> None:
     if not path.is_dir():
         return
     lock = path / "lock.mdb"
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as err:
         if is_full_errno(err):
             raise disk_full_error(path, "caption store") from None
@@ -202,6 +224,30 @@ def _prepare_lock_file(path: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def _check_classes(path: Path, classes: Sequence[tuple[str, str]]) -> None:
+    """Class ids name folders (`generate --format imagefolder` writes OUT/{class id}/) and names fill prompts: both
+    must be text, and an id a plain folder name (`safeio.safe_name`), or nothing is written."""
+    for cid, name in classes:
+        try:
+            safe_name(cid, "class id")
+        except UnsafePathError as err:
+            raise UnsafePathError(f"cannot write caption store {path}: {err}") from None
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"cannot write caption store {path}: the name of class {cid} is {name!r}, not text; "
+                             "give every class a readable name (a --names map, or ImageNet's)")
+
+
+# Files a writer opens inside the store folder: a symbolic link there would have LMDB write wherever it points.
+_STORE_FILES = ("data.mdb", "lock.mdb", "writer.lock")
+
+
+def _refuse_links(path: Path) -> None:
+    for name in _STORE_FILES:
+        if (path / name).is_symlink():
+            raise UnsafePathError(f"caption store {path}: {name} is a symbolic link (to {os.readlink(path / name)}); "
+                                  "streamsynth writes only files inside the store folder: remove the link")
 
 
 _readonly_envs: dict[Path, tuple[int, lmdb.Environment]] = {}
@@ -456,6 +502,7 @@ class CaptionStoreWriter:
         ids = [cid for cid, _ in classes]
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate class ids for caption store {self.path}")
+        _check_classes(self.path, classes)
         exists = (self.path / "data.mdb").exists()
         if exists and not resume:
             raise FileExistsError(
@@ -468,6 +515,7 @@ class CaptionStoreWriter:
             if is_full_errno(err):
                 raise disk_full_error(self.path, "caption store") from None
             raise CaptionStoreError(f"cannot create caption store {self.path}: {err.strerror or err}") from None
+        _refuse_links(self.path)
         self._commit_every = commit_every
         self._lock()
         try:
@@ -480,7 +528,7 @@ class CaptionStoreWriter:
         """One writer per store: LMDB would make a second one wait, silently, for as long as the first runs."""
         lock = self.path / "writer.lock"
         try:
-            self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as err:
             if is_full_errno(err):
                 raise disk_full_error(self.path, "caption store") from None
@@ -561,8 +609,7 @@ class CaptionStoreWriter:
             self._txn = None
         kept = (f"the {sum(self._committed)} captions committed before are kept" if sum(self._committed)
                 else "nothing had been committed yet")
-        # LMDB reports a short write on a full disk as EIO ("Input/output error"): the free space tells them apart.
-        if is_full_errno(err) or isinstance(err, lmdb.DiskError) or low_on_space(self.path):
+        if _no_room(err, self.path):
             return disk_full_error(self.path, "caption store", kept=kept,
                                    fix="free some space and continue with --resume")
         if isinstance(err, lmdb.MapFullError):

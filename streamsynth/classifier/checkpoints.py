@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import StreamsynthError
-from ..safeio import DiskFullError, atomic_write, free_bytes, human_bytes, temporary_path
+from ..safeio import DiskFullError, atomic_write, check_file_size_limit, free_bytes, human_bytes, temporary_path
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +112,12 @@ def check_checkpoint_room(
     extra_bytes: int = 0,
 ) -> int:
     """Before training: raise `DiskFullError` unless the folder of `path` has room for the checkpoints of this run
-    (two at a time: the previous one stays until the next is complete), counting what is there already; returns the
-    estimated size of one checkpoint. `extra_bytes`: anything else the run will write there (logs, results)."""
+    (two at a time: the previous one stays until the next is complete), counting what is there already, and a
+    checkpoint is below the process's file-size limit (`FileSizeLimitError`); returns the estimated size of one
+    checkpoint. `extra_bytes`: anything else the run will write there (logs, results)."""
     path = Path(path)
     size = estimate_checkpoint_bytes(model, optimizer)
+    check_file_size_limit(size, f"a checkpoint ({path})")
     reusable = sum(p.stat().st_size for p in [path, *_leftovers(path)] if p.exists())
     needed = 2 * size + extra_bytes - reusable
     free = free_bytes(path.parent)

@@ -37,7 +37,9 @@ from tqdm import tqdm
 
 from .models import DEFAULT_IMAGE_SIZE
 from ..errors import StreamsynthError
-from ..imagefiles import plain_rgb, read_image_file
+from ..limits import SharedCollate, plan_workers
+from ..imagefiles import (ClassFolderListing, is_utf8_path, list_class_images, plain_rgb, printable_path,
+                          read_image_file)
 from ..safeio import atomic_write_text
 from ..captions.classnames import imagenet_classes
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -117,20 +119,32 @@ def class_folders(root: str | os.PathLike, suite: str = "") -> list[str]:
     return folders
 
 
-def _first_image(folder: str | os.PathLike) -> str | None:
-    """The first file with an image extension at any depth of `folder` (None if there is none); raises OSError if
-    the folder cannot be listed."""
+def class_folder_images(root: str | os.PathLike, folder: str, real_folders: Mapping[str, str]) -> ClassFolderListing:
+    """The image files of class folder `folder` of `root`, listed by streamsynth's one rule
+    (`imagefiles.list_class_images`: nothing outside `root`, each file once), less the files whose path is not UTF-8,
+    which are moved to `skipped`: a folder, its report and its fingerprint name every image, and one such name must
+    not make the whole folder unusable. `real_folders`: every class folder of `root` → its real path
+    (`real_class_folders`)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    for current, _, files in os.walk(folder, followlinks=True, onerror=_raise):
-        for name in files:
-            if name.lower().endswith(IMG_EXTENSIONS):
-                return os.path.join(current, name)
-    return None
+    others = [real for other, real in real_folders.items() if other != folder]
+    listing = list_class_images(root, folder, IMG_EXTENSIONS, others)
+    kept = [path for path in listing.files if is_utf8_path(path)]
+    if len(kept) < len(listing.files):
+        listing.skipped += [(path, "its name is not UTF-8 text; rename it") for path in listing.files
+                            if not is_utf8_path(path)]
+        listing.files = kept
+    return listing
 
 
-def _raise(err: OSError) -> None:
-    raise err
+def real_class_folders(root: str | os.PathLike, folders: Sequence[str]) -> dict[str, str]:
+    """Class folder → its real path (links resolved), once per folder: no listing may lead into another's."""
+    return {folder: os.path.realpath(os.path.join(root, folder)) for folder in folders}
+
+
+def _left_out(skipped: Sequence[tuple[str, str]]) -> str:
+    path, why = skipped[0]
+    return f"{len(skipped)} left out, e.g. {printable_path(path)}: {why}"
 
 
 def check_eval_folder(
@@ -160,14 +174,15 @@ def check_eval_folder(
                 f"(e.g. {list(scorable[:3])}); name class folders by class id (or 0..999 as in ImageNet-V2), or "
                 "leave it out"
             )
+    real_folders = real_class_folders(root, folders)
     for folder in to_score:
-        try:
-            found = _first_image(Path(root) / folder)
-        except OSError as err:
-            raise EmptyClassFolderError(f"{what}: cannot read class folder {folder} ({err.strerror or err})") from None
-        if found is None:
-            raise EmptyClassFolderError(f"{what}: class folder {folder} holds no image files; add images to it or "
-                                  "remove it")
+        listing = class_folder_images(root, folder, real_folders)
+        if listing.unreadable:
+            raise EmptyClassFolderError(f"{what}: cannot read class folder {folder} ({listing.unreadable})")
+        if not listing.files:
+            left_out = f" that can be used ({_left_out(listing.skipped)})" if listing.skipped else ""
+            raise EmptyClassFolderError(f"{what}: class folder {folder} holds no image files{left_out}; add images to "
+                                        "it or remove it")
     return to_score
 
 
@@ -175,18 +190,34 @@ class LabelledImageFolder(ImageFolder):
     """An ImageFolder over chosen class folders whose targets are the classifier's labels.
 
     `folder_labels` maps class folder name → classifier label; other folders are not read. `targets` are therefore
-    classifier labels and do not index `self.classes` (the folder names).
+    classifier labels and do not index `self.classes` (the folder names). The images are listed by
+    `class_folder_images` (no link out of `root` followed, each file once, names that are not UTF-8 left out); what is
+    left out is in `skipped` ("path: why") and named in one warning.
     """
 
     def __init__(self, root: str | os.PathLike, folder_labels: Mapping[str, int], transform: Callable | None = None):
         self.folder_labels = dict(folder_labels)
-        try:
-            super().__init__(root, transform=transform)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{root}: {err} Remove the empty class folders or add images to them.") from err
+        self.skipped: list[str] = []
+        super().__init__(root, transform=transform)
 
     def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
         return sorted(self.folder_labels), self.folder_labels
+
+    def make_dataset(self, directory: str | os.PathLike, class_to_idx: dict[str, int], extensions=None,
+                     is_valid_file=None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        real_folders = real_class_folders(directory, class_folders(directory))
+        samples = []
+        for folder in sorted(class_to_idx):
+            listing = class_folder_images(directory, folder, real_folders)
+            if listing.unreadable or not listing.files:
+                raise EmptyClassFolderError(
+                    f"{directory}: class folder {folder} " + (f"cannot be read ({listing.unreadable})"
+                    if listing.unreadable else "holds no image files") + "; remove it or add images to it")
+            samples += [(path, class_to_idx[folder]) for path in listing.files]
+            self.skipped += [f"{printable_path(path)}: {why}" for path, why in listing.skipped]
+        if self.skipped:
+            log.warning("%s: %d files left out, e.g. %s", directory, len(self.skipped), "; ".join(self.skipped[:3]))
+        return samples
 
 
 class ImagesOrReasons(Dataset):
@@ -220,9 +251,32 @@ def collate_skipping(items: list) -> tuple[torch.Tensor | None, torch.Tensor, li
 
 
 def scoring_loader(folder: LabelledImageFolder, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader of (images, labels, unreadable) batches that survives corrupt images (see `ImagesOrReasons`)."""
-    return DataLoader(ImagesOrReasons(folder.samples, folder.transform), batch_size=batch_size, num_workers=workers,
-                      pin_memory=pin_memory, collate_fn=collate_skipping)
+    """A DataLoader of (images, labels, unreadable) batches that survives corrupt images (see `ImagesOrReasons`).
+
+    Its workers are those the machine's shared memory and file-size limit allow (`limits.plan_workers`: fewer, or
+    none, with a warning), and a batch that a worker still cannot hand over is a one-line `SharedMemoryError`."""
+    return images_loader(ImagesOrReasons(folder.samples, folder.transform), batch_size, workers, pin_memory,
+                         what=f"decoding {folder.root}")
+
+
+def images_loader(dataset: ImagesOrReasons, batch_size: int, workers: int, pin_memory: bool = False, *,
+                  what: str, collate: Callable = collate_skipping) -> DataLoader:
+    """A DataLoader of `dataset`'s batches (by default (images, labels, unreadable)) with the workers the machine's
+    shared memory and file-size limit allow: the loader of every scoring and audit pass."""
+    batch_bytes = min(batch_size, len(dataset)) * _image_bytes(dataset)
+    plan = plan_workers(workers, lambda w: batch_bytes, items=-(-len(dataset) // batch_size), what=what,
+                        fewer="a smaller --batch-size")
+    return DataLoader(dataset, batch_size=batch_size, pin_memory=pin_memory, collate_fn=SharedCollate(collate),
+                      **plan.loader_options())
+
+
+def _image_bytes(dataset: ImagesOrReasons, tries: int = 8) -> int:
+    """The bytes of one transformed image (and its label), from the first image of `dataset` that can be used."""
+    for i in range(min(tries, len(dataset))):
+        image, _, _ = dataset[i]
+        if isinstance(image, torch.Tensor):
+            return image.nbytes + 8
+    return 3 * DEFAULT_IMAGE_SIZE**2 * 4 + 8  # none usable among the first: the default view's float32 pixels
 
 
 def warn_unreadable(where: str, unreadable: Sequence[str]) -> None:

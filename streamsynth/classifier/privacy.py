@@ -23,19 +23,18 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..transforms import train_transform
 from .attacks import (FPR_TARGETS, AttackResult, auc_chance_95, evaluate_attack, lira_scores, rmia_scores,
                       sklearn_metrics)
 from .evaluate import (EvalFolderError, ImagesOrReasons, LabelledImageFolder, check_eval_folder, eval_transform,
-                       scoring_loader, suite_folder_labels, warn_unreadable)
+                       images_loader, scoring_loader, suite_folder_labels, warn_unreadable)
 from .recipe import TrainingRecipe
 from .shadows import (check_shadow_count, endless_batches, loader_signals, shadow_memberships, train_shadow_models,
                       true_class_signals)
@@ -126,7 +125,7 @@ def _labelled_folder(
 
 
 @torch.no_grad()
-def _log_confidence(model: nn.Module, loader: DataLoader, device: torch.device | str,
+def _log_confidence(model: nn.Module, loader: Iterable, device: torch.device | str,
                     unreadable: list[str]) -> np.ndarray:
     """log softmax probability of each readable image's true class; the reasons of the others go to `unreadable`."""
     scores = [np.empty(0)]
@@ -280,8 +279,8 @@ def _readable_signals(model: nn.Module, samples: list, transform: Callable, devi
                       batch_size: int, workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """The model's log confidence and its logit per readable image of `samples`, which images were readable, and
     the reasons of the others."""
-    loader = DataLoader(ImagesOrReasons(samples, transform), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate_with_mask)
+    loader = images_loader(ImagesOrReasons(samples, transform), batch_size, workers, what="scoring the audited images",
+                           collate=_collate_with_mask)
     log_p, logit, readable, reasons = [np.empty(0)], [np.empty(0)], [], []
     for images, labels, usable, why in tqdm(loader, leave=False, disable=None):
         readable.append(usable.numpy())
@@ -333,8 +332,8 @@ def audit_with_shadow_models(
     audited = role > 0
     memberships = shadow_memberships(len(samples), shadow_models, audited, online, seed)
     training_images = ImagesOrReasons(samples, train_transform(recipe.image_size, from_pil=True))
-    pool_loader = DataLoader(ImagesOrReasons(samples, view), batch_size=batch_size, num_workers=workers,
-                             collate_fn=_collate_readable)
+    pool_loader = images_loader(ImagesOrReasons(samples, view), batch_size, workers, what="scoring the shadow pool",
+                                collate=_collate_readable)
     shadows = train_shadow_models(
         recipe, memberships,
         batches_of=lambda indices, shadow_seed: endless_batches(training_images, indices, recipe.batch_size,

@@ -17,8 +17,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, default_collate
 
+from ..limits import SharedCollate, plan_workers
 from ..seeding import derive_seed
 from .recipe import TrainingRecipe, train_classifier
 
@@ -115,8 +116,13 @@ def endless_batches(dataset, indices: np.ndarray, batch_size: int, seed: int, wo
         raise ValueError(f"a shadow model's share of the pool, {len(indices)} images, does not fill one batch of "
                          f"{batch_size}: give a larger population or a smaller --shadow-batch-size")
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=True, drop_last=True,
-                        num_workers=workers, generator=generator, persistent_workers=workers > 0,
-                        collate_fn=collate_fn)
+    subset = Subset(dataset, indices.tolist())
+    first = subset[0][0]
+    batch_bytes = batch_size * (first.nbytes if isinstance(first, torch.Tensor) else 0)
+    plan = plan_workers(workers, lambda w: batch_bytes, what="a shadow model's batches", fewer="a smaller "
+                        "--shadow-batch-size")
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
+                        persistent_workers=plan.workers > 0, collate_fn=SharedCollate(collate_fn or default_collate),
+                        **plan.loader_options())
     while True:
         yield from loader

@@ -105,8 +105,9 @@ def list_metavar(name: str, choices: Iterable | None = None) -> str:
 
 
 def add_device(parser, what: str = "") -> None:
-    """`--device`: None in the namespace means cuda if available, else cpu (`resolve_device`)."""
-    parser.add_argument("--device", help=f"{what}: {DEVICE_HELP}" if what else DEVICE_HELP)
+    """`--device`, checked for its form when parsed (`device_name`): None in the namespace means cuda if available,
+    else cpu (`resolve_device`)."""
+    parser.add_argument("--device", type=device_name, help=f"{what}: {DEVICE_HELP}" if what else DEVICE_HELP)
 
 
 def resolve_device(device: str | None) -> str:

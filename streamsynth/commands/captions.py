@@ -9,7 +9,7 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-from .args import add_device, comma_list, list_metavar
+from .args import add_device, comma_list, device_name, list_metavar, nonnegative_int, positive_int
 from ..captions.classnames import load_name_map
 from ..captions.architectures import BLIP2_ARCHITECTURES
 from ..benchmarks.caption_bench import REFERENCE_BATCH_SIZE
@@ -40,7 +40,7 @@ def add_commands(subparsers) -> None:
 
     stats = sub.add_parser("stats", help="counts per class and a few example captions")
     stats.add_argument("store", help="the caption store (an LMDB folder)")
-    stats.add_argument("--examples", type=int, default=2, help="captions shown per class")
+    stats.add_argument("--examples", type=nonnegative_int, default=2, help="captions shown per class")
     stats.add_argument("--check", action="store_true", help="read every record and report the first damaged one")
     stats.set_defaults(func=_stats)
 
@@ -62,14 +62,14 @@ def add_commands(subparsers) -> None:
     caption.add_argument("--class-field", default="cls", help="field holding the class id (WebDataset shards)")
     caption.add_argument("--caption-prefix",
                          help="BLIP-2 conditional captioning prefix, e.g. 'a photo of'; stripped from the captions")
-    caption.add_argument("--max-new-tokens", type=int, default=REFERENCE_MAX_NEW_TOKENS,
+    caption.add_argument("--max-new-tokens", type=positive_int, default=REFERENCE_MAX_NEW_TOKENS,
                          help="most tokens generated per caption (greedy decoding)")
     _add_run_arguments(caption)
-    caption.add_argument("--devices", metavar="LIST",
+    caption.add_argument("--devices", type=comma_list(device_name), metavar=list_metavar("DEVICE"),
                          help="several devices, e.g. cuda:0,cuda:1: one rank per device in one process tree (torchrun's "
                               "standalone mode); under torchrun, local rank i uses the i-th (default: one GPU per rank)")
     caption.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
-    caption.add_argument("--commit-every", type=int, default=1024, help="captions per LMDB transaction")
+    caption.add_argument("--commit-every", type=positive_int, default=1024, help="captions per LMDB transaction")
     caption.add_argument("--no-progress", action="store_true", help="no progress bar")
     caption.add_argument("--kv-cache", choices=KV_CACHES, default="auto",
                          help="dynamic (grows every token), static (preallocated; on CUDA transformers compiles the "
@@ -98,10 +98,10 @@ def add_commands(subparsers) -> None:
                         help="random-weight captioner architecture (tiny for CPU dry runs)")
     source.add_argument("--captioner", help="a captioner checkpoint (hub id or folder) instead of random weights")
     bench.add_argument("--images", help="images to caption (ImageFolder or shards) (default: generated JPEGs)")
-    bench.add_argument("--num-images", type=int, default=2048, help="images captioned by each run")
-    bench.add_argument("--baseline-batch-size", type=int, default=REFERENCE_BATCH_SIZE,
+    bench.add_argument("--num-images", type=positive_int, default=2048, help="images captioned by each run")
+    bench.add_argument("--baseline-batch-size", type=positive_int, default=REFERENCE_BATCH_SIZE,
                        help="images per model.generate call in the reference loop")
-    bench.add_argument("--max-new-tokens", type=int, default=REFERENCE_MAX_NEW_TOKENS,
+    bench.add_argument("--max-new-tokens", type=positive_int, default=REFERENCE_MAX_NEW_TOKENS,
                        help="most tokens generated per caption (greedy decoding)")
     bench.add_argument("--kv-cache", type=comma_list(choices=KV_CACHES), default="auto",
                        metavar=list_metavar("KIND", KV_CACHES),
@@ -122,15 +122,17 @@ def add_commands(subparsers) -> None:
 
 def _add_run_arguments(parser: argparse.ArgumentParser, batch_sizes: bool = False) -> None:
     if batch_sizes:
-        parser.add_argument("--batch-size", type=comma_list(int), metavar=list_metavar("N"),
+        parser.add_argument("--batch-size", type=comma_list(positive_int), metavar=list_metavar("N"),
                             help="comma-separated images per generate call, one run each "
                             "(default: 512 on a GPU of at least 64 GiB, else 256; 8 on CPU)")
     else:
-        parser.add_argument("--batch-size", type=int, help="images per generate call (default: 512 on a GPU of at "
-                            "least 64 GiB, else 256; 8 on CPU)")
+        parser.add_argument("--batch-size", type=positive_int,
+                            help="images per generate call (default: 512 on a GPU of at least 64 GiB, else 256; 8 on CPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="the captioner's dtype (default: fp16 on CUDA, fp32 on CPU)")
     add_device(parser, "the captioner's device")
-    parser.add_argument("--workers", type=int, help="DataLoader processes decoding images (default: min(8, CPUs))")
+    parser.add_argument("--workers", type=nonnegative_int,
+                        help="DataLoader processes decoding images (default: min(8, CPUs); fewer, with a warning, where "
+                        "/dev/shm is too small for them)")
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -213,10 +215,7 @@ def _device_list(args: argparse.Namespace) -> list[str]:
         return []
     if args.device:
         raise ValueError("give --device (one device) or --devices (one rank per device), not both")
-    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
-    if not devices:
-        raise ValueError(f"--devices {args.devices!r} names no device")
-    return devices
+    return args.devices
 
 
 def _caption_bench(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .args import EVAL_SUITES, add_device, add_eval_suites, eval_suites, resolve_device
+from .args import EVAL_SUITES, add_device, add_eval_suites, eval_suites, nonnegative_int, positive_int, resolve_device
 
 # The files each command writes inside its --out folder.
 EVAL_FILES = ("eval.json", "eval.csv")
@@ -15,10 +15,12 @@ SHADOW_MODELS = 8  # audit-privacy's default: 4 IN and 4 OUT per audited image o
 
 
 def _add_loader_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image-size", type=int,
+    parser.add_argument("--image-size", type=positive_int,
                         help="side of the centre crop, in pixels (default: the checkpoint's image_size, else 224)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per batch")
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes decoding the images")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per batch")
+    parser.add_argument("--workers", type=nonnegative_int, default=4,
+                        help="DataLoader worker processes decoding the images (fewer, with a warning, where /dev/shm is "
+                        "too small for them)")
     add_device(parser, "the classifier's device")
 
 

@@ -41,7 +41,7 @@ from ..errors import StreamsynthError, one_line
 from . import options
 from .args import positive_int
 from ..ranks import RankError, Ranks, raise_failures, ranks_from_environment
-from ..safeio import atomic_write, atomic_write_text, disk_full_error, is_full_errno
+from ..safeio import atomic_write, atomic_write_text, disk_full_error, is_full_errno, output_folder
 from ..stream.cache import CLASSES_FILE, shard_name, write_cache_classes, write_group
 from ..stream.dataset import SyntheticStream
 from ..stream.devices import rank_share
@@ -122,17 +122,18 @@ def unit_marker(out: Path, fmt: str, seed: int, first_id: int) -> Path:
 def _write_imagefolder(out: Path, class_ids: Sequence[str], specs: Sequence[SampleSpec], images: torch.Tensor,
                        image_format: str, marker: Path) -> None:
     """One unit as image files under OUT/{class id}/, each written all or nothing, then its metadata (last, so that
-    its presence means every image of the unit is there)."""
+    its presence means every image of the unit is there). A class id that is not a plain folder name, or a class
+    folder that is a symbolic link, is refused before anything is written (`safeio.output_folder`): nothing lands
+    outside OUT."""
     from io import BytesIO
 
     from PIL import Image
 
     extension = "jpg" if image_format == "jpeg" else "png"
+    folders = {label: output_folder(out, class_ids[label]) for label in sorted({spec.label for spec in specs})}
     records = []
     for spec, image in zip(specs, images):
-        folder = out / class_ids[spec.label]
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{spec.sample_id:012d}.{extension}"
+        path = folders[spec.label] / f"{spec.sample_id:012d}.{extension}"
         buffer = BytesIO()
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(
             buffer, IMAGE_FORMATS[image_format], **({"quality": 95} if image_format == "jpeg" else {}))
@@ -364,7 +365,9 @@ def _write_folder_files(out: Path, manifest: dict, class_ids: Sequence[str]) -> 
             text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
             # Several ranks may write it at once (each node's into a node-local --out): a temporary file each.
             tmp = out / f".{MANIFEST}.{socket.gethostname()}.{os.getpid()}.tmp"
-            tmp.write_text(text)
+            tmp.unlink(missing_ok=True)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), "w") as file:
+                file.write(text)  # created here, never through a link planted at its name
             os.replace(tmp, out / MANIFEST)
         write_cache_classes(out, class_ids)  # what train.py --from-cache labels by
     except OSError as err:

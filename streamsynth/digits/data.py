@@ -177,11 +177,15 @@ def ensure_digits_captions(folder: str | os.PathLike | None = None) -> Path:
 
     out = Path(folder) if folder is not None else cache_dir() / CAPTION_STORE_NAME
     try:
-        CaptionStore(out)
+        CaptionStore(out).verify()  # every record: a few milliseconds for the 1,297 captions
         return out
-    except CaptionStoreError:
+    except CaptionStoreError as err:
         if out.exists():
-            raise  # something else sits there: say so rather than overwrite it
+            # Not overwritten (it may be something else than the store this function built), but it is streamsynth's
+            # own cache, not the user's captions: the fix is to remove it, not to import or caption anything.
+            raise CaptionStoreError(f"the digits caption store {out}, which streamsynth builds on first use, is "
+                                    f"unusable ({err.without_fix()}); delete it, and it is built again on the next "
+                                    "run") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         write_digits_caption_store(out)

@@ -137,6 +137,18 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+def prompt_mix(ids: dict[str, torch.Tensor], index: torch.Tensor, u: torch.Tensor,
+               s: GeneratorSettings) -> torch.Tensor:
+    """The token ids each image of a batch is trained with: the empty prompt where its uniform draw `u` is below
+    `empty_prompt_share`, its basic prompt where it is below the two shares together, else its Caption-in-Prompt
+    prompt. `ids`: "cip" and "basic" (one row per training image) and "empty" (one row); `index`: the batch's
+    images."""
+    u = u[:, None]
+    return torch.where(u < s.empty_prompt_share, ids["empty"][None],
+                       torch.where(u < s.empty_prompt_share + s.basic_prompt_share, ids["basic"][index],
+                                   ids["cip"][index]))
+
+
 def train_unet(pipe, mean: torch.Tensor, std: torch.Tensor, s: GeneratorSettings, generator: torch.Generator):
     """Trains UNet and text encoder together; returns their EMA copies and the log."""
     from diffusers import DDPMScheduler
@@ -162,10 +174,7 @@ def train_unet(pipe, mean: torch.Tensor, std: torch.Tensor, s: GeneratorSettings
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(noise_schedule.config.num_train_timesteps, (len(index),), generator=generator)
         noisy = noise_schedule.add_noise(latents, noise, timesteps)
-        u = torch.rand(len(index), generator=generator)[:, None]
-        tokens = torch.where(u < s.empty_prompt_share, ids["empty"][None],
-                             torch.where(u < s.empty_prompt_share + s.basic_prompt_share, ids["basic"][index],
-                                         ids["cip"][index]))
+        tokens = prompt_mix(ids, index, torch.rand(len(index), generator=generator), s)
         text = text_encoder(tokens)[0]
         prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
         loss = F.mse_loss(prediction, noise)

@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..captions.store import CaptionStoreError
-from ..errors import StreamsynthError
+from ..errors import FileSizeLimitError, StreamsynthError
+from ..limits import SharedCollate, SharedMemoryError, plan_workers
 from ..synth.loading import ModelLoadError, preload_pipeline_library
 from .dataset import SyntheticStream, worker_index_and_count
 from .devices import CUDAAfterForkError
@@ -46,8 +47,9 @@ from .shared import EpochWeights
 log = logging.getLogger(__name__)
 
 # Errors that recur whenever the same group is made again: retrying cannot help.
-DETERMINISTIC_ERRORS = (ModelLoadError, CaptionStoreError, TransformError, CUDAAfterForkError, ValueError, TypeError,
-                        KeyError, AttributeError, NotImplementedError, ImportError)
+DETERMINISTIC_ERRORS = (ModelLoadError, CaptionStoreError, TransformError, CUDAAfterForkError, SharedMemoryError,
+                        FileSizeLimitError, ValueError, TypeError, KeyError, AttributeError, NotImplementedError,
+                        ImportError)
 
 
 class SynthesisError(StreamsynthError, RuntimeError):
@@ -119,6 +121,14 @@ def _start_method(context) -> str:
     return context if isinstance(context, str) else context.get_start_method()
 
 
+def _group_bytes(stream: SyntheticStream) -> int:
+    """The bytes of one group a worker hands over: its uint8 images (a `BatchAugment` augments them in the trainer), or
+    its k augmented float batches (any other transform); a model's own size, where none is set, counted as 512."""
+    side = stream.generator.image_size or 512
+    images = stream.batch_size * 3 * side * side
+    return images if stream.maker.augments_in_batches else images * 4 * stream.layout.replay
+
+
 def _worker_processes(iterator) -> list:
     # A private attribute of PyTorch's multi-process iterator (stable since PyTorch 1.0); tests pin it.
     return list(getattr(iterator, "_workers", []))
@@ -180,6 +190,12 @@ class StreamLoader:
     ):
         if multiprocessing_context is None and num_workers > 0 and stream.generator.uses_cuda:
             multiprocessing_context = "spawn"
+        # Each worker hands over whole groups through shared memory: as many workers as /dev/shm (and the file-size
+        # limit) have room for, with one group of prefetch if need be; never none (synthesis in the trainer's own
+        # process would be another run's speed), but one line that says what to pass.
+        plan = plan_workers(num_workers, lambda w: _group_bytes(stream), held=1, prefetch_factor=prefetch_factor,
+                            in_process_ok=False, what="synthesis workers", fewer="a smaller --batch-size")
+        num_workers, prefetch_factor = plan.workers, plan.prefetch_factor or prefetch_factor
         self.stream = stream
         self.num_workers = num_workers
         self.max_restarts = max_restarts
@@ -187,6 +203,7 @@ class StreamLoader:
         self.feedback = feedback
         self._loader_kwargs = {
             "batch_size": None,  # a worker's item is a whole group, already in batches
+            "collate_fn": SharedCollate(),  # a group a worker cannot hand over is an error here, never a hang
             "worker_init_fn": leave_interrupts_to_the_trainer,
             "num_workers": num_workers,
             "pin_memory": pin_memory,

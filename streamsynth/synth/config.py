@@ -95,7 +95,7 @@ class GeneratorConfig:
     decoder: str | None = None
 
     def __post_init__(self) -> None:
-        check_model_source(self.model)
+        check_model_source(self.model, provided=("vae",) if self.decoder is not None else ())
         # Normalise what callers may pass as a path or a list, so that equal configs compare and pickle equal.
         object.__setattr__(self, "model", os.fspath(self.model))
         for name, check in (("lora", check_lora_source), ("decoder", check_decoder_source)):

@@ -68,8 +68,16 @@ def _looks_local(source: str | os.PathLike) -> bool:
     return path.is_absolute() or str(source).startswith((".", "~")) or path.exists() or str(source).count("/") > 1
 
 
-def check_model_source(model: str | os.PathLike) -> None:
-    """Fail early, with the fix, for a local path that cannot be a diffusers pipeline (hub ids are checked on load)."""
+# The components a Stable Diffusion pipeline cannot run without. A folder that lacks one loads all the same in some
+# versions of diffusers and fails later in every synthesis call (no tokenizer/: "OverflowError: int too big to
+# convert"), so their folders are checked before loading.
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_model_source(model: str | os.PathLike, provided: tuple[str, ...] = ()) -> None:
+    """Fail early, with the fix, for a local path that cannot be a diffusers pipeline (hub ids are checked on load):
+    missing, without model_index.json, or without the folder of a component it needs (`REQUIRED_COMPONENTS`, less
+    those `provided` by the caller, e.g. "vae" when a tiny decoder replaces it)."""
     path = Path(model)
     if _looks_local(model):
         if not path.exists():
@@ -83,6 +91,20 @@ def check_model_source(model: str | os.PathLike) -> None:
                 "pipeline.save_pretrained(folder), or convert a single-file checkpoint with "
                 "StableDiffusionPipeline.from_single_file(...).save_pretrained(folder)"
             )
+        for name in REQUIRED_COMPONENTS:
+            if name not in provided and not _has_files(path / name):
+                raise ModelLoadError(
+                    f"model folder {path} has no {name}/ folder (or an empty or unreadable one), a component Stable "
+                    "Diffusion needs: copy the whole pipeline folder again, or save it with "
+                    "pipeline.save_pretrained(folder)"
+                )
+
+
+def _has_files(folder: Path) -> bool:
+    try:
+        return any(entry.is_file() for entry in os.scandir(folder))
+    except OSError:
+        return False
 
 
 def check_lora_source(lora: str | os.PathLike) -> None:
@@ -132,7 +154,7 @@ def load_pipeline(
     quiet_hf_progress()
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    check_model_source(model)
+    check_model_source(model, provided=("vae",) if decoder is not None else ())
     kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     if decoder is not None:
         # Given to from_pretrained, the full VAE is never loaded.

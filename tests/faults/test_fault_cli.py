@@ -42,3 +42,27 @@ def test_verbose_shows_the_traceback(failing_stats, tmp_path):
     failing_stats(KeyError("missing"))
     with pytest.raises(KeyError):
         cli(["-v", "captions", "stats", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["evaluate", "m.pt", "--imagenet-val", "v", "--image-size", "-5"], "--image-size"),  # scored 30 images as unreadable
+    (["evaluate", "m.pt", "--imagenet-val", "v", "--batch-size", "0"], "--batch-size"),
+    (["evaluate", "m.pt", "--imagenet-val", "v", "--workers", "-1"], "--workers"),
+    (["evaluate", "m.pt", "--imagenet-val", "v", "--device", "gpu0"], "--device"),
+    (["audit-privacy", "m.pt", "--members", "a", "--non-members", "b", "--image-size", "0"], "--image-size"),
+    (["caption", "--images", "i", "--out", "o", "--batch-size", "0"], "--batch-size"),
+    (["caption", "--images", "i", "--out", "o", "--workers", "two"], "--workers"),
+    (["caption", "--images", "i", "--out", "o", "--commit-every", "0"], "--commit-every"),
+    (["caption", "--images", "i", "--out", "o", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["caption", "--images", "i", "--out", "o", "--devices", "cuda:0,cuda:x"], "--devices"),
+    (["captions", "stats", "s", "--examples", "-1"], "--examples"),
+    (["caption-bench", "--num-images", "0"], "--num-images"),
+    (["caption-bench", "--batch-size", "8,0"], "--batch-size"),
+    (["caption-bench", "--baseline-batch-size", "nan"], "--baseline-batch-size"),
+])
+def test_a_bad_number_is_refused_when_the_command_is_parsed(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert f"error: argument {flag}" in err.splitlines()[-1], err

@@ -142,3 +142,20 @@ def test_train_py_names_a_truncated_store(store, tmp_path, isolated_cache, write
     assert result.returncode == 2, result.stderr[-2000:]  # an error of the input (not -7, SIGBUS)
     assert "train.py: error: caption store" in result.stderr and "truncated" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_damaged_embedded_caption_store_names_its_fix(tmp_path):
+    """The digits captions are streamsynth's own cache: the fix is to delete them, not to import or caption."""
+    from streamsynth.digits.data import ensure_digits_captions
+
+    out = tmp_path / "digits.lmdb"
+    # Built and rebuilt in children: a process keeps a store it read open, and py-lmdb opens a path once.
+    assert run_forked(lambda: str(ensure_digits_captions(out))).value == str(out)
+    _put(out, b"cap/000003/000000002", b"\xff not json")
+    with pytest.raises(CaptionStoreError) as err:
+        ensure_digits_captions(out)
+    message = str(err.value)
+    assert "delete it, and it is built again" in message and str(out) in message
+    assert "captions import" not in message and "cap/000003/000000002" in message
+    shutil.rmtree(out)
+    assert run_forked(lambda: str(ensure_digits_captions(out))).value == str(out)  # rebuilt, as the message says
