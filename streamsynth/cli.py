@@ -13,6 +13,7 @@ from .commands.args import ArgumentParser, add_version
 # dependencies only when they run.
 COMMANDS = [
     "streamsynth.commands.captions",
+    "streamsynth.benchmarks.caption_bench",
     "streamsynth.benchmarks.profile",
     "streamsynth.benchmarks.loader_bench",
     "streamsynth.commands.evaluation",

@@ -12,8 +12,12 @@ the cost); peak memory is benchtools' one measure, on the captioning device, per
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
+import logging
 import os
+import sys
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -23,18 +27,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import benchtools
-from ..kernels.decode_attention import decode_attention
-from ..kernels.dispatch import runs_triton
 from ..captions.architectures import BLIP2_ARCHITECTURES, random_blip2
 from ..captions.captioners import (
-    DECODE_ATTENTIONS, FP32_MATMULS, KV_CACHES, Captioner, default_device, fp32_matmul_precision, load_captioner,
-    resolve_dtype,
+    DECODE_ATTENTIONS, FP32_MATMULS, KV_CACHES, REFERENCE_MAX_NEW_TOKENS, Captioner, default_device,
+    fp32_matmul_precision, load_captioner, resolve_dtype,
 )
 from ..captions.captioning import caption_images, default_batch_size, default_num_workers
 from ..captions.graphed import image_features, query_features
 from ..captions.images import ImageCollection, find_images
 from ..captions.store import CaptionStore
+from ..commands.args import comma_list, list_metavar, positive_int
+from ..commands.captions import add_run_arguments
+from ..kernels.decode_attention import decode_attention
+from ..kernels.dispatch import runs_triton
+from . import benchtools
 
 # The reference captioning script's batch size.
 REFERENCE_BATCH_SIZE = 65
@@ -342,3 +348,62 @@ def write_result(result: dict, path: str | Path) -> Path:
     benchtools.bar_chart(path.with_suffix(".png"), labels, values, "images/s",
                          f"caption-bench: {result['model']} on {result['device_name']}, {result['num_images']} images")
     return path
+
+
+# ----- the command --------------------------------------------------------------------------------------------------
+
+BENCH_FILE, BENCH_CHART = "caption-bench.json", "caption-bench.png"  # what caption-bench writes inside --out
+
+
+def add_commands(subparsers) -> None:
+    bench = subparsers.add_parser(
+        "caption-bench",
+        help="captioning images/s: streamsynth's run against plain model.generate on batches of 65",
+        description="Caption the same JPEG files twice with one model: the reference loop (PIL in the main process, "
+        "model.generate on batches of 65) and streamsynth's run; write images/s, dtype, device and peak memory "
+        "to OUT/caption-bench.json (and a chart, OUT/caption-bench.png). Without --captioner the weights are random "
+        "(same FLOPs as the released checkpoint).",
+    )
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument("--captioner-arch", default="blip2-opt-2.7b", choices=sorted(BLIP2_ARCHITECTURES),
+                        help="random-weight captioner architecture (tiny for CPU dry runs)")
+    source.add_argument("--captioner", help="a captioner checkpoint (hub id or folder) instead of random weights")
+    bench.add_argument("--images", help="images to caption (ImageFolder or shards) (default: generated JPEGs)")
+    bench.add_argument("--num-images", type=positive_int, default=2048, help="images captioned by each run")
+    bench.add_argument("--baseline-batch-size", type=positive_int, default=REFERENCE_BATCH_SIZE,
+                       help="images per model.generate call in the reference loop")
+    bench.add_argument("--max-new-tokens", type=positive_int, default=REFERENCE_MAX_NEW_TOKENS,
+                       help="most tokens generated per caption (greedy decoding)")
+    bench.add_argument("--kv-cache", type=comma_list(choices=KV_CACHES), default="auto",
+                       metavar=list_metavar("KIND", KV_CACHES),
+                       help="comma-separated KV cache kinds to measure, e.g. dynamic,static,graphed (static compiles "
+                       "the decoding step on CUDA, graphed replays it from a CUDA graph; auto: caption's default)")
+    bench.add_argument("--fp32-matmul", type=comma_list(choices=FP32_MATMULS), default="ieee",
+                       metavar=list_metavar("PRECISION", FP32_MATMULS),
+                       help="comma-separated fp32 matmul precisions to measure, e.g. ieee,tf32 (each run also reports "
+                       "the share of its captions equal to the first run's)")
+    bench.add_argument("--decode-attention", type=comma_list(choices=DECODE_ATTENTIONS), default="sdpa",
+                       metavar=list_metavar("ATTENTION", DECODE_ATTENTIONS),
+                       help="comma-separated decoding attentions to measure, e.g. sdpa,triton (as caption's option)")
+    add_run_arguments(bench, batch_sizes=True)
+    bench.add_argument("--out", default=".", metavar="DIR",
+                       help=f"folder for the result: writes OUT/{BENCH_FILE} and its chart OUT/{BENCH_CHART}")
+    bench.set_defaults(func=_caption_bench)
+
+
+
+
+def _caption_bench(args: argparse.Namespace) -> int:
+    logging.getLogger("streamsynth").setLevel(logging.WARNING)
+    result = run_benchmark(
+        arch=None if args.captioner else args.captioner_arch, model=args.captioner, images=args.images,
+        num_images=args.num_images,
+        batch_sizes=args.batch_size, kv_caches=args.kv_cache, fp32_matmuls=args.fp32_matmul,
+        decode_attentions=args.decode_attention,
+        baseline_batch_size=args.baseline_batch_size,
+        num_workers=args.workers,
+        device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+    )
+    print(json.dumps(result, indent=1))
+    print(f"wrote {write_result(result, Path(args.out) / BENCH_FILE)}", file=sys.stderr)
+    return 0

@@ -1,24 +1,16 @@
-"""`streamsynth captions import|stats`, `streamsynth caption` and `streamsynth caption-bench`."""
+"""`streamsynth captions import|stats` and `streamsynth caption`."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 from itertools import islice
-from pathlib import Path
 
 from .args import add_device, comma_list, device_name, list_metavar, nonnegative_int, positive_int
 from ..captions.classnames import load_name_map
-from ..captions.architectures import BLIP2_ARCHITECTURES
-from ..benchmarks.caption_bench import REFERENCE_BATCH_SIZE
 from ..captions.captioners import DECODE_ATTENTIONS, DEFAULT_MODEL, DTYPES, FP32_MATMULS, KV_CACHES, REFERENCE_MAX_NEW_TOKENS
 from ..captions.importers import import_captions
 from ..captions.store import CaptionStore
-
-BENCH_FILE, BENCH_CHART = "caption-bench.json", "caption-bench.png"  # what caption-bench writes inside --out
-
 
 def add_commands(subparsers) -> None:
     captions = subparsers.add_parser("captions", help="import and inspect caption stores")
@@ -64,7 +56,7 @@ def add_commands(subparsers) -> None:
                          help="BLIP-2 conditional captioning prefix, e.g. 'a photo of'; stripped from the captions")
     caption.add_argument("--max-new-tokens", type=positive_int, default=REFERENCE_MAX_NEW_TOKENS,
                          help="most tokens generated per caption (greedy decoding)")
-    _add_run_arguments(caption)
+    add_run_arguments(caption)
     caption.add_argument("--devices", type=comma_list(device_name), metavar=list_metavar("DEVICE"),
                          help="several devices, e.g. cuda:0,cuda:1: one rank per device in one process tree (torchrun's "
                               "standalone mode); under torchrun, local rank i uses the i-th (default: one GPU per rank)")
@@ -85,42 +77,10 @@ def add_commands(subparsers) -> None:
                          "may differ in rare tokens; recorded in the store)")
     caption.set_defaults(func=_caption)
 
-    bench = subparsers.add_parser(
-        "caption-bench",
-        help="captioning images/s: streamsynth's run against plain model.generate on batches of 65",
-        description="Caption the same JPEG files twice with one model: the reference loop (PIL in the main process, "
-        "model.generate on batches of 65) and streamsynth's run; write images/s, dtype, device and peak memory "
-        "to OUT/caption-bench.json (and a chart, OUT/caption-bench.png). Without --captioner the weights are random "
-        "(same FLOPs as the released checkpoint).",
-    )
-    source = bench.add_mutually_exclusive_group()
-    source.add_argument("--captioner-arch", default="blip2-opt-2.7b", choices=sorted(BLIP2_ARCHITECTURES),
-                        help="random-weight captioner architecture (tiny for CPU dry runs)")
-    source.add_argument("--captioner", help="a captioner checkpoint (hub id or folder) instead of random weights")
-    bench.add_argument("--images", help="images to caption (ImageFolder or shards) (default: generated JPEGs)")
-    bench.add_argument("--num-images", type=positive_int, default=2048, help="images captioned by each run")
-    bench.add_argument("--baseline-batch-size", type=positive_int, default=REFERENCE_BATCH_SIZE,
-                       help="images per model.generate call in the reference loop")
-    bench.add_argument("--max-new-tokens", type=positive_int, default=REFERENCE_MAX_NEW_TOKENS,
-                       help="most tokens generated per caption (greedy decoding)")
-    bench.add_argument("--kv-cache", type=comma_list(choices=KV_CACHES), default="auto",
-                       metavar=list_metavar("KIND", KV_CACHES),
-                       help="comma-separated KV cache kinds to measure, e.g. dynamic,static,graphed (static compiles "
-                       "the decoding step on CUDA, graphed replays it from a CUDA graph; auto: caption's default)")
-    bench.add_argument("--fp32-matmul", type=comma_list(choices=FP32_MATMULS), default="ieee",
-                       metavar=list_metavar("PRECISION", FP32_MATMULS),
-                       help="comma-separated fp32 matmul precisions to measure, e.g. ieee,tf32 (each run also reports "
-                       "the share of its captions equal to the first run's)")
-    bench.add_argument("--decode-attention", type=comma_list(choices=DECODE_ATTENTIONS), default="sdpa",
-                       metavar=list_metavar("ATTENTION", DECODE_ATTENTIONS),
-                       help="comma-separated decoding attentions to measure, e.g. sdpa,triton (as caption's option)")
-    _add_run_arguments(bench, batch_sizes=True)
-    bench.add_argument("--out", default=".", metavar="DIR",
-                       help=f"folder for the result: writes OUT/{BENCH_FILE} and its chart OUT/{BENCH_CHART}")
-    bench.set_defaults(func=_caption_bench)
 
-
-def _add_run_arguments(parser: argparse.ArgumentParser, batch_sizes: bool = False) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, batch_sizes: bool = False) -> None:
+    """--batch-size (a list, with `batch_sizes`), --dtype, --device and --workers: how a captioning run runs, shared by
+    `caption` and `caption-bench`."""
     if batch_sizes:
         parser.add_argument("--batch-size", type=comma_list(positive_int), metavar=list_metavar("N"),
                             help="comma-separated images per generate call, one run each "
@@ -216,21 +176,3 @@ def _device_list(args: argparse.Namespace) -> list[str]:
     if args.device:
         raise ValueError("give --device (one device) or --devices (one rank per device), not both")
     return args.devices
-
-
-def _caption_bench(args: argparse.Namespace) -> int:
-    from ..benchmarks.caption_bench import run_benchmark, write_result
-
-    logging.getLogger("streamsynth").setLevel(logging.WARNING)
-    result = run_benchmark(
-        arch=None if args.captioner else args.captioner_arch, model=args.captioner, images=args.images,
-        num_images=args.num_images,
-        batch_sizes=args.batch_size, kv_caches=args.kv_cache, fp32_matmuls=args.fp32_matmul,
-        decode_attentions=args.decode_attention,
-        baseline_batch_size=args.baseline_batch_size,
-        num_workers=args.workers,
-        device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
-    )
-    print(json.dumps(result, indent=1))
-    print(f"wrote {write_result(result, Path(args.out) / BENCH_FILE)}", file=sys.stderr)
-    return 0
