@@ -105,10 +105,7 @@ def vocabulary_problems(parsers: dict[str, argparse.ArgumentParser], rows) -> li
                 continue
             for i in found:
                 having.setdefault(i, set()).add(command)
-                # A command may leave out a row's short alias (`-b`, `-j`: the spellings of pytorch/examples and
-                # timm, in train.py), never spell the flag otherwise.
-                long_forms = {f for f in rows[i][0] if f.startswith("--")}
-                if not long_forms <= set(action.option_strings) <= set(rows[i][0]):
+                if set(rows[i][0]) != set(action.option_strings):
                     problems.append(f"{command}: {action.option_strings} but the table row says {rows[i][0]}")
                 if command not in rows[i][2]:
                     problems.append(f"{command}: {rows[i][0][-1]} is in the vocabulary table without {command}")

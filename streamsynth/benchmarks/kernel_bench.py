@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from . import benchtools
-from ..commands.args import ArgumentParser, add_device, add_version, resolve_device
+from ..commands.args import ArgumentParser, add_device, add_version, positive_int, resolve_device
 from ..captions.architectures import BLIP2_ARCHITECTURES
 from ..captions.captioners import REFERENCE_MAX_NEW_TOKENS
 from ..kernels.dispatch import KERNEL_NAMES, disabled, runs_triton
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_version(parser)
     add_device(parser)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="the workloads' dtype")
-    parser.add_argument("--batch-size", type=int, default=1, help="images (the UNet workloads see twice as many; "
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=1, help="images (the UNet workloads see twice as many; "
                         f"the decoding attention's are at {' and '.join(map(str, CAPTION_BATCHES))} captions)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before the timed ones, per workload")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per workload, median reported")

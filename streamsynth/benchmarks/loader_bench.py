@@ -39,12 +39,12 @@ def add_commands(subparsers) -> None:
     options.add_config_options(p)
     options.add_source_options(p)
     add_device(p, "the synthesis device and the consumer's")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch")
+    p.add_argument("-b", "--batch-size", type=positive_int, default=8, help="images per batch")
     p.add_argument("--batches", type=positive_int, default=6,
                    help="timed batches per configuration (rounded up to whole generation groups of replay batches)")
     options.add_sampler_options(p)
     options.add_generator_options(p, devices_help=None)
-    p.add_argument("--workers", type=comma_list(positive_int), default="1,2", metavar=list_metavar("N"),
+    p.add_argument("-j", "--workers", type=comma_list(positive_int), default="1,2", metavar=list_metavar("N"),
                    help="comma-separated loader worker counts to try")
     p.add_argument("--replay", type=comma_list(positive_int), default="1,4", metavar=list_metavar("N"),
                    help="comma-separated replay factors to try")

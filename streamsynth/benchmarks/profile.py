@@ -27,7 +27,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import benchtools
-from ..commands.args import add_device, resolve_device
+from ..commands.args import add_device, positive_int, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def add_commands(subparsers) -> None:
                    help="where --sd-arch sd15 saves its random weights (default: OUT/sd15-random)")
     add_device(p)
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--batch-size", type=int, help="images per batch (default: 32; 2 with --dry)")
+    p.add_argument("-b", "--batch-size", type=positive_int, help="images per batch (default: 32; 2 with --dry)")
     p.add_argument("--num-inference-steps", type=int, help="denoising steps (default: 50; 3 with --dry)")
     p.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance scale")
     p.add_argument("--image-size", type=int, default=224, help="the classifier's image side, in pixels")

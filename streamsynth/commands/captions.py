@@ -82,15 +82,15 @@ def add_run_arguments(parser: argparse.ArgumentParser, batch_sizes: bool = False
     """--batch-size (a list, with `batch_sizes`), --dtype, --device and --workers: how a captioning run runs, shared by
     `caption` and `caption-bench`."""
     if batch_sizes:
-        parser.add_argument("--batch-size", type=comma_list(positive_int), metavar=list_metavar("N"),
+        parser.add_argument("-b", "--batch-size", type=comma_list(positive_int), metavar=list_metavar("N"),
                             help="comma-separated images per generate call, one run each "
                             "(default: 512 on a GPU of at least 64 GiB, else 256; 8 on CPU)")
     else:
-        parser.add_argument("--batch-size", type=positive_int,
+        parser.add_argument("-b", "--batch-size", type=positive_int,
                             help="images per generate call (default: 512 on a GPU of at least 64 GiB, else 256; 8 on CPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="the captioner's dtype (default: fp16 on CUDA, fp32 on CPU)")
     add_device(parser, "the captioner's device")
-    parser.add_argument("--workers", type=nonnegative_int,
+    parser.add_argument("-j", "--workers", type=nonnegative_int,
                         help="DataLoader processes decoding images (default: min(8, CPUs); fewer, with a warning, where "
                         "/dev/shm is too small for them)")
 

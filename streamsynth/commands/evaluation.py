@@ -17,8 +17,8 @@ SHADOW_MODELS = 8  # audit-privacy's default: 4 IN and 4 OUT per audited image o
 def _add_loader_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=positive_int,
                         help="side of the centre crop, in pixels (default: the checkpoint's image_size, else 224)")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per batch")
-    parser.add_argument("--workers", type=nonnegative_int, default=4,
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=256, help="images per batch")
+    parser.add_argument("-j", "--workers", type=nonnegative_int, default=4,
                         help="DataLoader worker processes decoding the images (fewer, with a warning, where /dev/shm is "
                         "too small for them)")
     add_device(parser, "the classifier's device")
