@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from . import benchtools
-from ..commands.args import ArgumentParser, add_device, add_version, positive_int, resolve_device
+from ..commands.args import ArgumentParser, add_device, add_version, nonnegative_int, positive_int, resolve_device
 from ..captions.architectures import BLIP2_ARCHITECTURES
 from ..captions.captioners import REFERENCE_MAX_NEW_TOKENS
 from ..kernels.dispatch import KERNEL_NAMES, disabled, runs_triton
@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="the workloads' dtype")
     parser.add_argument("-b", "--batch-size", type=positive_int, default=1, help="images (the UNet workloads see twice as many; "
                         f"the decoding attention's are at {' and '.join(map(str, CAPTION_BATCHES))} captions)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before the timed ones, per workload")
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls per workload, median reported")
+    parser.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed calls before the timed ones, per workload")
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed calls per workload, median reported")
     parser.add_argument("--only", choices=KERNEL_NAMES, help="one kernel's workloads")
     parser.add_argument("--out", metavar="DIR", help=f"also write the results to OUT/{REPORT_FILE} and a chart of each "
                         f"kernel's summed time, OUT/{CHART_FILE}")

@@ -27,7 +27,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import benchtools
-from ..commands.args import add_device, positive_int, resolve_device
+from ..commands.args import (add_device, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                             resolve_device)
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,14 @@ def add_commands(subparsers) -> None:
     add_device(p)
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("-b", "--batch-size", type=positive_int, help="images per batch (default: 32; 2 with --dry)")
-    p.add_argument("--num-inference-steps", type=int, help="denoising steps (default: 50; 3 with --dry)")
-    p.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance scale")
-    p.add_argument("--image-size", type=int, default=224, help="the classifier's image side, in pixels")
+    p.add_argument("--num-inference-steps", type=positive_int, help="denoising steps (default: 50; 3 with --dry)")
+    p.add_argument("--guidance-scale", type=nonnegative_float, default=1.5, help="classifier-free guidance scale")
+    p.add_argument("--image-size", type=positive_int, default=224, help="the classifier's image side, in pixels")
     p.add_argument("--scheduler", help="a streamsynth scheduler name (default: the model's own, PNDM for SD1.5)")
-    p.add_argument("--repeats", type=int, help="timed batches per path, median reported (default: 3; 1 with --dry)")
-    p.add_argument("--warmup", type=int,
+    p.add_argument("--repeats", type=positive_int, help="timed batches per path, median reported (default: 3; 1 with --dry)")
+    p.add_argument("--warmup", type=nonnegative_int,
                    help="untimed batches first, per path (and per ablation when compiled) (default: 1)")
-    p.add_argument("--peak-tflops", type=float,
+    p.add_argument("--peak-tflops", type=positive_float,
                    help="the device's peak rate for the share-of-peak figure (default for H100/H200: the datasheet's "
                    "dense fp16 rate, 989 SXM, 756 PCIe, 835 NVL; none on other devices)")
     p.add_argument("--dry", action="store_true", help="a smoke run: small batch, few steps, one repeat")

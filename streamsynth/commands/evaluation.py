@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .args import EVAL_SUITES, add_device, add_eval_suites, eval_suites, nonnegative_int, positive_int, resolve_device
+from .args import (EVAL_SUITES, add_device, add_eval_suites, eval_suites, nonnegative_int, positive_float, positive_int,
+                   resolve_device, seed)
 
 # The files each command writes inside its --out folder.
 EVAL_FILES = ("eval.json", "eval.csv")
@@ -57,19 +58,19 @@ def add_commands(subparsers) -> None:
                        help="ImageFolder of real images from the classifier's distribution that it was not trained "
                        "on: with it, LiRA and RMIA also run, calibrated by shadow models trained on it (without it, "
                        "only the threshold attack)")
-    audit.add_argument("--shadow-models", type=int, default=SHADOW_MODELS, metavar="N",
+    audit.add_argument("--shadow-models", type=positive_int, default=SHADOW_MODELS, metavar="N",
                        help="shadow models to train with --population (an even number)")
     audit.add_argument("--shadow-mode", choices=["online", "offline"], default="online",
                        help="online: the shadow models train on halves of the population and the audited images "
                        "(each audited image in half of them); offline: on halves of the population only")
-    audit.add_argument("--shadow-steps", type=int, metavar="N",
+    audit.add_argument("--shadow-steps", type=positive_int, metavar="N",
                        help="optimizer steps of each shadow model (default: the checkpoint's recorded steps)")
-    audit.add_argument("--shadow-batch-size", type=int, metavar="N",
+    audit.add_argument("--shadow-batch-size", type=positive_int, metavar="N",
                        help="images per shadow training step (default: the checkpoint's recorded batch size)")
-    audit.add_argument("--shadow-lr", type=float, metavar="LR",
+    audit.add_argument("--shadow-lr", type=positive_float, metavar="LR",
                        help="peak learning rate of the shadow models for batch 256, scaled linearly as train.py's "
                        "--lr (default: the checkpoint's recorded --lr)")
-    audit.add_argument("--seed", type=int, default=0,
+    audit.add_argument("--seed", type=seed, default=0,
                        help="seeds which images each shadow model trains on, and its init")
     audit.add_argument("--out", metavar="DIR", help=f"also write the result to OUT/{AUDIT_FILE}")
     _add_loader_options(audit)

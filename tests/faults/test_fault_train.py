@@ -114,3 +114,40 @@ def test_no_room_for_two_checkpoints_is_said_before_training(tmp_path, isolated_
     assert value is not None, forked.describe()
     result = subprocess.CompletedProcess([], value["returncode"], "", value["stderr"])
     _error_before_training(result, "not enough space for checkpoints", "needs", "choose another --out")
+
+
+def test_a_resume_that_changes_the_samples_is_refused_and_the_record_kept(tmp_path, isolated_cache, write_cache,
+                                                                         class_ids):
+    """`--resume` with another prompt, guidance or seed would make the rest another run: one line naming each change;
+    the run's record (run.json) and checkpoint stay as they were. A longer run (more --steps) may continue."""
+    cache = write_cache(tmp_path / "cache", [4, 4], class_ids=class_ids)
+    out = tmp_path / "run"
+    first = _train("--from-cache", str(cache), *SMALL, "--out", str(out), cache=isolated_cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    record, saved = (out / "run.json").read_text(), (out / "checkpoint.pt").read_bytes()
+    changed = _train("--from-cache", str(cache), *SMALL, "--seed", "1", "--label-smoothing", "0", "--out", str(out),
+                     "--resume", cache=isolated_cache)
+    line = _error_before_training(changed, "cannot resume", "--seed was 0, now 1", "--label-smoothing was 0.1, now 0")
+    assert (out / "run.json").read_text() == record and (out / "checkpoint.pt").read_bytes() == saved, line
+    longer = _train("--from-cache", str(cache), *SMALL, "--steps", "3", "--out", str(out), "--resume",
+                    cache=isolated_cache)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    parts = json.loads((out / "run.json").read_text())["parts"]
+    assert [p["first_step"] for p in parts] == [0, 2] and parts[1]["changed"] == {"steps": 3}
+
+
+def test_a_loss_that_is_no_longer_finite_stops_in_one_line_and_never_saves_it(tmp_path, isolated_cache, write_cache,
+                                                                              class_ids):
+    """A learning rate that makes the run diverge: one line naming the step and --lr, exit 2, and no checkpoint with
+    weights that are not finite (one is written every step, until the step that would not be)."""
+    cache = write_cache(tmp_path / "cache", [4, 4], class_ids=class_ids)
+    out = tmp_path / "diverged"
+    diverged = _train("--from-cache", str(cache), *SMALL, "--steps", "20", "--lr", "1e30", "--log-every", "1",
+                      "--checkpoint-every", "1", "--out", str(out), cache=isolated_cache)
+    assert diverged.returncode == 2 and "Traceback" not in diverged.stderr, diverged.stderr[-3000:]
+    line = diverged.stderr.strip().splitlines()[-1]
+    assert line.startswith("train.py: error:") and ("finite" in line or "loss became" in line) and "--lr" in line, line
+    if (out / "checkpoint.pt").exists():
+        kept = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert kept["step"] < 20 and all(torch.isfinite(v).all() for v in kept["model"].values()
+                                         if v.is_floating_point())
