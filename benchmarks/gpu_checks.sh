@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_checks.sh loop OUT         # loader-bench: SD1.5 workers on the GPU feeding a consumer; the
 #                                                  # loader's CPU ceiling on the machine's 16 cores
 #   bash benchmarks/gpu_checks.sh levers OUT       # speed levers: SD1.5 images/s per preset and lever against the reference
+#   bash benchmarks/gpu_checks.sh families OUT     # each model family's architecture (random weights) at its native
+#                                                  # resolution: streamsynth against its diffusers pipeline
 #   DRY=1 bash benchmarks/gpu_checks.sh all OUT    # every step on the CPU with tiny models: try the script here first
 #   ONLY="loader-bench profile-compiled" bash benchmarks/gpu_checks.sh all OUT  # just the named steps
 #
@@ -24,10 +26,10 @@
 # or timed-out step does not stop the next. OUT/steps.tsv gets one line per step: name, exit status, seconds.
 # On the device machine run it from the repository root after the wheel install line (shared/device/README.md).
 set -uo pipefail
-usage="usage: gpu_checks.sh e2e|synthesis|synthesis-extra|captioning|loop|levers|all OUT"
+usage="usage: gpu_checks.sh e2e|synthesis|synthesis-extra|captioning|loop|levers|families|all OUT"
 what=${1:?$usage}
 OUT=${2:?$usage}
-case $what in e2e|synthesis|synthesis-extra|captioning|loop|levers|all) ;; *) echo "$usage" >&2; exit 2 ;; esac
+case $what in e2e|synthesis|synthesis-extra|captioning|loop|levers|families|all) ;; *) echo "$usage" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 py=${PYTHON:-python3}
 cli=("$py" -m streamsynth.cli)
@@ -82,6 +84,7 @@ if [[ -n ${DRY:-} ]]; then
   loop=(--device cpu --batches 2 --workers 1 --replay 1,2)
   ceiling_batches=2
   levers=(--device cpu --batch-size 2 --repeats 1 --levers reference,fast,deepcache\ 3)
+  families=(--size tiny --device cpu --dtype fp32 --batch-size 2 --num-inference-steps 2 --repeats 1)
 else
   env_device=cuda
   scratch=/tmp/streamsynth-gpu-checks
@@ -112,6 +115,11 @@ else
         --batches 3 --workers 1 --replay 1,4,8 --consumer resnet50)
   levers=(--sd-arch sd15 --model-dir /tmp/sd15-random --device cuda --dtype fp16 --batch-size 16 --image-size 512
           --repeats 2)
+  # Not yet run on a GPU. Estimated from the parameter counts: 30-60 s a family (built on the GPU in 10-30 s, the
+  # T5-XXL and Gemma 2 encoders the largest; a 2-3 B denoiser takes 1-2 s an image at 1024²). bf16: T5 and Gemma
+  # overflow in fp16 (their checkpoints ship in bf16), and so may their random weights.
+  families=(--size native --device cuda --dtype bf16 --batch-size 2 --num-inference-steps 20 --guidance-scale 4.5
+            --repeats 2)
 fi
 
 environment
@@ -187,6 +195,13 @@ esac
 case $what in levers|all)
   # Each speed preset and lever of streamsynth.synth.speed against the reference recipe, round-robin in one run.
   step speed-levers 300 "$py" benchmarks/speed_levers.py "${levers[@]}" --out "$OUT/speed-levers"
+esac
+case $what in families|all)
+  # Each family of streamsynth.synth.families with random weights in its released architecture (its `native`
+  # build) at its native resolution: seconds per image of streamsynth's loop and of the family's diffusers pipeline
+  # on the same components, alternating, then streamsynth's fast path; the two plain paths' images compared. One
+  # JSON record per family as it finishes.
+  step family-bench 540 "$py" benchmarks/families.py "${families[@]}" --out "$OUT/family-bench"
 esac
 echo "== done: $OUT/steps.tsv"
 cat "$OUT/steps.tsv" 2>/dev/null || echo "(no step ran)"

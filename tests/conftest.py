@@ -40,6 +40,22 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """`tiny_family(key)`: the folder of a tiny random model of that family (`streamsynth.synth.families`), built
+    and saved with save_pretrained once per session; load it with from_pretrained."""
+    from streamsynth.synth.tiny import save_random_pipeline
+
+    folders: dict[str, Path] = {}
+
+    def folder(key: str) -> Path:
+        if key not in folders:
+            folders[key] = save_random_pipeline(tmp_path_factory.mktemp("models") / f"tiny-{key}", key)
+        return folders[key]
+
+    return folder
+
+
 # Ten hand-written caption lists for the Imagenette classes (ImageNet WordNet ids), a test fixture.
 IMAGENETTE_CAPTIONS = Path(__file__).parent / "data" / "imagenette_illustrative.jsonl"
 

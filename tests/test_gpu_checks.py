@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 # (loader-bench again; tests/test_loader_bench.py runs both augmentations).
 SKIPPED = ["profile-cuda-graphs", "profile-compiled-no-kernels", "caption-bench-static", "loader-ceiling"]
 STEPS = ["train-e2e", "train-e2e-ids", "caption-e2e-build", "caption-e2e", "kernel-bench", "profile-eager",
-         "profile-compiled", "caption-jpegs", "caption-bench", "loader-bench", "speed-levers"]
+         "profile-compiled", "caption-jpegs", "caption-bench", "loader-bench", "speed-levers", "family-bench"]
 
 
 @pytest.mark.slow
@@ -44,5 +44,11 @@ def test_gpu_checks_dry_run_completes_every_step(tmp_path):
     assert (tmp_path / "loader-bench" / "loader-bench.json").is_file()
     levers = json.loads((tmp_path / "speed-levers" / "speed-levers.json").read_text())["levers"]
     assert [row["lever"] for row in levers] == ["reference", "fast", "deepcache 3"]
+    # Every registered family, streamsynth's images equal its diffusers pipeline's.
+    from streamsynth.synth.families import FAMILIES
+
+    families = json.loads((tmp_path / "family-bench" / "families.json").read_text())["families"]
+    assert {row["key"] for row in families} == {family.key for family in FAMILIES.values()}
+    assert all(row["max_abs_difference"]["streamsynth"] <= 1e-4 for row in families)
     assert "python" in (tmp_path / "environment.txt").read_text()
 

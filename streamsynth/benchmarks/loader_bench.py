@@ -1,14 +1,14 @@
 """`streamsynth loader-bench`: images/s the stream hands a trainer, against plain diffusers and against the limit.
 
 Two baselines run in the same process and the same run. The plain loop is what a user would write without
-streamsynth: diffusers' `StableDiffusionPipeline` in the trainer's process with per-sample generators, its output
-resized and handed to the consumer. The limit is a plain `DataLoader` over pre-made uint8 images in memory with the
-same augmentation and batch size: what any loader costs when generation is free. Each streamsynth configuration
-(loader workers x replay x where the augmentation runs) is timed over the same number of batches after its first
-(model loading and worker start-up are reported apart), optionally with a classifier step per batch as the
-consumer. Reported: delivered and generated images/s, the CPU milliseconds spent per delivered image (process CPU
-time of the loader workers plus the trainer's own time inside the loader, not wall time), the share of time the
-consumer waited, and peak memory.
+streamsynth: the model's diffusers pipeline (`StableDiffusionPipeline` for SD1.5) in the trainer's process with
+per-sample generators, its output resized and handed to the consumer. The limit is a plain `DataLoader` over
+pre-made uint8 images in memory with the same augmentation and batch size: what any loader costs when generation is
+free. Each streamsynth configuration (loader workers x replay x where the augmentation runs) is timed over the same
+number of batches after its first (model loading and worker start-up are reported apart), optionally with a
+classifier step per batch as the consumer. Reported: delivered and generated images/s, the CPU milliseconds spent per
+delivered image (process CPU time of the loader workers plus the trainer's own time inside the loader, not wall
+time), the share of time the consumer waited, and peak memory.
 
 Times are wall-clock (`benchtools.Timer(clock="wall")`): the trainer waits on other processes. Peak memory is
 benchtools' one measure: the trainer's process for the plain loop and the limit, the largest worker for the stream.
@@ -60,27 +60,23 @@ def add_commands(subparsers) -> None:
 
 
 def _plain_diffusers(model: str, args, specs: list, consume) -> dict:
-    from diffusers import StableDiffusionPipeline
-
-    from ..synth.loading import loading_options, quiet_hf_progress, resolve_dtype, scheduler_from_name
+    from ..synth.loading import load_pipeline, model_family
     from ..synth.postprocess import resize_to_uint8
 
-    quiet_hf_progress()
     device = torch.device(args.device)
     with benchtools.Timer() as startup:
-        pipe = StableDiffusionPipeline.from_pretrained(model, dtype=resolve_dtype(args.dtype, device),
-                                                       safety_checker=None, requires_safety_checker=False,
-                                                       **loading_options()).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        if args.scheduler:  # the same sampler as the stream's, in diffusers' own loop
-            pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+        # The same sampler as the stream's (with --scheduler), in the family's own diffusers pipeline's loop.
+        pipe = load_pipeline(model, device, args.dtype, scheduler=args.scheduler)
+    family = model_family(model)
+    size = family.native_size(pipe)
     benchtools.reset_peak_memory(device)
 
     def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         part = specs[i * args.batch_size:(i + 1) * args.batch_size]
         generators = [torch.Generator().manual_seed(s.seed) for s in part]
-        images = pipe([s.prompt for s in part], num_inference_steps=args.num_inference_steps,
-                      guidance_scale=args.guidance_scale, generator=generators, output_type="pt").images
+        images = pipe([s.prompt for s in part], height=size, width=size,
+                      num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                      generator=generators, output_type="pt", **family.reference_call_options).images
         return resize_to_uint8(images, args.image_size).float().cpu(), torch.tensor([s.label for s in part])
 
     consume(*batch(0))  # warm-up, as the stream's first batch is excluded too

@@ -54,7 +54,7 @@ def add_commands(subparsers) -> None:
     source.add_argument("--sd-arch", choices=("sd15", "tiny"),
                         help="random-weight Stable Diffusion architecture: sd15, SD1.5's; tiny, the small test model "
                         "(CPU)")
-    source.add_argument("--sd-model", help="a Stable Diffusion hub id or diffusers folder to profile instead")
+    source.add_argument("--sd-model", help="an SD1.x/2.x hub id or diffusers folder to profile instead")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="folder for the report: writes OUT/profile.json and OUT/profile.png (created)")
     p.add_argument("--model-dir", metavar="DIR",
@@ -161,6 +161,12 @@ def _settings(args) -> dict:
 
 def _model_folder(args, out: Path, device: torch.device) -> str | Path:
     if args.sd_model:
+        from ..synth.loading import model_family
+
+        family = model_family(args.sd_model)
+        if family.key != "sd":  # the stage hooks and FLOP counts below read an SD1.x/2.x UNet's call
+            raise ValueError(f"streamsynth profile measures SD1.x/2.x models; {args.sd_model} is {family.name}: time "
+                             "it against its diffusers pipeline with benchmarks/families.py")
         return args.sd_model
     if args.sd_arch == "tiny":
         from ..synth import ensure_tiny_pipeline

@@ -66,7 +66,8 @@ def _interval(text: str) -> tuple[float, float]:
 def add_source_options(parser, model_default: str = "the embedded tiny digits model") -> None:
     """--sd-model, --captions, --prompt, --seed: which model, which captions, which prompts, which samples."""
     parser.add_argument("--sd-model", metavar="MODEL",
-                        help=f"Stable Diffusion hub id or diffusers folder (default: {model_default})")
+                        help="text-to-image model of a supported family (docs/families.md): a hub id or diffusers "
+                        f"folder (default: {model_default})")
     parser.add_argument("--captions", metavar="STORE",
                         help="caption store (LMDB) (default: the embedded digits captions)")
     parser.add_argument("--prompt", default="cip", help=PROMPT_HELP)

@@ -329,7 +329,7 @@ class StreamLoader:
 
     def _start(self, index: int) -> None:
         if self.num_workers > 0 and _start_method(self._loader_kwargs["multiprocessing_context"]) == "fork":
-            preload_pipeline_library()
+            preload_pipeline_library(self.stream.maker.generator.model)
         view = GroupView(self.stream.maker, self.layout, index, self.stats, self._weights)
         self._iterator = iter(DataLoader(view, **self._loader_kwargs))
         _detach_from_sigchld(self._iterator)

@@ -1,4 +1,5 @@
-"""Stable Diffusion: loading with diffusers, the sampling loop and post-processing."""
+"""Text-to-image generation: loading with diffusers, the one sampling loop, the model families (`families`),
+post-processing."""
 
 from .config import GeneratorConfig, SynthesisConfig
 from .loading import ModelLoadError, load_pipeline

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .fast import FastPathOptions
-from .loading import check_decoder_source, check_lora_source, check_model_source
+from .loading import (check_decoder_source, check_family_options, check_lora_source, check_model_source,
+                      local_model_family)
 from .tiny import has_random_weights
 
 
@@ -60,11 +61,12 @@ class SynthesisConfig:
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    """Which Stable Diffusion makes the images, where, and how they come out.
+    """Which text-to-image model makes the images, where, and how they come out.
 
     Args:
-        model: a hub id or diffusers folder, loaded with `from_pretrained` once per worker (a local path is
-            checked here, so a wrong one fails in the trainer, not in every worker).
+        model: a hub id or diffusers folder of a supported family (`streamsynth.synth.families`), loaded with
+            `from_pretrained` once per worker (a local folder is checked here, its family and the options it takes
+            too, so a wrong one fails in the trainer, not in every worker).
         synthesis: steps, guidance scale, resolution and safety check.
         image_size: side of the square uint8 images handed out (resized on the generator's device); None keeps
             the model's resolution.
@@ -72,8 +74,9 @@ class GeneratorConfig:
             list is split among a node's ranks when it has a device for each, and a rank's worker w uses its
             share's device w mod n (`streamsynth.stream.devices`).
         dtype: "fp16", "bf16" or "fp32"; default fp16 on CUDA, fp32 on the CPU.
-        scheduler: a scheduler name (see `streamsynth.synth.loading.SCHEDULERS`); default: the model's own.
-        batch_size: images per UNet batch in a worker (a generation group is made in chunks of this size).
+        scheduler: a scheduler name (see `streamsynth.synth.loading.SCHEDULERS`) that fits the model's family;
+            default: the model's own.
+        batch_size: images per denoiser batch in a worker (a generation group is made in chunks of this size).
         fast: fast-path options (Triton kernels, fused guidance step, attention backend, compile); None runs the
             plain diffusers components; "auto" (default) the default options on a CUDA device and none elsewhere,
             decided by each worker for its own device (measured faster on GPUs, images equal within rounding).
@@ -108,6 +111,10 @@ class GeneratorConfig:
             raise ValueError(f"the generator's batch_size must be at least 1, got {self.batch_size}")
         if isinstance(self.fast, str) and self.fast != "auto":
             raise ValueError(f"fast must be FastPathOptions, None or \"auto\", got {self.fast!r}")
+        family = local_model_family(self.model)
+        if family is not None:  # a hub id's family is known once a worker loads it
+            check_family_options(family, self.scheduler, self.synthesis.safety_check, self.decoder,
+                                 self.synthesis.feature_cache_interval)
         compiled = isinstance(self.fast, FastPathOptions) and (self.fast.compile_unet or self.fast.cuda_graphs)
         if compiled and self.synthesis.feature_cache_interval > 1:
             # The cache swaps the deep blocks' forward between calls, which a compiled graph does not see (and

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import BACKENDS, AttentionChoice, apply_attention
+from .families import family_of
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ class FastPathOptions:
     attention: str = "auto"  # "auto" (xformers if its probe passes, else SDPA), "sdpa" or "xformers"
     channels_last: bool = False  # NHWC activations in the UNet and VAE (slower in eager on H200 without the kernels)
     fuse_qkv: bool = False  # one matmul for Q, K and V (diffusers' fuse_qkv_projections; runs on SDPA)
-    compile_unet: bool = False  # torch.compile the UNet (minutes of compilation at startup)
-    cuda_graphs: bool = False  # replay the fixed-shape UNet call as a CUDA graph (torch.compile "reduce-overhead")
+    compile_unet: bool = False  # torch.compile the denoiser, UNet or transformer (minutes of compilation at startup)
+    cuda_graphs: bool = False  # replay the fixed-shape denoiser call as a CUDA graph (torch.compile "reduce-overhead")
 
     def __post_init__(self) -> None:
         if self.attention not in BACKENDS:
@@ -53,7 +54,8 @@ class FastPath:
     attention: AttentionChoice
     fused_step: object | None = None  # a streamsynth.kernels.guided_step.FusedGuidedStep, or None where unsupported
     applied: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # asked for and not possible here: logged as warnings
+    left_off: list[str] = field(default_factory=list)  # parts the model's family does not have: logged at debug level
 
     def postprocess(self, decoded: torch.Tensor, size: int | None, mean: torch.Tensor | None = None,
                     std: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,38 +67,50 @@ class FastPath:
 
 
 def apply(pipe, options: FastPathOptions | None = None) -> FastPath:
-    """Switches `options` on for a loaded `StableDiffusionPipeline`, in place; what it did is logged at debug level
-    (every synthesis worker does this, again after each restart) and kept in the returned `FastPath`."""
+    """Switches `options` on for a loaded pipeline, in place, where its family has the parts they act on (a UNet's
+    attention processors, GroupNorm and GEGLU; an AutoencoderKL); what it did and what it left off is logged at debug
+    level (every synthesis worker does this, again after each restart) and kept in the returned `FastPath`."""
     options = options or FastPathOptions()
-    device = pipe.unet.device
+    family = family_of(type(pipe).__name__)
+    denoiser = family.denoiser(pipe)
+    name = family.denoiser_attribute
+    device = denoiser.device
+    fast = FastPath(options, AttentionChoice("sdpa", "not chosen"))
     if options.fuse_qkv:
-        from diffusers import AutoencoderKL
-
-        # Only an AutoencoderKL has attention to fuse; diffusers refuses any other VAE (an AutoencoderTiny).
-        pipe.fuse_qkv_projections(unet=True, vae=isinstance(pipe.vae, AutoencoderKL))
-        attention = AttentionChoice("sdpa", "fused QKV projections run on diffusers' FusedAttnProcessor2_0")
-        log.debug("attention backend: sdpa (%s)", attention.reason)
+        fast.attention = AttentionChoice("sdpa", "fused QKV projections run on diffusers' FusedAttnProcessor2_0")
+        fast.applied.append(f"attention=sdpa with fused QKV in {_fuse_qkv(pipe, family, fast)}")
+        log.debug("attention backend: sdpa (%s)", fast.attention.reason)
     else:
-        attention = apply_attention([pipe.unet, pipe.vae], device, options.attention)
-    fast = FastPath(options, attention)
-    fast.applied.append(f"attention={attention.backend}" + (" with fused QKV" if options.fuse_qkv else ""))
+        # A UNet's attention is diffusers' plain Attention, whose processor may be swapped; a transformer family's
+        # has its own processors (joint attention in SD3, linear attention in Sana), which must stay.
+        models = [denoiser, pipe.vae] if family.uses_unet else [pipe.vae]
+        fast.attention = apply_attention(models, device, options.attention)
+        fast.applied.append(f"attention={fast.attention.backend} in {_names(pipe, models)}")
+        if not family.uses_unet:
+            fast.left_off.append(f"attention backend in the {name}: {family.name}'s own processors (PyTorch SDPA) "
+                                 "kept")
 
     if options.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
-        fast.applied.append("channels_last")
+        models = [denoiser, pipe.vae] if family.uses_unet else [pipe.vae]
+        for model in models:
+            model.to(memory_format=torch.channels_last)
+        fast.applied.append(f"channels_last in {_names(pipe, models)}")
+        if not family.uses_unet:
+            fast.left_off.append(f"channels_last in the {name}: its activations are token sequences, not images")
     cuda_graphs = options.cuda_graphs and device.type == "cuda"
-    compiles_unet = options.compile_unet or cuda_graphs
+    compiles = options.compile_unet or cuda_graphs
     if options.triton_kernels:
         from ..kernels.patch import patch
 
         # A compiled UNet is left to Inductor, which fuses GroupNorm+SiLU itself and cannot fuse across a Triton
         # call: on the H200 its 50 steps took 6.86 s without the kernels and 7.12 s with them. The VAE is not
-        # compiled and keeps them (0.35 s against 0.47 s per decode).
+        # compiled and keeps them (0.35 s against 0.47 s per decode). A transformer has neither GroupNorm nor GEGLU.
         # benchmarks/results/2026-11-27-h200-profile-compiled*.json
-        models = [("vae", pipe.vae)] if compiles_unet else [("unet", pipe.unet), ("vae", pipe.vae)]
-        counts = {name: patch(model) for name, model in models}
+        patched = [("vae", pipe.vae)] if compiles or not family.uses_unet else [(name, denoiser), ("vae", pipe.vae)]
+        counts = {part: patch(model) for part, model in patched}
         fast.applied.append(f"triton kernels patched in: {counts}")
+        if not family.uses_unet:
+            fast.left_off.append(f"triton kernels in the {name}: it has no GroupNorm or GEGLU")
     if options.fused_step:
         from ..kernels.guided_step import FusedGuidedStep, unsupported_reason
 
@@ -107,18 +121,43 @@ def apply(pipe, options: FastPathOptions | None = None) -> FastPath:
             fast.fused_step = FusedGuidedStep(pipe.scheduler)
             fast.applied.append(f"fused guided step ({type(pipe.scheduler).__name__})")
     if options.cuda_graphs and not cuda_graphs:
-        fast.skipped.append(f"CUDA graphs: the UNet is on {device}, not a CUDA device")
-    if compiles_unet:
-        _compile(pipe, fast, cuda_graphs)
+        fast.skipped.append(f"CUDA graphs: the {name} is on {device}, not a CUDA device")
+    if compiles:
+        _compile(pipe, name, fast, cuda_graphs)
     for line in fast.applied:
         log.debug("fast path: %s", line)
+    for line in fast.left_off:
+        log.debug("fast path: not for %s: %s", family.name, line)
     for line in fast.skipped:
         log.warning("fast path: skipped %s", line)
     return fast
 
 
-def _compile(pipe, fast: FastPath, cuda_graphs: bool) -> None:
+def _names(pipe, models: list[torch.nn.Module]) -> str:
+    return "+".join(name for name, component in pipe.components.items() if any(component is m for m in models))
+
+
+def _fuse_qkv(pipe, family, fast: FastPath) -> str:
+    """Fuses Q, K and V (K and V in cross-attention) into one projection in the UNet and an AutoencoderKL, as
+    diffusers' `fuse_qkv_projections` does (it refuses any other VAE, an AutoencoderTiny); a transformer's own
+    attention processors stay."""
+    from diffusers import AutoencoderKL
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    models = [family.denoiser(pipe)] if family.uses_unet else []
+    if isinstance(pipe.vae, AutoencoderKL):
+        models.append(pipe.vae)
+    for model in models:
+        model.fuse_qkv_projections()
+        model.set_attn_processor(FusedAttnProcessor2_0())
+    if not family.uses_unet:
+        fast.left_off.append(f"fused QKV in the {family.denoiser_attribute}: {family.name}'s own attention "
+                             "processors kept")
+    return _names(pipe, models) or "nothing"
+
+
+def _compile(pipe, name: str, fast: FastPath, cuda_graphs: bool) -> None:
     mode = "reduce-overhead" if cuda_graphs else None
     # Not fullgraph: the Triton kernels' Python wrappers (validation, dispatch) may break the graph.
-    pipe.unet = torch.compile(pipe.unet, mode=mode)
-    fast.applied.append(f"torch.compile(unet, mode={mode!r})" + (" with CUDA graphs" if cuda_graphs else ""))
+    setattr(pipe, name, torch.compile(getattr(pipe, name), mode=mode))
+    fast.applied.append(f"torch.compile({name}, mode={mode!r})" + (" with CUDA graphs" if cuda_graphs else ""))

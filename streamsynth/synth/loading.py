@@ -1,8 +1,10 @@
-"""Loading a Stable Diffusion pipeline with diffusers' `from_pretrained`, from a hub id or a local folder."""
+"""Loading a text-to-image pipeline with diffusers' `from_pretrained`, from a hub id or a local folder: its family
+(`streamsynth.synth.families`) is the one its model_index.json names."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import StreamsynthError, one_line
+from .families import Family, family_of, supported_families
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +71,18 @@ def _looks_local(source: str | os.PathLike) -> bool:
     return path.is_absolute() or str(source).startswith((".", "~")) or path.exists() or str(source).count("/") > 1
 
 
-# The components a Stable Diffusion pipeline cannot run without. A folder that lacks one loads all the same in some
-# versions of diffusers and fails later in every synthesis call (no tokenizer/: "OverflowError: int too big to
-# convert"), so their folders are checked before loading.
-REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# A folder that lacks a component its model_index.json names loads all the same in some versions of diffusers and
+# fails later in every synthesis call (no tokenizer/: "OverflowError: int too big to convert"), so the folders are
+# checked before loading. These are the ones a pipeline loads without (streamsynth passes no safety checker unless
+# asked, and no image encoder).
+OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 
 
 def check_model_source(model: str | os.PathLike, provided: tuple[str, ...] = ()) -> None:
     """Fail early, with the fix, for a local path that cannot be a diffusers pipeline (hub ids are checked on load):
-    missing, without model_index.json, or without the folder of a component it needs (`REQUIRED_COMPONENTS`, less
-    those `provided` by the caller, e.g. "vae" when a tiny decoder replaces it)."""
+    missing, without model_index.json, of a family streamsynth does not sample, or without the folder of a component
+    it needs (`required_components`, less those `provided` by the caller, e.g. "vae" when a tiny decoder replaces
+    it)."""
     path = Path(model)
     if _looks_local(model):
         if not path.exists():
@@ -91,13 +96,23 @@ def check_model_source(model: str | os.PathLike, provided: tuple[str, ...] = ())
                 "pipeline.save_pretrained(folder), or convert a single-file checkpoint with "
                 "StableDiffusionPipeline.from_single_file(...).save_pretrained(folder)"
             )
-        for name in REQUIRED_COMPONENTS:
-            if name not in provided and not _has_files(path / name):
+        index = model_index(model)
+        model_family(model, index)  # an unsupported family is refused here, in the trainer, not in every worker
+        for name in required_components(index, provided):
+            if not _has_files(path / name):
                 raise ModelLoadError(
-                    f"model folder {path} has no {name}/ folder (or an empty or unreadable one), a component Stable "
-                    "Diffusion needs: copy the whole pipeline folder again, or save it with "
+                    f"model folder {path} has no {name}/ folder (or an empty or unreadable one), a component its "
+                    "model_index.json names: copy the whole pipeline folder again, or save it with "
                     "pipeline.save_pretrained(folder)"
                 )
+
+
+def required_components(index: dict, provided: tuple[str, ...] = ()) -> list[str]:
+    """The components a pipeline's model_index.json names that loading needs a folder for: every one it lists with a
+    class, less the optional ones (`OPTIONAL_COMPONENTS`) and those the caller `provided`."""
+    return [name for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, (list, tuple)) and len(value) == 2 and value[0]
+            and name not in OPTIONAL_COMPONENTS and name not in provided]
 
 
 def _has_files(folder: Path) -> bool:
@@ -105,6 +120,53 @@ def _has_files(folder: Path) -> bool:
         return any(entry.is_file() for entry in os.scandir(folder))
     except OSError:
         return False
+
+
+def model_index(model: str | os.PathLike) -> dict:
+    """A model's model_index.json (its pipeline class and components): read from a local folder, or from the hub's
+    copy (the local cache when offline)."""
+    path = Path(model) / "model_index.json"
+    if path.is_file():
+        try:
+            index = json.loads(path.read_text())
+        except ValueError as err:
+            raise ModelLoadError(f"{path} is damaged ({err}): save the pipeline again with save_pretrained") from err
+    else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            index = dict(DiffusionPipeline.load_config(os.fspath(model)))
+        except OSError as err:
+            raise ModelLoadError(
+                f"could not read the model_index.json of {os.fspath(model)!r}: {one_line(err)}; give a local "
+                "diffusers folder, or a hub id whose files are in the local cache (set HF_HUB_OFFLINE=1 to use the "
+                "cache only)"
+            ) from err
+    if not isinstance(index, dict) or "_class_name" not in index:
+        raise ModelLoadError(f"the model_index.json of {os.fspath(model)} names no pipeline class (_class_name): save "
+                             "the pipeline again with save_pretrained")
+    return index
+
+
+def pipeline_class(model: str | os.PathLike) -> str:
+    """The diffusers pipeline class name a model's model_index.json gives."""
+    return model_index(model)["_class_name"]
+
+
+def local_model_family(model: str | os.PathLike) -> Family | None:
+    """The family of a model in a local folder (refused in one line if unsupported); None for a hub id."""
+    return model_family(model) if (Path(model) / "model_index.json").is_file() else None
+
+
+def model_family(model: str | os.PathLike, index: dict | None = None) -> Family:
+    """The family a model belongs to, by the pipeline class its model_index.json (`index`, read if not given)
+    names; any other is refused in one line that names the supported ones."""
+    name = (index or model_index(model))["_class_name"]
+    family = family_of(name)
+    if family is None:
+        raise ModelLoadError(f"{os.fspath(model)} is a {name}, which streamsynth does not sample: give a model of a "
+                             f"supported family: {supported_families()}")
+    return family
 
 
 def check_lora_source(lora: str | os.PathLike) -> None:
@@ -143,19 +205,23 @@ def load_pipeline(
     lora: str | os.PathLike | None = None,
     decoder: str | os.PathLike | None = None,
 ):
-    """A `StableDiffusionPipeline` on `device`, loaded with `from_pretrained`; components stay in eval mode.
+    """The diffusers pipeline of `model`'s family on `device`, loaded with `from_pretrained`; components stay in eval
+    mode.
 
     `lora` (an LCM-LoRA, say) is loaded with diffusers' `load_lora_weights` and fused into the weights, so sampling
     pays nothing for it per step. `decoder` is an `AutoencoderTiny` (TAESD) put in place of the model's VAE: its
     decoder is many times cheaper than the full VAE's, at some cost in detail.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     quiet_hf_progress()
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
     check_model_source(model, provided=("vae",) if decoder is not None else ())
-    kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    index = model_index(model)
+    family = model_family(model, index)
+    check_family_options(family, scheduler, safety_checker, decoder)
+    kwargs = family.load_options(index, safety_checker)
     if decoder is not None:
         # Given to from_pretrained, the full VAE is never loaded.
         kwargs["vae"] = load_tiny_decoder(decoder, torch_dtype)
@@ -164,11 +230,11 @@ def load_pipeline(
         # annotated with; the pipeline runs it as it is (diffusers' documentation swaps it in), so in every synthesis
         # worker that warning is noise.
         with _without_log_messages("Expected types for vae:", "diffusers.pipelines.pipeline_utils"):
-            pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=torch_dtype, **kwargs,
-                                                           **loading_options())
+            pipe = getattr(diffusers, index["_class_name"]).from_pretrained(
+                os.fspath(model), dtype=torch_dtype, **kwargs, **loading_options())
     except OSError as err:
         raise ModelLoadError(
-            f"could not load Stable Diffusion from {model!r}: {err}\n"
+            f"could not load {family.name} from {os.fspath(model)!r}: {err}\n"
             "Give a local diffusers folder, or a hub id whose weights are in the local cache (this machine may have "
             "no network; set HF_HUB_OFFLINE=1 to use the cache only)."
         ) from err
@@ -177,13 +243,41 @@ def load_pipeline(
             f"{model} has no safety checker but the safety check was asked for: add one to the pipeline folder "
             "or turn the safety check off"
         )
+    if decoder is not None:
+        _check_decoder_fits(pipe, family, decoder)
     if scheduler is not None:
         pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     if lora is not None:
+        if not hasattr(pipe, "load_lora_weights"):
+            raise ModelLoadError(f"diffusers loads no LoRA into {family.name} pipelines: drop the LoRA")
         fuse_lora(pipe, lora)  # on the device: fusing is a matrix product per adapted layer
     return pipe
+
+
+def check_family_options(family: Family, scheduler: str | None = None, safety_checker: bool = False,
+                         decoder: str | os.PathLike | None = None, feature_cache_interval: int = 1) -> None:
+    """Refuses, in one line with the fix, an option the family has no part for: a scheduler that does not fit its
+    training (ValueError, as an unknown scheduler), a safety checker, a tiny decoder, DeepCache without a UNet."""
+    if scheduler is not None:
+        check_scheduler(scheduler, family)
+    if safety_checker and not family.has_safety_checker:
+        raise ModelLoadError(f"{family.name} pipelines have no safety checker: turn the safety check off")
+    if decoder is not None and family.tiny_decoder is None:
+        raise ModelLoadError(f"no tiny decoder (AutoencoderTiny) decodes {family.name}'s latents: drop the decoder")
+    if feature_cache_interval > 1 and not family.uses_unet:
+        raise ValueError(f"feature_cache_interval > 1 (DeepCache) skips a UNet's deep blocks; {family.name} denoises "
+                         "with a transformer: use 1")
+
+
+def _check_decoder_fits(pipe, family: Family, decoder: str | os.PathLike) -> None:
+    channels = family.denoiser(pipe).config.in_channels
+    if pipe.vae.config.latent_channels != channels:
+        raise ModelLoadError(
+            f"the tiny decoder {os.fspath(decoder)} decodes {pipe.vae.config.latent_channels}-channel latents, "
+            f"{family.name} makes {channels}-channel ones: give the tiny decoder made for it, {family.tiny_decoder}"
+        )
 
 
 def load_tiny_decoder(decoder: str | os.PathLike, dtype: torch.dtype):
@@ -264,13 +358,22 @@ def scheduler_from_name(name: str, config):
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
 
 
-def preload_pipeline_library() -> None:
-    """Imports diffusers' pipeline class (and the transformers modules it imports) in this process, once: loader
-    workers forked from it then only load the model's weights, instead of spending the import (about 8 s of CPU on a
-    CPU core) in every worker at every start and restart. Workers started with spawn import anew."""
+def check_scheduler(name: str, family: Family) -> None:
+    """A scheduler name must be known, and fit the way the family was trained (a flow-matching model takes its own)."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}: use one of {sorted(SCHEDULERS)}")
+    if name not in family.schedulers:
+        fits = f"one of {list(family.schedulers)} or" if family.schedulers else "only"
+        raise ValueError(f"scheduler {name!r} does not fit {family.name}: give it {fits} its own (no scheduler)")
+
+
+def preload_pipeline_library(model: str | os.PathLike) -> None:
+    """Imports the diffusers pipeline class of `model` (and the transformers modules it imports) in this process,
+    once: loader workers forked from it then only load the model's weights, instead of spending the import (about
+    8 s of CPU on a CPU core) in every worker at every start and restart. Workers started with spawn import anew."""
     try:
         import diffusers
 
-        diffusers.StableDiffusionPipeline  # diffusers imports a class's module when it is first asked for
-    except ImportError:  # the workers' own load says what is missing, as a worker error
+        getattr(diffusers, pipeline_class(model))  # diffusers imports a class's module when it is first asked for
+    except (ImportError, AttributeError, ModelLoadError):  # the workers' own load says what is wrong, as a worker error
         pass

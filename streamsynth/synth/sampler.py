@@ -1,9 +1,10 @@
-"""The sampling loop: prompts and seeds in, images out, with classifier-free guidance.
+"""The sampling loop: prompts and seeds in, images out, with classifier-free guidance; one loop for every family.
 
 It reads as the algorithm: encode text, draw each sample's initial noise from its own seed, denoise, decode, check.
 Every sample's noise comes from its own generator and every layer treats batch rows independently, so an image
 depends on its (prompt, seed) alone, never on the rest of the batch. That is what lets the stream assign work to
-any worker and batch it any way while staying reproducible.
+any worker and batch it any way while staying reproducible. What differs between families of models (how text is
+encoded, how the denoiser is called, how latents are decoded) is the family's (`streamsynth.synth.families`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch
 
 from ..seeding import derive_seed
 from .config import GeneratorConfig, SynthesisConfig
+from .families import Conditioning, family_of, supported_families
 from .feature_cache import FeatureCache
+from .loading import check_family_options
 from .postprocess import resize_to_uint8
 
 if TYPE_CHECKING:
@@ -26,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class Synthesizer:
-    """Generates images for (prompt, seed) pairs with the components of a diffusers Stable Diffusion pipeline.
+    """Generates images for (prompt, seed) pairs with the components of a diffusers text-to-image pipeline of any
+    supported family (`family`).
 
     Two steps may be swapped for fused ones (see `streamsynth.synth.fast`), each computing what it replaces:
     `fused_step(noise, t, latents, guidance_scale or None) -> latents` replaces `guided_step` (the guidance combine
@@ -39,26 +43,27 @@ class Synthesizer:
         self.config = config or SynthesisConfig()
         self.fused_step = fused_step
         self.postprocess = postprocess
-        if self.config.safety_check and pipe.safety_checker is None:
+        self.family = family_of(type(pipe).__name__)
+        if self.family is None:
+            raise ValueError(f"streamsynth does not sample a {type(pipe).__name__}: give a pipeline of a supported "
+                             f"family: {supported_families()}")
+        if self.config.safety_check and getattr(pipe, "safety_checker", None) is None:
             raise ValueError("safety_check=True needs a pipeline loaded with its safety checker")
-        if pipe.unet.config.get("time_cond_proj_dim") is not None:
-            # A distilled UNet that takes the guidance scale as an embedding (full LCM checkpoints) would run here
-            # without it and give other images than diffusers, silently.
-            raise ValueError("this UNet takes its guidance scale as an input (a full LCM checkpoint), which "
-                             "streamsynth's sampler does not pass: use the base model with its LCM-LoRA "
-                             "(--lora, --scheduler lcm) instead")
-        self.device = pipe.unet.device
-        self.dtype = pipe.unet.dtype
-        scale = pipe.vae_scale_factor
-        self.height = self.config.height or pipe.unet.config.sample_size * scale
-        self.width = self.config.width or pipe.unet.config.sample_size * scale
-        if self.height % scale or self.width % scale:
-            raise ValueError(f"height and width must be multiples of {scale}, got {self.height}x{self.width}")
+        self.family.check(pipe)
+        check_family_options(self.family, feature_cache_interval=self.config.feature_cache_interval)
+        denoiser = self.family.denoiser(pipe)
+        self.device = denoiser.device
+        self.dtype = denoiser.dtype
+        size, multiple = self.family.native_size(pipe), self.family.size_multiple(pipe)
+        self.height = self.config.height or size
+        self.width = self.config.width or size
+        if self.height % multiple or self.width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple}, got {self.height}x{self.width}")
         self._step_takes_generator = "generator" in inspect.signature(pipe.scheduler.step).parameters
-        self._empty_prompt_embedding: torch.Tensor | None = None
+        self._empty_prompt_embedding: Conditioning | None = None
         self.fast_path = None  # the FastPath `from_pipeline` switched on, if any
-        # DeepCache across steps (off at interval 1); its full_rows/shallow_rows count the UNet rows evaluated.
-        self.feature_cache = FeatureCache(pipe.unet, self.config.feature_cache_interval)
+        # DeepCache across steps (off at interval 1); its full_rows/shallow_rows count the denoiser rows evaluated.
+        self.feature_cache = FeatureCache(denoiser, self.config.feature_cache_interval)
 
     @classmethod
     def from_pretrained(
@@ -102,17 +107,14 @@ class Synthesizer:
                                    decoder=config.decoder)
 
     @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        tokenizer = self.pipe.tokenizer
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-        return self.pipe.text_encoder(ids)[0].to(self.dtype)
+    def encode_text(self, prompts: list[str]) -> Conditioning:
+        """The denoiser's text inputs for `prompts` (a tensor, or a mapping of tensors, one row per prompt)."""
+        return self.family.encode(self.pipe, prompts)
 
-    def empty_prompt_embedding(self) -> torch.Tensor:
-        """The unconditional branch's text embedding, computed once."""
+    def empty_prompt_embedding(self) -> Conditioning:
+        """The unconditional branch's text inputs, computed once."""
         if self._empty_prompt_embedding is None:
-            self._empty_prompt_embedding = self.encode_text([""])
+            self._empty_prompt_embedding = self.family.encode_unconditional(self.pipe)
         return self._empty_prompt_embedding
 
     def initial_latents(self, seeds: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
@@ -120,22 +122,31 @@ class Synthesizer:
         from diffusers.utils.torch_utils import randn_tensor
 
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        shape = (len(seeds), self.family.denoiser(self.pipe).config.in_channels, *self.latent_size)
+        latents = randn_tensor(shape, generator=generators, device=self.device,
+                               dtype=self.family.latent_dtype(self.pipe))
+        if self.family.sigma_scaled_inputs:
+            latents = latents * self.pipe.scheduler.init_noise_sigma
+        return latents, generators
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
         scale = self.pipe.vae_scale_factor
-        shape = (len(seeds), self.pipe.unet.config.in_channels, self.height // scale, self.width // scale)
-        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
-        return latents * self.pipe.scheduler.init_noise_sigma, generators
+        return self.height // scale, self.width // scale
 
     @torch.no_grad()
-    def denoise(self, latents: torch.Tensor, text: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    def denoise(self, latents: torch.Tensor, text: Conditioning, generators: list[torch.Generator]) -> torch.Tensor:
         """Runs the scheduler's timesteps, which `set_timesteps` must have prepared."""
-        unet, scheduler, scale = self.pipe.unet, self.pipe.scheduler, self.config.guidance_scale
+        scheduler, scale, family = self.pipe.scheduler, self.config.guidance_scale, self.family
         timesteps = scheduler.timesteps
         plan = [self.config.guided(i, len(timesteps)) for i in range(len(timesteps))]
-        both = torch.cat([self.empty_prompt_embedding().expand_as(text), text]) if any(plan) else None
+        both = _guidance_rows(self.empty_prompt_embedding(), text) if any(plan) else None
         for i, (t, guided) in enumerate(zip(timesteps, plan)):
-            model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            model_input = torch.cat([latents] * 2) if guided else latents
+            if family.sigma_scaled_inputs:
+                model_input = scheduler.scale_model_input(model_input, t)
             with self.feature_cache.step(i, len(model_input)):
-                noise = unet(model_input, t, encoder_hidden_states=both if guided else text, return_dict=False)[0]
+                noise = family.predict(self.pipe, model_input, t, both if guided else text)
             if self.fused_step is not None:
                 latents = self.fused_step(noise, t, latents, scale if guided else None)
             else:
@@ -156,8 +167,7 @@ class Synthesizer:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in [-1, 1], as the VAE produces them."""
-        vae = self.pipe.vae
-        return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return self.family.decode(self.pipe, latents)
 
     @torch.no_grad()
     def flagged(self, images: torch.Tensor) -> list[bool]:
@@ -193,7 +203,7 @@ class Synthesizer:
 
     def _draw(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         # Timesteps first: some schedulers' init_noise_sigma depends on them.
-        self.pipe.scheduler.set_timesteps(self.config.num_inference_steps, device=self.device)
+        self.family.set_timesteps(self.pipe, self.config.num_inference_steps, self.device, self.latent_size)
         latents, generators = self.initial_latents(seeds)
         latents = self.denoise(latents, self.encode_text(prompts), generators)
         return self.decode(latents)
@@ -212,3 +222,10 @@ class Synthesizer:
             log.warning("seed %d: still flagged after %d redraws; replaced by a black image", seeds[i], self.config.max_redraws)
             images[i] = -1.0
         return images
+
+
+def _guidance_rows(unconditional: Conditioning, conditional: Conditioning) -> Conditioning:
+    """A guided step's text inputs: the unconditional row repeated for each sample, above the conditional rows."""
+    if isinstance(conditional, torch.Tensor):
+        return torch.cat([unconditional.expand_as(conditional), conditional])
+    return {name: _guidance_rows(unconditional[name], rows) for name, rows in conditional.items()}

@@ -67,6 +67,57 @@ def character_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>"):
     return tokenizer
 
 
+# The characters the tiny T5 and Gemma vocabularies spell words with; anything else is T5's <unk>, or Gemma's bytes.
+_CHARACTERS = [chr(c) for c in range(33, 127)]
+
+
+def character_t5_tokenizer(max_length: int = 512):
+    """A character-level T5 tokenizer (a unigram model over single characters, with and without the word-start
+    mark), built in memory: T5's special tokens at T5's ids (pad 0, end 1, unknown 2), nothing downloaded."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + c, -2.5) for c in _CHARACTERS] + [(c, -3.0) for c in _CHARACTERS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def character_gemma_tokenizer(max_length: int = 8192):
+    """A character-level Gemma tokenizer (byte-fallback BPE without merges), built in memory: Gemma's special tokens
+    at Gemma's ids (pad 0, end 1, begin 2), a token per byte so that any text tokenizes, nothing downloaded."""
+    from transformers import GemmaTokenizer
+
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += _CHARACTERS + ["\u2581"]
+    return GemmaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], add_bos_token=True,
+                          model_max_length=max_length)
+
+
+def tiny_clip_text_encoder(tokenizer, hidden_act: str = "quick_gelu", projection_dim: int | None = None):
+    """A two-layer CLIP text encoder of width 32 over `tokenizer`'s vocabulary; with `projection_dim`, a
+    `CLIPTextModelWithProjection` (the pooled, projected output SDXL's second and SD3's CLIP encoders give)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act=hidden_act, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **({} if projection_dim is None else {"projection_dim": projection_dim}),
+    )
+    return CLIPTextModel(config) if projection_dim is None else CLIPTextModelWithProjection(config)
+
+
+def tiny_autoencoder(**config):
+    """An AutoencoderKL with four blocks of 8-16 channels: SD's 8x spatial factor at a few hundred KB (`config`:
+    latent channels, scaling and shift factors, as the family's VAE has them)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+        norm_num_groups=8, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, **config,
+    )
+
+
 def _sd15_scheduler():
     from diffusers import PNDMScheduler
 
@@ -100,9 +151,9 @@ ARCHITECTURES = {
 def build_tiny_pipeline(with_safety_checker: bool = True, seed: int = 0, architecture: str = "sd15"):
     """A `StableDiffusionPipeline` of SD1.5's classes (or SD2.1-class SD-Turbo's: `architecture="sd21-turbo"`) at a
     few MB: 64x64 images from 8x8x4 latents; PNDM (Euler with trailing timesteps)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPConfig, CLIPImageProcessor
 
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown tiny architecture {architecture!r}: use one of {sorted(ARCHITECTURES)}")
@@ -110,23 +161,13 @@ def build_tiny_pipeline(with_safety_checker: bool = True, seed: int = 0, archite
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = character_clip_tokenizer(Path(tmp), arch["pad_token"])
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act=arch["hidden_act"], bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    text_encoder = CLIPTextModel(text_config)
+    text_encoder = tiny_clip_text_encoder(tokenizer, arch["hidden_act"])
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, norm_num_groups=8, **arch["unet"],
     )
-    # Four VAE blocks, as SD1.5 has, give its 8x spatial factor.
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-        norm_num_groups=8, sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
+    vae = tiny_autoencoder()
     scheduler = arch["scheduler"]()
     safety_checker = feature_extractor = None
     if with_safety_checker:
@@ -152,6 +193,24 @@ def save_tiny_pipeline(folder: str | os.PathLike, with_safety_checker: bool = Tr
                        architecture: str = "sd15") -> Path:
     """Build the tiny model of `architecture` and `save_pretrained` it to `folder` (created atomically: built
     aside, then renamed)."""
+    return _save_marked(folder, lambda: build_tiny_pipeline(with_safety_checker, architecture=architecture),
+                        lambda: ARCHITECTURES[architecture]["version"])
+
+
+def save_random_pipeline(folder: str | os.PathLike, family: str, size: str = "tiny",
+                         device: str | torch.device = "cpu") -> Path:
+    """A pipeline of `family` (its key, `Family.key`: "sdxl", say; see `streamsynth.synth.families`) with random
+    weights at `size` ("tiny" or "native"), saved with `save_pretrained` to `folder` as `save_tiny_pipeline` saves,
+    and marked as random weights."""
+    from .families import family_by_key
+
+    chosen = family_by_key(family)
+    return _save_marked(folder, lambda: chosen.random_pipeline(size, device), lambda: f"{size}-{chosen.key}-v1")
+
+
+def _save_marked(folder: str | os.PathLike, build, version) -> Path:
+    """`build()`'s pipeline saved to `folder` with the random-weights marker `version()` (read after the build, which
+    refuses an unknown architecture first): built aside, then renamed."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     from .loading import quiet_hf_progress
@@ -159,14 +218,14 @@ def save_tiny_pipeline(folder: str | os.PathLike, with_safety_checker: bool = Tr
     quiet_hf_progress()
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        build_tiny_pipeline(with_safety_checker, architecture=architecture).save_pretrained(
-            staging, safe_serialization=True)
-        mark_random_weights(staging, ARCHITECTURES[architecture]["version"])
+        build().save_pretrained(staging, safe_serialization=True)
+        mark_random_weights(staging, version())
         try:
             os.replace(staging, folder)
         except OSError:
-            if not is_tiny_model(folder, architecture):  # another process won the race with the same model: keep theirs
-                raise
+            marker = _marker(folder)
+            if not (marker and marker["architecture"] == version()):  # another process won the race with the same
+                raise  # model: keep theirs
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
