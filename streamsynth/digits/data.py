@@ -37,7 +37,7 @@ import os
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -288,16 +288,22 @@ def real_training_batches(image_size: int, batch_size: int,
 
 
 def fit_classifier(batches: Iterable[tuple], steps: int, arch: str = "test_resnet", num_classes: int = 10,
-                   lr: float = 0.1, weight_decay: float = 5e-5, label_smoothing: float = 0.1,
-                   seed: int = 0) -> torch.nn.Module:
+                   lr: float = 0.1, weight_decay: float = 5e-5, label_smoothing: float = 0.1, seed: int = 0,
+                   watch: Callable[[torch.nn.Module], None] | None = None,
+                   report: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> torch.nn.Module:
     """Trains `build_classifier(arch)` for `steps` batches of `batches` ((images, labels, ...) tuples) with train.py's
-    recipe: SGD with Nesterov momentum, linear warmup over 2% of the steps, cosine decay to zero, label smoothing."""
+    recipe: SGD with Nesterov momentum, linear warmup over 2% of the steps, cosine decay to zero, label smoothing.
+
+    For steering: `watch(model)` is called with the new model before the first batch, and `report(losses, labels,
+    sample_ids)` with every batch's per-sample losses (batches then carry their sample ids third)."""
     import torch.nn.functional as F
 
     from ..classifier.models import build_classifier, learning_rate, sgd_optimizer
 
     torch.manual_seed(seed)
     model = build_classifier(arch, num_classes)
+    if watch is not None:
+        watch(model)
     optimizer = sgd_optimizer(model, lr, weight_decay)
     warmup = max(1, steps // 50)
     model.train()
@@ -305,9 +311,11 @@ def fit_classifier(batches: Iterable[tuple], steps: int, arch: str = "test_resne
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup)
-        images, labels = next(iterator)[:2]
-        loss = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
+        batch = next(iterator)
+        losses = F.cross_entropy(model(batch[0]), batch[1], label_smoothing=label_smoothing, reduction="none")
+        if report is not None:
+            report(losses.detach(), batch[1], batch[2])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.mean().backward()
         optimizer.step()
     return model.eval()
