@@ -17,9 +17,14 @@ real digits. Modes:
   caption       caption-level steering (`CaptionFeedback`: floor 0.5, a version every `--every` groups)
   sample        sample-level selection (`UncertaintySelection`: `--pool` candidates per sample, the learner's
                 entropy, its weights handed over every `--every` groups)
+  sample-easy   the same selection turned round: the candidate the learner is surest of
   control       the negative control: class-strong turned round, towards the classes the learner already knows
                 (floor 0.1, weights from 1 / loss squared); it must do worse than uniform, or the harness cannot see
                 steering at all
+
+What each classifier trained on is also judged: a classifier trained once on the real training digits (the judge)
+labels every batch the classifier is fed, and the share it labels as the prompted class (the fidelity of the
+training images) and the class mix are recorded, so a mode that steers towards the generator's failures shows it.
 
 It writes OUT/results.json (every setting, every classifier, the costs, the summary and the two checks: does a mode
 reach the uniform stream's final accuracy with at most half the generated images, does the control do worse),
@@ -47,10 +52,11 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 from streamsynth import GeneratorConfig, StreamLoader, SyntheticStream, speed_preset  # noqa: E402
 from streamsynth.commands.args import ArgumentParser, comma_list  # noqa: E402
 from streamsynth.digits import embedded_captions, embedded_model  # noqa: E402
-from streamsynth.digits.data import CLASS_IDS, digit_augmentation, fit_classifier, held_out_top1  # noqa: E402
+from streamsynth.digits.data import (CLASS_IDS, digit_augmentation, fit_classifier, held_out_top1,  # noqa: E402
+                                     real_training_batches)
 from streamsynth.stream import CaptionFeedback, ClassFeedback, EpochsInARow, UncertaintySelection  # noqa: E402
 
-MODES = ("uniform", "class", "class-strong", "caption", "sample", "control")
+MODES = ("uniform", "class", "class-strong", "caption", "sample", "sample-easy", "control")
 CLASS_LEVEL = {"class": {"floor": 0.5}, "class-strong": {"floor": 0.1, "power": 2.0},
                "control": {"floor": 0.1, "power": 2.0, "prefer": "easy"}}
 
@@ -75,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed", default="fast", help="the generator's speed preset (streamsynth.synth.speed)")
     p.add_argument("--workers", type=int, default=2, help="synthesis worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer process")
+    p.add_argument("--judge-steps", type=int, default=300, help="steps of the judge, trained on the real digits")
     p.add_argument("--replot", metavar="JSON", help="write table.md and steering.png from a results.json, train nothing")
     return p.parse_args(argv)
 
@@ -83,16 +90,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def steered_groups(args: argparse.Namespace, mode: str, budget: int) -> int:
     """How many groups the classifier trains on when `budget` images may be generated: one image per sample, except
-    in the sample mode, whose steered groups (version 1 on: from group every + lag) generate `pool` per sample."""
+    in the sample modes, whose steered groups (version 1 on: from group every + lag) generate `pool` per sample."""
     plain = budget // args.batch_size
-    if mode != "sample":
+    if not mode.startswith("sample"):
         return plain
     unsteered = args.every + args.lag
     return plain if plain <= unsteered else unsteered + (plain - unsteered) // args.pool
 
 
 def generated_images(args: argparse.Namespace, mode: str, groups: int) -> int:
-    if mode != "sample":
+    if not mode.startswith("sample"):
         return groups * args.batch_size
     unsteered = min(groups, args.every + args.lag)
     return (unsteered + args.pool * (groups - unsteered)) * args.batch_size
@@ -104,12 +111,41 @@ def learner_feedback(args: argparse.Namespace, mode: str):
         return ClassFeedback(len(CLASS_IDS), **CLASS_LEVEL[mode]), None
     if mode == "caption":
         return None, CaptionFeedback(args.every, args.lag)
-    if mode == "sample":
-        return None, UncertaintySelection(args.pool, args.every, args.lag)
+    if mode.startswith("sample"):
+        return None, UncertaintySelection(args.pool, args.every, args.lag,
+                                          prefer="easy" if mode == "sample-easy" else "hard")
     return None, None
 
 
-def run(args: argparse.Namespace, mode: str, seed: int, budget: int) -> dict:
+class Judged:
+    """The batches a classifier trains on, passed through, each image labelled by the judge on the way: how many the
+    judge takes for the class they were made as, and how many of each class there were."""
+
+    def __init__(self, batches, judge: torch.nn.Module):
+        self.batches, self.judge = batches, judge
+        self.agreed, self.per_class = 0, torch.zeros(len(CLASS_IDS), dtype=torch.long)
+
+    def __iter__(self):
+        for batch in self.batches:
+            with torch.no_grad():
+                self.agreed += int((self.judge(batch[0]).argmax(1) == batch[1]).sum())
+            self.per_class += torch.bincount(batch[1], minlength=len(CLASS_IDS))
+            yield batch
+
+    def summary(self) -> dict:
+        seen = int(self.per_class.sum())
+        return {"fidelity": 100.0 * self.agreed / seen if seen else 0.0,
+                "class_shares": (self.per_class.double() / max(seen, 1)).tolist()}
+
+
+def train_judge(args: argparse.Namespace) -> tuple[torch.nn.Module, float]:
+    """A classifier of the same recipe trained on the real training digits (seed 0), and its held-out top-1."""
+    judge = fit_classifier(real_training_batches(args.image_size, args.batch_size, seed=0), args.judge_steps,
+                           arch=args.model, lr=args.lr, seed=0)
+    return judge, held_out_top1(judge, args.image_size, "cpu", CLASS_IDS)
+
+
+def run(args: argparse.Namespace, mode: str, seed: int, budget: int, judge: torch.nn.Module) -> dict:
     started = time.perf_counter()
     generator = GeneratorConfig(embedded_model(), image_size=args.image_size, devices=("cpu",),
                                 batch_size=args.batch_size, **speed_preset(args.speed))
@@ -122,7 +158,8 @@ def run(args: argparse.Namespace, mode: str, seed: int, budget: int) -> dict:
     loader = StreamLoader(stream, args.workers, prefetch_factor=1, feedback=feedback, steering=steering)
     learner = feedback or steering
     groups = steered_groups(args, mode, budget)
-    model = fit_classifier(EpochsInARow(loader), groups * args.replay, arch=args.model, lr=args.lr, seed=seed,
+    judged = Judged(EpochsInARow(loader), judge)
+    model = fit_classifier(judged, groups * args.replay, arch=args.model, lr=args.lr, seed=seed,
                            watch=steering.watch if steering else None, report=learner.update if learner else None)
     top1 = held_out_top1(model, args.image_size, "cpu", CLASS_IDS)
     metrics = loader.metrics()
@@ -137,7 +174,7 @@ def run(args: argparse.Namespace, mode: str, seed: int, budget: int) -> dict:
     return {
         "mode": mode, "seed": seed, "budget": budget, "groups": groups, "steps": groups * args.replay,
         "trained_images": groups * args.batch_size, "generated_images": generated_images(args, mode, groups),
-        "top1": top1, "wall_s": round(time.perf_counter() - started, 1),
+        "top1": top1, "wall_s": round(time.perf_counter() - started, 1), **judged.summary(),
         "cost": {  # what the workers did (prefetched groups the classifier never took included) and the trainer
             "worker_generated_images": made, "worker_s_per_generated_image": per_image_s,
             "learner_forward_s": learner_s, "hand_over_read_s": read_s,
@@ -164,7 +201,11 @@ def summarise(results: list[dict], modes: list[str], budgets: list[int]) -> dict
             table.setdefault(mode, {})[str(budget)] = {
                 "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                 "seeds": {str(r["seed"]): r["top1"] for r in runs}, "trained_images": runs[0]["trained_images"],
-                "generated_images": runs[0]["generated_images"]}
+                "generated_images": runs[0]["generated_images"],
+                "fidelity": statistics.mean(r["fidelity"] for r in runs),
+                # how unevenly the classes were drawn: the largest class share over the smallest
+                "class_share_ratio": statistics.mean(max(r["class_shares"]) / max(min(r["class_shares"]), 1e-9)
+                                                     for r in runs)}
     summary = {"top1": table}
     if "uniform" not in table:
         return summary
@@ -178,34 +219,56 @@ def summarise(results: list[dict], modes: list[str], budgets: list[int]) -> dict
         "met_by": [m for m, b in reached.items() if m not in ("uniform", "control") and b is not None
                    and b <= int(final_budget) // 2],
     }
+    summary["minus_uniform"] = {mode: {b: statistics.mean(d) for b, d in paired_differences(summary, mode).items()}
+                                for mode in table if mode != "uniform"}
     if "control" in table:
-        shared = [b for b in table["control"] if b in table["uniform"]]
-        differences = {b: table["control"][b]["mean"] - table["uniform"][b]["mean"] for b in shared}
-        summary["control"] = {"minus_uniform": differences,
-                              "mean_minus_uniform": statistics.mean(differences.values()) if differences else None,
+        differences = summary["minus_uniform"]["control"]
+        summary["control"] = {"mean_minus_uniform": statistics.mean(differences.values()) if differences else None,
                               "worse": bool(differences) and statistics.mean(differences.values()) < 0}
     return summary
 
 
 def table_text(summary: dict, modes: list[str], budgets: list[int]) -> str:
-    rows = summary["top1"]
-    lines = ["| mode | " + " | ".join(f"{b:,} generated" for b in budgets) + " |",
-             "| --- |" + " --- |" * len(budgets)]
+    """Top-1 (mean ± std over seeds), then what the classifiers were fed: judged fidelity and the class mix."""
+    rows, lines = summary["top1"], []
+    header = ["| mode | " + " | ".join(f"{b:,} generated" for b in budgets) + " |", "| --- |" + " --- |" * len(budgets)]
+    for title, cell in (
+            ("top-1 on held-out real digits, %, mean ± std over seeds",
+             lambda r, b: f"{r['mean']:.1f} ± {r['std']:.1f}"
+             + (f" ({r['trained_images']:,} trained)" if r["trained_images"] != b else "")),
+            ("training images the judge takes for their class, % (mean over seeds)",
+             lambda r, b: f"{r['fidelity']:.1f}"),
+            ("largest class share / smallest, among the training images (mean over seeds)",
+             lambda r, b: f"{r['class_share_ratio']:.1f}")):
+        lines += [f"{title}:", "", *header]
+        for mode in modes:
+            found = [rows.get(mode, {}).get(str(b)) for b in budgets]
+            lines.append(f"| {mode} | " + " | ".join("–" if r is None else cell(r, b) for r, b in zip(found, budgets))
+                         + " |")
+        lines.append("")
+    lines += ["top-1 minus the uniform stream's with the same seed and budget, points: mean [lowest, highest seed]:", "",
+              *header]
     for mode in modes:
-        cells = []
-        for budget in budgets:
-            row = rows.get(mode, {}).get(str(budget))
-            cells.append("–" if row is None else f"{row['mean']:.1f} ± {row['std']:.1f}"
-                         + (f" ({row['trained_images']:,} trained)" if row["trained_images"] != budget else ""))
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+        differences = paired_differences(summary, mode) if mode != "uniform" else {}
+        lines.append(f"| {mode} | " + " | ".join(
+            f"{statistics.mean(d):+.1f} [{min(d):+.1f}, {max(d):+.1f}]" if (d := differences.get(str(b))) else "–"
+            for b in budgets) + " |")
     return "\n".join(lines)
+
+
+def paired_differences(summary: dict, mode: str) -> dict[str, list[float]]:
+    """Per budget, each seed's top-1 of `mode` minus the uniform stream's with the same seed (which fixes the first
+    groups, before steering starts, and the classifier's initialisation): differences without the seeds' spread."""
+    rows, uniform = summary["top1"].get(mode, {}), summary["top1"].get("uniform", {})
+    return {b: [row["seeds"][s] - uniform[b]["seeds"][s] for s in row["seeds"] if s in uniform[b]["seeds"]]
+            for b, row in rows.items() if b in uniform}
 
 
 def plot(summary: dict, modes: list[str], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4))
-    axes = fig.subplots(1, 2, sharey=True)
+    fig = Figure(figsize=(15, 4.4))
+    axes = fig.subplots(1, 3)
     for mode in modes:
         rows = summary["top1"].get(mode)
         if not rows:
@@ -214,21 +277,36 @@ def plot(summary: dict, modes: list[str], path: Path) -> None:
         low = [min(rows[b]["seeds"].values()) for b in budgets]
         high = [max(rows[b]["seeds"].values()) for b in budgets]
         mean = [rows[b]["mean"] for b in budgets]
-        style = {"linestyle": "--"} if mode == "control" else {}
+        style = {"linestyle": "--"} if mode in ("control", "sample-easy") else {}
         for axis, x_key in zip(axes, ("generated_images", "trained_images")):
             x = [rows[b][x_key] for b in budgets]
             line, = axis.plot(x, mean, marker="o", label=mode, **style)
-            axis.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
+            axis.fill_between(x, low, high, color=line.get_color(), alpha=0.12)
+        differences = paired_differences(summary, mode)
+        x = [rows[b]["generated_images"] for b in budgets if b in differences]
+        axes[2].plot(x, [sum(differences[b]) / len(differences[b]) for b in budgets if b in differences], marker="o",
+                     color=line.get_color(), **style)
+        axes[2].fill_between(x, [min(differences[b]) for b in budgets if b in differences],
+                             [max(differences[b]) for b in budgets if b in differences], color=line.get_color(),
+                             alpha=0.12)
     if "goal" in summary:
-        for axis in axes:
+        for axis in axes[:2]:
             axis.axhline(summary["goal"]["uniform_final_top1"], color="grey", linewidth=0.8, linestyle=":")
-    for axis, label in zip(axes, ("images generated (candidates included)", "images trained on")):
+    titles = ("(a) top-1 against images generated", "(b) top-1 against images trained on",
+              "(c) minus uniform, same seed and budget")
+    labels = ("images generated (candidates included)", "images trained on", "images generated")
+    for axis, title, label in zip(axes, titles, labels):
         axis.set_xscale("log", base=2)
-        axis.set(xlabel=label, title=f"top-1 on held-out real digits against {label.split(' (')[0]}")
+        axis.set(xlabel=label, title=title)
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("top-1 % (mean over seeds; band: their range)")
+    for axis in axes[:2]:
+        axis.set_ylim(50, 100)  # below: the first budget, before any steering, where every mode is the plain stream
+        axis.set_ylabel("top-1 %, held-out real digits")
+    axes[2].axhline(0, color="grey", linewidth=0.8)
+    axes[2].set_ylabel("top-1 points")
+    fig.suptitle("mean over seeds; bands: the seeds' range", fontsize=9, y=0.02)
     axes[1].legend(loc="lower right")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=90)
 
 
@@ -255,15 +333,18 @@ def main(argv: list[str] | None = None) -> None:
               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "torch": torch.__version__, "load_average_at_start": os.getloadavg()}}
     started = time.perf_counter()
+    judge, record["judge_top1"] = train_judge(args)
+    judge.eval()
     for seed in args.seeds:  # seeds outermost: an interrupted run still has every mode for the seeds it finished
         for budget in args.budgets:
             for mode in args.modes:
-                result = run(args, mode, seed, budget)
+                result = run(args, mode, seed, budget, judge)
                 record["results"].append(result)
                 record["wall_s"] = round(time.perf_counter() - started, 1)
                 record["machine"]["load_average_at_end"] = os.getloadavg()
                 print(f"{mode:>12}  seed {seed}  {budget:5d} generated ({result['trained_images']:5d} trained): "
-                      f"top-1 {result['top1']:.1f}%  ({result['wall_s']:.0f} s)", flush=True)
+                      f"top-1 {result['top1']:.1f}%, judged faithful {result['fidelity']:.1f}%  "
+                      f"({result['wall_s']:.0f} s)", flush=True)
                 write_outputs(out, record)
     print((out / "table.md").read_text())
     print(json.dumps({k: v for k, v in record["summary"].items() if k != "top1"}, indent=1))
