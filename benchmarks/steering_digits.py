@@ -304,9 +304,9 @@ def plot(summary: dict, modes: list[str], path: Path) -> None:
         axis.set_ylabel("top-1 %, held-out real digits")
     axes[2].axhline(0, color="grey", linewidth=0.8)
     axes[2].set_ylabel("top-1 points")
-    fig.suptitle("mean over seeds; bands: the seeds' range", fontsize=9, y=0.02)
+    fig.text(0.5, 0.01, "mean over seeds; bands: the seeds' range", ha="center", fontsize=9)
     axes[1].legend(loc="lower right")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=90)
 
 
