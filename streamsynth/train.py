@@ -51,7 +51,9 @@ from streamsynth.errors import StreamsynthError, one_line
 from streamsynth.safeio import atomic_write, atomic_write_text, open_append
 from streamsynth.stream import CachedBatches, EpochsInARow, MixedBatches, RealBatches, mix_weights
 from streamsynth.stream.devices import synthesis_devices
-from streamsynth.stream.feedback import ClassFeedback
+from streamsynth.stream.feedback import PREFER, ClassFeedback
+from streamsynth.stream.selection import SCORES, UncertaintySelection
+from streamsynth.stream.steering import CaptionFeedback, Steering
 from streamsynth.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, train_transform
 
 log = logging.getLogger("train")
@@ -88,10 +90,31 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     data.add_argument("--epoch-size", type=positive_int, metavar="N",
                       help="trainer samples per virtual epoch of the stream (default: one per caption)")
     data.add_argument("--cache", metavar="DIR", help="also write every synthetic image to WebDataset shards here")
-    data.add_argument("--feedback-sampling", action="store_true",
-                      help="draw more samples of the classes with high training loss (weights change per epoch)")
-    data.add_argument("--feedback-floor", type=fraction, default=0.5,
-                      help="share of every epoch spread evenly over all classes under --feedback-sampling")
+    steer = p.add_argument_group("steering: the learner tells the generator what to make next (docs/steering.md)")
+    steer.add_argument("--feedback-sampling", action="store_true",
+                       help="class level: draw more samples of the classes with high training loss (weights change "
+                       "per epoch)")
+    steer.add_argument("--steering", choices=["caption", "sample"],
+                       help="caption level: draw more often the captions whose images the learner gets wrong; sample "
+                       "level: make --steer-pool candidates per sample and hand over the one the learner is least sure "
+                       "of (costs --steer-pool times the generation); not with --feedback-sampling")
+    steer.add_argument("--feedback-floor", type=fraction, default=0.5,
+                       help="share of the samples spread evenly over all classes (--feedback-sampling) or captions "
+                       "(--steering caption)")
+    steer.add_argument("--steer-every", type=positive_int, default=8, metavar="GROUPS",
+                       help="under --steering, generation groups (global batches of new images) between hand-overs "
+                       "of the learner's state to the synthesis workers")
+    steer.add_argument("--steer-lag", type=nonnegative_int, default=4, metavar="GROUPS",
+                       help="under --steering, groups the workers make ahead under the previous hand-over (at least "
+                       "--workers x --prefetch, or they wait for the trainer at each hand-over)")
+    steer.add_argument("--steer-pool", type=positive_int, default=4, metavar="N",
+                       help="under --steering sample, candidates generated per sample handed over")
+    steer.add_argument("--steer-score", choices=SCORES, default="entropy",
+                       help="under --steering sample, the learner's uncertainty about a candidate: the entropy of its "
+                       "prediction, or its margin")
+    steer.add_argument("--steer-toward", choices=PREFER, default="hard",
+                       help="what steering prefers: what the learner finds hard, or (a negative control) what it "
+                       "already knows")
     synth = p.add_argument_group("synthesis")
     options.add_sampler_options(synth)
     options.add_generator_options(synth, devices_help="'auto' (every GPU no rank trains on) or a comma-separated "
@@ -158,6 +181,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> argpars
     args = options.parse(p, argv)
     if not (args.online_synthesis or args.from_cache or args.train_dir):
         p.error("choose a data source: --online-synthesis, --from-cache DIR and/or --train-dir DIR")
+    if args.steering and args.feedback_sampling:
+        p.error(f"--steering {args.steering} and --feedback-sampling both steer the stream: choose one")
     if args.resume and not Path(args.resume).is_file():  # a named checkpoint must exist; bare --resume may start anew
         p.error(f"--resume {args.resume}: no such checkpoint file")
     epochs = args.epochs
@@ -218,8 +243,8 @@ def build_data(args: argparse.Namespace, rank: int, world: int, local_world: int
         # Workers hand over each group once, as uint8; its replayed uses are augmented on the classifier's device.
         loader = StreamLoader(stream, args.workers, prefetch_factor=args.prefetch, pin_memory=device.type == "cuda",
                               timeout=args.worker_timeout, augment_device=device,
-                              feedback=ClassFeedback(stream.num_classes, args.feedback_floor)
-                              if args.feedback_sampling else None)
+                              feedback=ClassFeedback(stream.num_classes, args.feedback_floor, prefer=args.steer_toward)
+                              if args.feedback_sampling else None, steering=steering_of(args))
         sources["synthetic"], class_ids = EpochsInARow(loader), stream.class_ids
         epoch_samples = stream.layout.epoch_size
     if args.from_cache:  # the cache records its classes; a caption store given as well must agree with them
@@ -240,6 +265,16 @@ def build_data(args: argparse.Namespace, rank: int, world: int, local_world: int
                                       num_workers=args.workers)
         epoch_samples = epoch_samples or len(images)
     return MixedBatches(sources, mix_weights(args.mix, list(sources)), args.seed, class_ids), loader, epoch_samples
+
+
+def steering_of(args: argparse.Namespace) -> Steering | None:
+    """The caption- or sample-level steering the flags ask for (class level is --feedback-sampling's ClassFeedback)."""
+    if args.steering == "caption":
+        return CaptionFeedback(args.steer_every, args.steer_lag, floor=args.feedback_floor, prefer=args.steer_toward)
+    if args.steering == "sample":
+        return UncertaintySelection(args.steer_pool, args.steer_every, args.steer_lag, score=args.steer_score,
+                                    prefer=args.steer_toward)
+    return None
 
 
 class RunFolder:
@@ -526,7 +561,10 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> None:
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     raw_model = model.module if world > 1 else model
-    feedback = loader.feedback if loader is not None else None
+    # What the learner tells the generator: per-sample losses (class and caption level), its weights (sample level).
+    feedback = (loader.feedback or loader.steering) if loader is not None else None
+    if loader is not None and loader.steering is not None:
+        loader.steering.watch(raw_model)
 
     # ----- logs, checkpoints, evaluation --------------------------------------------------------------------------
     run_log = RunLog(args, out, rank, step)
@@ -589,7 +627,7 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> None:
                                              reduction="none")
                     scaler.scale(losses.mean() / args.accum_steps).backward()
                 if feedback is not None and source == "synthetic":
-                    feedback.update(losses.float(), targets)
+                    feedback.update(losses.float(), targets, keys)
                 if interrupts.requested:
                     break
             if interrupts.requested:

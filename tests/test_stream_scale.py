@@ -142,7 +142,7 @@ class FailOnce(GroupMaker):
     marker: str = ""
     how: str = "raise"
 
-    def make_group(self, layout, epoch, group, worker=0, class_weights=None):
+    def make_group(self, layout, epoch, group, worker=0, class_weights=None, steer=None):
         if group == 3 and not os.path.exists(self.marker):
             Path(self.marker).touch()
             if self.how in ("kill", "stop"):
@@ -150,7 +150,7 @@ class FailOnce(GroupMaker):
             if self.how == "hang":
                 time.sleep(600)
             raise RuntimeError("injected fault: CUDA out of memory (simulated)")
-        return super().make_group(layout, epoch, group, worker, class_weights)
+        return super().make_group(layout, epoch, group, worker, class_weights, steer)
 
 
 @pytest.mark.slow
@@ -167,7 +167,7 @@ def test_worker_fault_is_survived_without_repeat_or_gap(caption_store, small_gen
 
 
 class AlwaysFail(GroupMaker):
-    def make_group(self, layout, epoch, group, worker=0, class_weights=None):
+    def make_group(self, layout, epoch, group, worker=0, class_weights=None, steer=None):
         raise RuntimeError("injected permanent fault")
 
 
@@ -179,7 +179,7 @@ def test_a_group_that_keeps_failing_ends_the_run_with_its_cause(caption_store, s
 
 
 class ModelVanishes(GroupMaker):
-    def make_group(self, layout, epoch, group, worker=0, class_weights=None):
+    def make_group(self, layout, epoch, group, worker=0, class_weights=None, steer=None):
         from streamsynth.synth import ModelLoadError
 
         raise ModelLoadError("model folder /models/sd was deleted")

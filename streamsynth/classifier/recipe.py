@@ -9,7 +9,7 @@ any iterator of (images, labels, ...) batches, already augmented.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -85,20 +85,32 @@ def recipe_from_checkpoint(
 
 
 def train_classifier(recipe: TrainingRecipe, batches: Iterable[tuple], seed: int = 0,
-                     device: torch.device | str = "cpu") -> nn.Module:
+                     device: torch.device | str = "cpu",
+                     watch: Callable[[nn.Module], None] | None = None,
+                     report: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> nn.Module:
     """A classifier trained by `recipe` on `recipe.steps` batches of `batches` ((images, labels, ...) tuples), its
-    initialisation seeded with `seed`; returned in eval mode."""
+    initialisation seeded with `seed`; returned in eval mode.
+
+    For steering by the learner: `watch(model)` is called with the new model before the first batch, and
+    `report(losses, labels, sample_ids)` with every batch's per-sample losses (batches then carry their sample ids
+    third)."""
     torch.manual_seed(seed)
     model = build_classifier(recipe.arch, recipe.num_classes).to(device)
+    if watch is not None:
+        watch(model)
     optimizer = sgd_optimizer(model, recipe.peak_lr, recipe.weight_decay)
     model.train()
     iterator = iter(batches)
     for step in range(recipe.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe.steps, recipe.peak_lr, recipe.warmup, recipe.lr_schedule)
-        images, labels = next(iterator)[:2]
-        loss = F.cross_entropy(model(images.to(device)), labels.to(device), label_smoothing=recipe.label_smoothing)
+        batch = next(iterator)
+        labels = batch[1].to(device)
+        losses = F.cross_entropy(model(batch[0].to(device)), labels, label_smoothing=recipe.label_smoothing,
+                                 reduction="none")
+        if report is not None:
+            report(losses.detach(), labels, batch[2])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.mean().backward()
         optimizer.step()
     return model.eval()

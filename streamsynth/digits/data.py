@@ -37,7 +37,7 @@ import os
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -305,14 +305,18 @@ def real_training_batches(image_size: int, batch_size: int, seed: int = 0,
 
 
 def fit_classifier(batches: Iterable[tuple], steps: int, arch: str = "test_resnet", num_classes: int = 10,
-                   lr: float = 0.1, weight_decay: float = 5e-5, label_smoothing: float = 0.1,
-                   seed: int = 0) -> torch.nn.Module:
+                   lr: float = 0.1, weight_decay: float = 5e-5, label_smoothing: float = 0.1, seed: int = 0,
+                   watch: Callable[[torch.nn.Module], None] | None = None,
+                   report: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> torch.nn.Module:
     """Trains `build_classifier(arch)` for `steps` batches of `batches` ((images, labels, ...) tuples) with train.py's
     recipe (`streamsynth.classifier.recipe`): SGD with Nesterov momentum, linear warmup over 2% of the steps, cosine
-    decay to zero from the peak learning rate `lr`, label smoothing."""
+    decay to zero from the peak learning rate `lr`, label smoothing.
+
+    `watch` and `report`: the learner's hooks for steering, as `train_classifier` takes them."""
     from ..classifier.recipe import train_classifier
 
-    return train_classifier(digits_recipe(steps, arch, num_classes, lr, weight_decay, label_smoothing), batches, seed)
+    return train_classifier(digits_recipe(steps, arch, num_classes, lr, weight_decay, label_smoothing), batches, seed,
+                            watch=watch, report=report)
 
 
 def digits_recipe(steps: int, arch: str = "test_resnet", num_classes: int = 10, lr: float = 0.1,

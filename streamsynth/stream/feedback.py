@@ -7,44 +7,60 @@ class weights for that epoch:
 
 so a share `floor` of every epoch is spread evenly over the K classes (no class is ever starved) and the rest follows
 the loss. Weights change only at epoch boundaries and are saved with the loader's state, so a sample stays a pure
-function of (seed, sample id, its epoch's weights) and resume stays exact.
+function of (seed, sample id, its epoch's weights) and resume stays exact. With `prefer="easy"` the weights follow
+1 / L_c^power instead: steering towards the classes the learner already knows, the negative control of a steering
+measurement.
 """
 
 from __future__ import annotations
 
 import torch
 
+# Which way steering leans: towards what the learner finds hard, or (a negative control) towards what it knows.
+PREFER = ("hard", "easy")
+
+
+def check_prefer(prefer: str) -> None:
+    if prefer not in PREFER:
+        raise ValueError(f"prefer must be one of {PREFER} (easy: the negative control), got {prefer!r}")
+
+
+def summed_over_ranks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The CPU tensors summed over the data-parallel ranks (themselves when there is no process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensors
+    # NCCL reduces only CUDA tensors; gloo takes CPU ones.
+    nccl = torch.distributed.get_backend() == "nccl"
+    stacked = torch.stack(tensors)
+    stacked = stacked.to(torch.device("cuda", torch.cuda.current_device())) if nccl else stacked
+    torch.distributed.all_reduce(stacked)
+    return tuple(t.to("cpu", copy=True) for t in stacked)
+
 
 class ClassFeedback:
     """Per-class running loss, turned into sampling weights. Under DDP the counts are summed over ranks."""
 
-    def __init__(self, num_classes: int, floor: float = 0.5, power: float = 1.0, momentum: float = 0.5):
+    def __init__(self, num_classes: int, floor: float = 0.5, power: float = 1.0, momentum: float = 0.5,
+                 prefer: str = "hard"):
         if not 0 < floor <= 1:
             raise ValueError(f"floor must be in (0, 1] (the evenly spread share of each epoch), got {floor}")
-        self.num_classes, self.floor, self.power, self.momentum = num_classes, floor, power, momentum
+        check_prefer(prefer)
+        self.num_classes, self.floor, self.power, self.momentum, self.prefer = num_classes, floor, power, momentum, prefer
         self.loss_sum = torch.zeros(num_classes, dtype=torch.float64)
         self.count = torch.zeros(num_classes, dtype=torch.float64)
         self.mean_loss: torch.Tensor | None = None  # running per-class mean, across epochs
 
     @torch.no_grad()
-    def update(self, losses: torch.Tensor, labels: torch.Tensor) -> None:
-        """Record per-sample losses (unreduced cross-entropy) of one batch."""
+    def update(self, losses: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor | None = None) -> None:
+        """Record per-sample losses (unreduced cross-entropy) of one batch (the sample ids, which the caption and
+        sample modes take, are not needed: a class is in the label)."""
         labels = labels.detach().cpu()
         self.loss_sum.index_add_(0, labels, losses.detach().double().cpu())
         self.count.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
 
-    def _synchronize(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # NCCL reduces only CUDA tensors; gloo takes CPU ones.
-            nccl = torch.distributed.get_backend() == "nccl"
-            both = torch.stack([self.loss_sum, self.count])
-            both = both.to(torch.device("cuda", torch.cuda.current_device())) if nccl else both
-            torch.distributed.all_reduce(both)
-            self.loss_sum, self.count = both[0].to("cpu", copy=True), both[1].to("cpu", copy=True)
-
     def next_weights(self) -> list[float] | None:
         """Fold this epoch's losses into the running mean and return next epoch's weights (None before any loss)."""
-        self._synchronize()
+        self.loss_sum, self.count = summed_over_ranks(self.loss_sum, self.count)
         seen = self.count > 0
         if seen.any():
             epoch_mean = torch.where(seen, self.loss_sum / self.count.clamp(min=1), torch.zeros_like(self.loss_sum))
@@ -57,7 +73,7 @@ class ClassFeedback:
         self.count.zero_()
         if self.mean_loss is None:
             return None
-        hardness = self.mean_loss.clamp(min=1e-8) ** self.power
+        hardness = self.mean_loss.clamp(min=1e-8) ** (self.power if self.prefer == "hard" else -self.power)
         weights = self.floor / self.num_classes + (1 - self.floor) * hardness / hardness.sum()
         return weights.tolist()
 

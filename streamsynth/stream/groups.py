@@ -1,7 +1,8 @@
 """`GroupMaker`: how the stream's samples become images, one generation group at a time, in any process.
 
 A group maker is a picklable value: the caption sampler (sample id → class, caption, prompt, seed), the generator's
-config, the transform and the optional cache folder. It loads its generator in the process that first makes a
+config, the transform and the optional cache folder. Steering (`steering.py`) changes how a group's samples are chosen,
+never which sample ids it holds: `make_group` takes a steering callable in place of its plain loop. It loads its generator in the process that first makes a
 group (each loader worker loads the model once, on its own device) and never carries the loaded model across a
 pickle. `SyntheticStream` (under any DataLoader) and `StreamLoader` (whole groups from fault-tolerant workers) make
 their groups with the same maker, so a group is the same images whichever loader asks for it.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ class Group:
     index: int  # the group's number within its epoch
     specs: list[SampleSpec]
     images: torch.Tensor
+    generated: int = 0  # images generated to make it: more than its samples when steering chose them from a pool
+    learner_s: float = 0.0  # seconds the learner's forward passes took in the worker (steering's scoring)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -50,6 +53,14 @@ class Group:
     @property
     def sample_ids(self) -> torch.Tensor:
         return torch.tensor([s.sample_id for s in self.specs])
+
+
+class Steer(Protocol):
+    """How a steered group is made (`steering.Steering.group_steer`): the group's sample ids → their specs and uint8
+    images, the number of images generated to make them, and the seconds the learner's forward passes took."""
+
+    def __call__(self, maker: "GroupMaker", sample_ids: Sequence[int],
+                 worker: int) -> tuple[list[SampleSpec], torch.Tensor, int, float]: ...
 
 
 class GroupMaker:
@@ -109,21 +120,30 @@ class GroupMaker:
         generator loop, used for the stream's groups, by `streamsynth generate` and by `streamsynth preview`."""
         sampler = self.sampler.weighted(class_weights) if class_weights is not None else self.sampler
         specs = [sampler(i) for i in sample_ids]
+        return specs, self.render(specs, worker)
+
+    def render(self, specs: Sequence[SampleSpec], worker: int = 0) -> torch.Tensor:
+        """The uint8 images of `specs` (their prompts and seeds), in chunks of the generator's batch size."""
         synth, size, chunk = self.synthesizer(worker), self.generator.image_size, self.generator.batch_size
-        images = torch.cat([
+        return torch.cat([
             synth.generate_uint8([s.prompt for s in specs[i:i + chunk]], [s.seed for s in specs[i:i + chunk]],
                                  size).contiguous(memory_format=torch.channels_last).cpu()  # see resize_to_uint8
             for i in range(0, len(specs), chunk)
         ])
-        return specs, images
 
     def make_group(self, layout: StreamLayout, epoch: int, group: int, worker: int = 0,
-                   class_weights: list[float] | None = None) -> Group:
-        """Generate `layout`'s rank's share of group `group` of `epoch` (and write it to the cache if there is one)."""
-        specs, images = self.make_samples(layout.group_sample_ids(epoch, group), worker, class_weights)
+                   class_weights: list[float] | None = None, steer: Steer | None = None) -> Group:
+        """Generate `layout`'s rank's share of group `group` of `epoch` (and write it to the cache if there is one),
+        plainly, with `class_weights`, or as `steer` makes it."""
+        sample_ids = layout.group_sample_ids(epoch, group)
+        if steer is None:
+            specs, images = self.make_samples(sample_ids, worker, class_weights)
+            generated, learner_s = len(specs), 0.0
+        else:
+            specs, images, generated, learner_s = steer(self, sample_ids, worker)
         if self.cache:
             write_group(self.cache, self.class_ids, specs, images, self.seed)
-        return Group(epoch, group, specs, images)
+        return Group(epoch, group, specs, images, generated, learner_s)
 
     # ----- augmenting -------------------------------------------------------------------------------------------
 

@@ -38,18 +38,20 @@ from .dataset import SyntheticStream, worker_index_and_count
 from .devices import CUDAAfterForkError
 from .feedback import ClassFeedback
 from .groups import GroupMaker, TransformError
+from .handover import HandOverError
 from .layout import StreamLayout, worker_groups
 from .resumable import leave_interrupts_to_the_trainer
 from ..peakmemory import peak_memory_bytes, peak_memory_kind
 from .metrics import WorkerStats
 from .shared import EpochWeights
+from .steering import Steering
 
 log = logging.getLogger(__name__)
 
 # Errors that recur whenever the same group is made again: retrying cannot help.
 DETERMINISTIC_ERRORS = (ModelLoadError, CaptionStoreError, TransformError, CUDAAfterForkError, SharedMemoryError,
-                        FileSizeLimitError, ValueError, TypeError, KeyError, AttributeError, NotImplementedError,
-                        ImportError)
+                        FileSizeLimitError, HandOverError, ValueError, TypeError, KeyError, AttributeError,
+                        NotImplementedError, ImportError)
 
 
 class SynthesisError(StreamsynthError, RuntimeError):
@@ -74,14 +76,16 @@ class GroupView(IterableDataset):
 
     Worker w of W makes groups first + w, first + w + W, ... (see `worker_groups`). Before its first group of an
     epoch it waits for that epoch's class weights (`EpochWeights`), which the trainer publishes when the epoch
-    begins. An item is a dict: `index`, `labels`, `ids`, and either `images`, the group's uint8 images, which the
-    trainer augments a batch at a time (a `BatchAugment`), or `batches`, the k uses already augmented image by image
-    in the worker (any other transform).
+    begins; with steering, each group is made under its version of the learner's state (`Steering.group_steer`,
+    read from the trainer's hand-over once per version). An item is a dict: `index`, `labels`, `ids`, and either
+    `images`, the group's uint8 images, which the trainer augments a batch at a time (a `BatchAugment`), or
+    `batches`, the k uses already augmented image by image in the worker (any other transform).
     """
 
     def __init__(self, maker: GroupMaker, layout: StreamLayout, first: int, stats: WorkerStats,
-                 weights: EpochWeights):
+                 weights: EpochWeights, steering: Steering | None = None):
         self.maker, self.layout, self.first, self.stats, self.weights = maker, layout, first, stats, weights
+        self.steering = steering
 
     def __iter__(self) -> Iterator:
         worker, num_workers = worker_index_and_count()
@@ -97,14 +101,19 @@ class GroupView(IterableDataset):
                 if epoch_weights is None or epoch_weights[0] != epoch:
                     epoch_weights = epoch, self.weights.wait(epoch)
                 started = time.perf_counter()
-                made = maker.make_group(layout, epoch, group, worker, epoch_weights[1])
+                steer = None
+                if self.steering is not None:
+                    steer = self.steering.group_steer(index, maker, worker, lambda: self.stats.beat(worker))
+                handover_s = time.perf_counter() - started
+                made = maker.make_group(layout, epoch, group, worker, epoch_weights[1], steer=steer)
                 item = {"index": index, "labels": made.labels, "ids": made.sample_ids}
                 if maker.augments_in_batches:
                     item["images"] = made.images
                 else:
                     item["batches"] = [maker.augment_group(made.images, item["ids"].tolist(), use)
                                        for use in range(layout.replay)]
-                self.stats.record(worker, len(made.specs), time.perf_counter() - started, peak_memory_bytes(device))
+                self.stats.record(worker, len(made.specs), time.perf_counter() - started, peak_memory_bytes(device),
+                                  made.generated, made.learner_s, handover_s)
                 self.stats.beat(worker)
             except Exception as err:  # handed over as a value, so the trainer sees the cause, not a traceback
                 yield WorkerFailure(isinstance(err, DETERMINISTIC_ERRORS), _one_line(err))
@@ -169,7 +178,10 @@ class StreamLoader:
             after which the workers count as hung and are replaced; the default leaves room for a slow model load
             or compilation.
         max_restarts: how often in a row the same group may fail before the run ends.
-        feedback: per-class losses turned into the class weights of each next epoch.
+        feedback: per-class losses turned into the class weights of each next epoch (class-level steering).
+        steering: caption- or sample-level steering (`CaptionFeedback`, `UncertaintySelection`): versions of the
+            learner's state taken as the trainer begins groups, handed to the workers without waiting for them, and
+            saved in `state_dict()`. Not together with `feedback`.
         augment_device: where a `BatchAugment` transform runs: the workers hand over each group once, as uint8
             images, and its k uses are augmented here a batch at a time (give the classifier's GPU: the batches
             are then already on it). Default: the trainer's CPU. Other transforms run in the workers, image by image.
@@ -186,8 +198,12 @@ class StreamLoader:
         timeout: float = 1800,
         multiprocessing_context: str | None = None,
         feedback: ClassFeedback | None = None,
+        steering: Steering | None = None,
         augment_device: str | torch.device | None = None,
     ):
+        if feedback is not None and steering is not None:
+            raise ValueError("StreamLoader steers by class (feedback=) or by caption or sample (steering=), not both: "
+                             "give one")
         if multiprocessing_context is None and num_workers > 0 and stream.generator.uses_cuda:
             multiprocessing_context = "spawn"
         # Each worker hands over whole groups through shared memory: as many workers as /dev/shm (and the file-size
@@ -201,6 +217,7 @@ class StreamLoader:
         self.max_restarts = max_restarts
         self.timeout = timeout
         self.feedback = feedback
+        self.steering = steering
         self._loader_kwargs = {
             "batch_size": None,  # a worker's item is a whole group, already in batches
             "collate_fn": SharedCollate(),  # a group a worker cannot hand over is an error here, never a hang
@@ -262,6 +279,9 @@ class StreamLoader:
             state["epoch_weights"] = self._epoch_weights[1]
         if self.feedback is not None:
             state["feedback"] = self.feedback.state_dict()
+        if self.steering is not None:
+            state["steering"] = self.steering.state_dict(self.layout.group_index(self.epoch,
+                                                                                 self.batch // self.layout.replay))
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -269,6 +289,13 @@ class StreamLoader:
             raise ValueError("this loader state was written by an older streamsynth, whose layout depended on the "
                              "number of workers: it cannot be resumed exactly; start a new run")
         self.layout.check_resumable(state["sequence"])
+        if (self.steering is None) != ("steering" not in state):
+            saved = state["steering"]["settings"]["mode"] if "steering" in state else "no"
+            now = self.steering.mode if self.steering is not None else "no"
+            raise ValueError(f"cannot resume the stream exactly: it was saved with {saved} steering, this loader has "
+                             f"{now}; resume with the saved steering settings, or start afresh")
+        if self.steering is not None:
+            self.steering.load_state_dict(state["steering"])
         if self.feedback is not None and "feedback" in state:
             self.feedback.load_state_dict(state["feedback"])
         self.epoch, self.batch, self._group = state["epoch"], state["batch"], None
@@ -281,7 +308,10 @@ class StreamLoader:
         if self._group is None or self._next_use == self.layout.replay:
             self._decide_epoch_weights()
             group, self._next_use = divmod(self.batch, self.layout.replay)  # a use > 0 only right after a resume
-            self._group = self._fetch(self.layout.group_index(self.epoch, group))
+            index = self.layout.group_index(self.epoch, group)
+            if self.steering is not None:
+                self.steering.begin_group(index, self.layout, self.stream.sampler)
+            self._group = self._fetch(index)
             if "images" in self._group and self.augment_device is not None:
                 self._group["images"] = self._group["images"].to(self.augment_device, non_blocking=True)
         group, use = self._group, self._next_use
@@ -330,7 +360,7 @@ class StreamLoader:
     def _start(self, index: int) -> None:
         if self.num_workers > 0 and _start_method(self._loader_kwargs["multiprocessing_context"]) == "fork":
             preload_pipeline_library(self.stream.maker.generator.model)
-        view = GroupView(self.stream.maker, self.layout, index, self.stats, self._weights)
+        view = GroupView(self.stream.maker, self.layout, index, self.stats, self._weights, self.steering)
         self._iterator = iter(DataLoader(view, **self._loader_kwargs))
         _detach_from_sigchld(self._iterator)
         self._next_index = self._first_index = index
@@ -381,7 +411,8 @@ class StreamLoader:
             device = self.stream.maker.device(i)
             workers.append({"worker": i, "device": device, "images": int(row["images"]),
                             "images_per_s": row["images"] / row["busy_s"] if row["busy_s"] else 0.0,
-                            "cpu_s": row["cpu_s"],
+                            "cpu_s": row["cpu_s"], "generated": int(row["generated"]),
+                            "learner_s": row["learner_s"], "handover_s": row["handover_s"],
                             "peak_memory_bytes": int(row["peak_memory_bytes"]),
                             "peak_memory_kind": peak_memory_kind(device)})
         made = (self.stats.images_made() - self._made_at_start) // self.layout.batch_size
@@ -395,6 +426,7 @@ class StreamLoader:
             "buffered_groups": queued + (self._group is not None),  # what the loader holds, as generation groups
             "data_wait_share": self._wait_s / wall if wall else 0.0,
             "workers": workers,
+            "hand_over_s": self.steering.hand_over_s() if self.steering is not None else [],
         }
 
     def __del__(self) -> None:

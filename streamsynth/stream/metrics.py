@@ -1,5 +1,6 @@
 """Counters that loader workers share with the trainer's process: images made, busy time, CPU time, peak memory,
-heartbeat."""
+heartbeat, and what steering cost them (images generated in all, the learner's forward passes, reading the learner's
+hand-overs)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-_FIELDS = ("images", "busy_s", "peak_memory_bytes", "heartbeat", "cpu_s")
+_FIELDS = ("images", "busy_s", "peak_memory_bytes", "heartbeat", "cpu_s", "generated", "learner_s", "handover_s")
 
 
 class WorkerStats:
@@ -24,13 +25,19 @@ class WorkerStats:
         self.num_workers = num_workers
         self._values = ctx.Array("d", num_workers * len(_FIELDS), lock=False)
 
-    def record(self, worker: int, images: int, busy_s: float, peak_memory_bytes: int) -> None:
-        """Worker `worker` made `images` in `busy_s` seconds; its process's CPU time so far is recorded with it."""
+    def record(self, worker: int, images: int, busy_s: float, peak_memory_bytes: int, generated: int | None = None,
+               learner_s: float = 0.0, handover_s: float = 0.0) -> None:
+        """Worker `worker` made `images` in `busy_s` seconds, generating `generated` (default: `images`), with
+        `learner_s` of the learner's forward passes and `handover_s` reading its weights; its process's CPU time so
+        far is recorded with it."""
         row = worker * len(_FIELDS)
         self._values[row] += images
         self._values[row + 1] += busy_s
         self._values[row + 2] = max(self._values[row + 2], peak_memory_bytes)
         self._values[row + 4] = time.process_time()
+        self._values[row + 5] += images if generated is None else generated
+        self._values[row + 6] += learner_s
+        self._values[row + 7] += handover_s
 
     def beat(self, worker: int) -> None:
         """Worker `worker` made progress (started, loaded its model, finished a group)."""

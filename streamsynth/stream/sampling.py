@@ -3,7 +3,8 @@
 Sample ids count up from 0 forever. Pass p = id // N (N captions in the store) visits every caption exactly once,
 in an order shuffled by a keyed bijection of [0, N), so the stream makes one image per real caption per pass, as the
 reference recipe does, and no table of N entries is ever built or stored. With class weights (feedback-driven
-sampling) the class is drawn by weight and the caption uniformly within it, both from hashes of the id.
+sampling) the class is drawn by weight and the caption uniformly within it, both from hashes of the id; with caption
+weights (caption-level steering) the caption itself is drawn by weight, from a hash of the id.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import bisect
 import copy
 from dataclasses import dataclass
 from itertools import accumulate
+
+import numpy as np
 
 from ..captions.store import CaptionStore
 from ..prompts.templates import PromptTemplate
@@ -44,6 +47,7 @@ class CaptionSampler:
         self.num_captions = self._starts[-1]
         self._class_weights: list[float] | None = None
         self._cumulative: list[float] = []
+        self._caption_cumulative: np.ndarray | None = None  # over flat caption indices, when captions are weighted
 
     @property
     def class_weights(self) -> list[float] | None:
@@ -69,10 +73,44 @@ class CaptionSampler:
         sampler.class_weights = weights
         return sampler
 
+    def caption_weighted(self, weights: np.ndarray | None) -> "CaptionSampler":
+        """A copy of this sampler that draws each sample's caption with `weights`, one non-negative weight per flat
+        caption index (class by class, in store order; None: every caption once per pass)."""
+        sampler = copy.copy(self)
+        if weights is None:
+            sampler._caption_cumulative = None
+            return sampler
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != (self.num_captions,) or not np.isfinite(weights).all() or weights.min() < 0:
+            raise ValueError(f"expected {self.num_captions} finite non-negative caption weights, got shape "
+                             f"{weights.shape}")
+        cumulative = np.cumsum(weights)
+        if cumulative[-1] <= 0:
+            raise ValueError("caption weights put no mass on any caption")
+        sampler._caption_cumulative = cumulative / cumulative[-1]
+        return sampler
+
+    def candidate_pool(self) -> "CaptionSampler":
+        """An unweighted sampler over the same captions whose ids are a separate, keyed space: candidate id i of it
+        is another sample (class, caption, noise) than sample id i of this one, so a pool of candidates never
+        repeats a sample of the stream."""
+        sampler = self.weighted(None).caption_weighted(None)
+        sampler.run_seed = derive_seed(self.run_seed, "candidate pool")
+        return sampler
+
+    def flat_index(self, label: int, caption_index: int) -> int:
+        """The index of caption `caption_index` of class `label` among all captions, class by class."""
+        return self._starts[label] + caption_index
+
     def locate(self, sample_id: int) -> tuple[int, int]:
         """(class index, caption index) of a sample id."""
         if sample_id < 0:
             raise ValueError(f"sample ids are non-negative, got {sample_id}")
+        if self._caption_cumulative is not None:
+            u = derive_seed(self.run_seed, "weighted caption", sample_id) / 2**63
+            flat = min(int(np.searchsorted(self._caption_cumulative, u, side="right")), self.num_captions - 1)
+            label = bisect.bisect_right(self._starts, flat) - 1
+            return label, flat - self._starts[label]
         if self._class_weights is not None:
             u = derive_seed(self.run_seed, "class", sample_id) / 2**63
             label = min(bisect.bisect_right(self._cumulative, u), len(self._cumulative) - 1)

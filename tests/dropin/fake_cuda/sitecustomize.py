@@ -126,8 +126,8 @@ if os.environ.get("STREAMSYNTH_FAKE_CUDA"):
             for (module, name), function in faked.items():
                 setattr(module, name, function)
 
-    def make_group(self, layout, epoch, group, worker=0, class_weights=None):
-        made = _make_group(self, layout, epoch, group, worker, class_weights)
+    def make_group(self, layout, epoch, group, worker=0, class_weights=None, steer=None):
+        made = _make_group(self, layout, epoch, group, worker, class_weights, steer)
         with open(os.environ["STREAMSYNTH_FAKE_CUDA_LOG"], "a") as log:
             log.write(f"{os.getpid()} {self.device(worker)} {' '.join(str(s.sample_id) for s in made.specs)}\n")
         return made
