@@ -205,7 +205,12 @@ def summarise(results: list[dict], modes: list[str], budgets: list[int]) -> dict
                 "fidelity": statistics.mean(r["fidelity"] for r in runs),
                 # how unevenly the classes were drawn: the largest class share over the smallest
                 "class_share_ratio": statistics.mean(max(r["class_shares"]) / max(min(r["class_shares"]), 1e-9)
-                                                     for r in runs)}
+                                                     for r in runs),
+                # steering's own cost beyond the images it generates, in generated images (mean over seeds), and
+                # the longest the trainer was held by a hand-over (any seed)
+                "steering_cost_images": statistics.mean(r["cost"]["learner_forward_image_equivalents"]
+                                                        + r["cost"]["hand_over_image_equivalents"] for r in runs),
+                "trainer_hold_ms_max": 1000 * max(r["cost"]["trainer_hand_over_s_max"] for r in runs)}
     summary = {"top1": table}
     if "uniform" not in table:
         return summary
@@ -239,7 +244,10 @@ def table_text(summary: dict, modes: list[str], budgets: list[int]) -> str:
             ("training images the judge takes for their class, % (mean over seeds)",
              lambda r, b: f"{r['fidelity']:.1f}"),
             ("largest class share / smallest, among the training images (mean over seeds)",
-             lambda r, b: f"{r['class_share_ratio']:.1f}")):
+             lambda r, b: f"{r['class_share_ratio']:.1f}"),
+            ("steering's cost beyond the images generated, in generated images (the learner's forward passes in the "
+             "workers, the hand-overs; mean over seeds) / the longest a hand-over held the trainer, ms",
+             lambda r, b: f"{r.get('steering_cost_images', 0):.1f} / {r.get('trainer_hold_ms_max', 0):.0f}")):
         lines += [f"{title}:", "", *header]
         for mode in modes:
             found = [rows.get(mode, {}).get(str(b)) for b in budgets]
