@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .fast import FastPathOptions
-from .loading import (check_decoder_source, check_family_options, check_lora_source, check_model_source,
-                      local_model_family)
+from .loading import check_decoder_source, check_family_options, check_lora_source, check_model_source
 from .tiny import has_random_weights
 
 
@@ -98,7 +97,7 @@ class GeneratorConfig:
     decoder: str | None = None
 
     def __post_init__(self) -> None:
-        check_model_source(self.model, provided=("vae",) if self.decoder is not None else ())
+        family = check_model_source(self.model, provided=("vae",) if self.decoder is not None else ())
         # Normalise what callers may pass as a path or a list, so that equal configs compare and pickle equal.
         object.__setattr__(self, "model", os.fspath(self.model))
         for name, check in (("lora", check_lora_source), ("decoder", check_decoder_source)):
@@ -111,7 +110,6 @@ class GeneratorConfig:
             raise ValueError(f"the generator's batch_size must be at least 1, got {self.batch_size}")
         if isinstance(self.fast, str) and self.fast != "auto":
             raise ValueError(f"fast must be FastPathOptions, None or \"auto\", got {self.fast!r}")
-        family = local_model_family(self.model)
         if family is not None:  # a hub id's family is known once a worker loads it
             check_family_options(family, self.scheduler, self.synthesis.safety_check, self.decoder,
                                  self.synthesis.feature_cache_interval)

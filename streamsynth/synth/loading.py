@@ -78,11 +78,11 @@ def _looks_local(source: str | os.PathLike) -> bool:
 OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 
 
-def check_model_source(model: str | os.PathLike, provided: tuple[str, ...] = ()) -> None:
+def check_model_source(model: str | os.PathLike, provided: tuple[str, ...] = ()) -> Family | None:
     """Fail early, with the fix, for a local path that cannot be a diffusers pipeline (hub ids are checked on load):
     missing, without model_index.json, of a family streamsynth does not sample, or without the folder of a component
     it needs (`required_components`, less those `provided` by the caller, e.g. "vae" when a tiny decoder replaces
-    it)."""
+    it). Returns a local folder's family; None for a hub id (its family is known once it is loaded)."""
     path = Path(model)
     if _looks_local(model):
         if not path.exists():
@@ -97,7 +97,7 @@ def check_model_source(model: str | os.PathLike, provided: tuple[str, ...] = ())
                 "StableDiffusionPipeline.from_single_file(...).save_pretrained(folder)"
             )
         index = model_index(model)
-        model_family(model, index)  # an unsupported family is refused here, in the trainer, not in every worker
+        family = model_family(model, index)  # an unsupported family is refused here, in the trainer, not in workers
         for name in required_components(index, provided):
             if not _has_files(path / name):
                 raise ModelLoadError(
@@ -105,6 +105,8 @@ def check_model_source(model: str | os.PathLike, provided: tuple[str, ...] = ())
                     "model_index.json names: copy the whole pipeline folder again, or save it with "
                     "pipeline.save_pretrained(folder)"
                 )
+        return family
+    return None
 
 
 def required_components(index: dict, provided: tuple[str, ...] = ()) -> list[str]:
@@ -151,11 +153,6 @@ def model_index(model: str | os.PathLike) -> dict:
 def pipeline_class(model: str | os.PathLike) -> str:
     """The diffusers pipeline class name a model's model_index.json gives."""
     return model_index(model)["_class_name"]
-
-
-def local_model_family(model: str | os.PathLike) -> Family | None:
-    """The family of a model in a local folder (refused in one line if unsupported); None for a hub id."""
-    return model_family(model) if (Path(model) / "model_index.json").is_file() else None
 
 
 def model_family(model: str | os.PathLike, index: dict | None = None) -> Family:
@@ -217,9 +214,9 @@ def load_pipeline(
     quiet_hf_progress()
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    check_model_source(model, provided=("vae",) if decoder is not None else ())
+    family = check_model_source(model, provided=("vae",) if decoder is not None else ())
     index = model_index(model)
-    family = model_family(model, index)
+    family = family or model_family(model, index)
     check_family_options(family, scheduler, safety_checker, decoder)
     kwargs = family.load_options(index, safety_checker)
     if decoder is not None:
