@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from streamsynth.classifier.recipe import recipe_from_checkpoint
 from streamsynth.commands.options import EMBEDDED, RUN_DEFAULTS
 
 EMBEDDED_PRESET = RUN_DEFAULTS[EMBEDDED]
@@ -58,6 +59,10 @@ def test_default_main_job(tmp_path, isolated_cache):
     recorded = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
     printed = _train("--online-synthesis", "--out", str(tmp_path / "run"), "--print-config", cache=isolated_cache)
     assert json.loads(printed.stdout) == recorded == checkpoint["config"]
+    # The privacy audit's shadow models take the recipe this checkpoint records.
+    recipe = recipe_from_checkpoint(checkpoint)
+    assert (recipe.steps, recipe.batch_size, recipe.warmup) == (steps, recorded["batch_size"], recorded["warmup_steps"])
+    assert recipe.peak_lr == pytest.approx(recorded["lr"])
     # A rerun over the finished run is refused, and changes nothing.
     again = _train("--online-synthesis", "--out", str(tmp_path / "run"), cache=isolated_cache)
     assert again.returncode == 2 and "continue it with --resume" in again.stderr

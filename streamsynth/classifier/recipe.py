@@ -55,16 +55,21 @@ def recipe_from_checkpoint(
     lr: float | None = None, image_size: int | None = None,
 ) -> TrainingRecipe:
     """The recipe a checkpoint was trained with: its architecture and image size, and the steps, batch size and
-    learning rate train.py recorded in its `args`; `steps`, `batch_size` and `lr` (peak for batch 256, scaled
-    linearly with the batch size as train.py does) override them. A checkpoint without recorded arguments needs all
-    three overrides."""
-    recorded = checkpoint.get("args") or {}
+    learning rate train.py recorded (its resolved settings, `config`; before version 0.2 its flags, `args`); `steps`,
+    `batch_size` and `lr` (peak for batch 256, scaled linearly with the batch size as train.py's --lr-base) override
+    them. A checkpoint without recorded settings needs all three overrides."""
+    config = checkpoint.get("config")
+    recorded = config or checkpoint.get("args") or {}
     # One optimizer step of train.py sees batch_size x accum_steps images on each of its ranks (one data state each).
     ranks = len(checkpoint.get("data") or [None])
     recorded_batch = (recorded["batch_size"] * recorded.get("accum_steps", 1) * ranks
                       if recorded.get("batch_size") else None)
+    recorded_lr = recorded.get("lr")
+    if config and recorded_lr and recorded_batch:
+        # `config` holds the peak learning rate of the run's own batch; the recipe's rate is per 256 images.
+        recorded_lr = recorded_lr * 256 / recorded_batch
     chosen = {"steps": steps or recorded.get("steps"), "batch size": batch_size or recorded_batch,
-              "lr": lr or recorded.get("lr")}
+              "lr": lr or recorded_lr}
     missing = [name for name, value in chosen.items() if not value]
     if missing:
         raise CheckpointError(

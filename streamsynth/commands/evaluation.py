@@ -69,7 +69,7 @@ def add_commands(subparsers) -> None:
                        help="images per shadow training step (default: the checkpoint's recorded batch size)")
     audit.add_argument("--shadow-lr", type=positive_float, metavar="LR",
                        help="peak learning rate of the shadow models for batch 256, scaled linearly as train.py's "
-                       "--lr (default: the checkpoint's recorded --lr)")
+                       "--lr-base (default: the checkpoint's recorded rate)")
     audit.add_argument("--seed", type=seed, default=0,
                        help="seeds which images each shadow model trains on, and its init")
     audit.add_argument("--out", metavar="DIR", help=f"also write the result to OUT/{AUDIT_FILE}")
