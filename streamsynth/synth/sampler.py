@@ -141,6 +141,9 @@ class Synthesizer:
         timesteps = scheduler.timesteps
         plan = [self.config.guided(i, len(timesteps)) for i in range(len(timesteps))]
         both = _guidance_rows(self.empty_prompt_embedding(), text) if any(plan) else None
+        latent_size = tuple(latents.shape[-2:])
+        text = family.step_inputs(self.pipe, text, latent_size)
+        both = family.step_inputs(self.pipe, both, latent_size) if both is not None else None
         for i, (t, guided) in enumerate(zip(timesteps, plan)):
             model_input = torch.cat([latents] * 2) if guided else latents
             if family.sigma_scaled_inputs:

@@ -111,6 +111,11 @@ class Family:
         """Prepares the scheduler's timesteps for latents of `latent_size` (height, width)."""
         pipe.scheduler.set_timesteps(steps, device=device)
 
+    def step_inputs(self, pipe, text: Conditioning, latent_size: tuple[int, int]) -> Conditioning:
+        """`text` and whatever else the denoiser takes that stays the same over one batch's steps (SDXL's time ids),
+        made once per batch rather than at every step: what `predict` receives."""
+        return text
+
     def predict(self, pipe, latents: torch.Tensor, t: torch.Tensor, text: Conditioning) -> torch.Tensor:
         """The denoiser's prediction on a batch of (scheduler-scaled) latents at timestep `t`, in the space the
         scheduler's `step` takes."""

@@ -48,12 +48,17 @@ class StableDiffusionXL(StableDiffusion):
             return {name: torch.zeros_like(value) for name, value in empty.items()}
         return empty
 
+    def step_inputs(self, pipe, text: Conditioning, latent_size: tuple[int, int]) -> Conditioning:
+        # The added time ids: original size, crop offset (none) and target size, the same for every row.
+        height, width = (side * pipe.vae_scale_factor for side in latent_size)
+        prompt = text["prompt"]
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=prompt.dtype,
+                                device=prompt.device).repeat(len(prompt), 1)
+        return {**text, "time_ids": time_ids}
+
     def predict(self, pipe, latents: torch.Tensor, t: torch.Tensor, text: Conditioning) -> torch.Tensor:
-        height, width = (side * pipe.vae_scale_factor for side in latents.shape[-2:])
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=text["prompt"].dtype,
-                                device=latents.device).repeat(len(latents), 1)
         return pipe.unet(latents, t, encoder_hidden_states=text["prompt"],
-                         added_cond_kwargs={"text_embeds": text["pooled"], "time_ids": time_ids},
+                         added_cond_kwargs={"text_embeds": text["pooled"], "time_ids": text["time_ids"]},
                          return_dict=False)[0]
 
     def decode(self, pipe, latents: torch.Tensor) -> torch.Tensor:
