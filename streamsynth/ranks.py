@@ -50,6 +50,11 @@ def under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def local_rank_and_world() -> tuple[int, int]:
+    """This process's rank on its node and the number of ranks there, from the launcher's environment."""
+    return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place in the job; a single process is rank 0 of 1 and its collectives are no-ops."""
@@ -160,8 +165,7 @@ def ranks_from_environment(timeout: timedelta = SYNC_TIMEOUT) -> Iterator[Ranks]
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timeout)
         opened = True
-    ranks = Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                  int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    ranks = Ranks(dist.get_rank(), dist.get_world_size(), *local_rank_and_world())
     _current_label = ranks.label
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)

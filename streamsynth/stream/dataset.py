@@ -28,6 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..captions.store import CaptionStore
 from ..prompts.templates import PromptTemplate, prompt_template
+from ..ranks import under_launcher
 from ..synth.config import GeneratorConfig
 from ..synth.tiny import RANDOM_WEIGHTS_NOTICE
 from ..transforms import normalize_transform
@@ -46,7 +47,7 @@ def rank_and_world() -> tuple[int, int] | None:
     WORLD_SIZE, as torchrun sets them); None when neither says."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if under_launcher():
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return None
 
@@ -184,7 +185,7 @@ class SyntheticStream(IterableDataset):
 
     @property
     def class_ids(self) -> list[str]:
-        return [c.id for c in self.store.classes]
+        return self.maker.class_ids
 
     @property
     def random_weights(self) -> bool:

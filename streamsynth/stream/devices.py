@@ -15,12 +15,12 @@ rank one GPU of its own for synthesis.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 
 from ..errors import StreamsynthError
+from ..ranks import local_rank_and_world
 
 
 class CUDAAfterForkError(StreamsynthError, RuntimeError):
@@ -36,11 +36,6 @@ class CUDAAfterForkError(StreamsynthError, RuntimeError):
         # the message: keep only the last line, the explanation, so the trainer's error is one line.
         super().__init__(message.strip().splitlines()[-1].removeprefix(f"{type(self).__module__}.")
                          .removeprefix(f"{type(self).__name__}: "))
-
-
-def local_rank_and_world() -> tuple[int, int]:
-    """This process's rank on its node and the number of ranks there, from the launcher's environment."""
-    return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def rank_devices(devices: Sequence[str], local_rank: int, local_world: int) -> list[str]:

@@ -37,13 +37,22 @@ def summed_over_ranks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to("cpu", copy=True) for t in stacked)
 
 
+def check_floor(floor: float, share: str) -> None:
+    if not 0 < floor <= 1:
+        raise ValueError(f"floor must be in (0, 1] (the evenly spread share {share}), got {floor}")
+
+
+def floor_mixed(hardness: torch.Tensor, floor: float) -> torch.Tensor:
+    """Sampling weights: a share `floor` spread evenly over the entries, the rest in proportion to `hardness`."""
+    return floor / len(hardness) + (1 - floor) * hardness / hardness.sum()
+
+
 class ClassFeedback:
     """Per-class running loss, turned into sampling weights. Under DDP the counts are summed over ranks."""
 
     def __init__(self, num_classes: int, floor: float = 0.5, power: float = 1.0, momentum: float = 0.5,
                  prefer: str = "hard"):
-        if not 0 < floor <= 1:
-            raise ValueError(f"floor must be in (0, 1] (the evenly spread share of each epoch), got {floor}")
+        check_floor(floor, "of each epoch")
         check_prefer(prefer)
         self.num_classes, self.floor, self.power, self.momentum, self.prefer = num_classes, floor, power, momentum, prefer
         self.loss_sum = torch.zeros(num_classes, dtype=torch.float64)
@@ -74,8 +83,7 @@ class ClassFeedback:
         if self.mean_loss is None:
             return None
         hardness = self.mean_loss.clamp(min=1e-8) ** (self.power if self.prefer == "hard" else -self.power)
-        weights = self.floor / self.num_classes + (1 - self.floor) * hardness / hardness.sum()
-        return weights.tolist()
+        return floor_mixed(hardness, self.floor).tolist()
 
     def state_dict(self) -> dict:
         mean_loss = None if self.mean_loss is None else self.mean_loss.clone()

@@ -86,8 +86,8 @@ class GroupMaker:
         state = self.__dict__.copy()
         state["_synthesizer"] = None  # each process loads its own model on its own device
         # Pickled for a spawned loader worker, which has no CUDA device of its own yet: it takes the trainer's.
-        state["_trainer_cuda_device"] = current_cuda_device() if current_cuda_device() is not None \
-            else self._trainer_cuda_device
+        chosen = current_cuda_device()
+        state["_trainer_cuda_device"] = chosen if chosen is not None else self._trainer_cuda_device
         return state
 
     def device(self, worker: int = 0) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import StreamsynthError
+from ..safeio import atomic_write
 
 
 class HandOverError(StreamsynthError, RuntimeError):
@@ -96,10 +97,8 @@ class HandOver:
                 self._written.notify_all()
 
     def _write(self, version: int, payload: Any) -> None:
-        """Under a hidden name, renamed when complete: a reader never sees part of a version."""
-        partial = os.path.join(self.folder, f".v{version:08d}.pt.tmp")
-        torch.save(payload, partial)
-        os.replace(partial, self.path(version))
+        """All or nothing (`atomic_write`): a reader never sees part of a version."""
+        atomic_write(self.path(version), lambda f: torch.save(payload, f), what="steering hand-over")
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every published version is written (for tests and a clean shutdown; training never calls it)."""

@@ -25,9 +25,9 @@ class WorkerStats:
         self.num_workers = num_workers
         self._values = ctx.Array("d", num_workers * len(_FIELDS), lock=False)
 
-    def record(self, worker: int, images: int, busy_s: float, peak_memory_bytes: int, generated: int | None = None,
+    def record(self, worker: int, images: int, busy_s: float, peak_memory_bytes: int, generated: int,
                learner_s: float = 0.0, handover_s: float = 0.0) -> None:
-        """Worker `worker` made `images` in `busy_s` seconds, generating `generated` (default: `images`), with
+        """Worker `worker` made `images` in `busy_s` seconds, generating `generated`, with
         `learner_s` of the learner's forward passes and `handover_s` reading its weights; its process's CPU time so
         far is recorded with it."""
         row = worker * len(_FIELDS)
@@ -35,7 +35,7 @@ class WorkerStats:
         self._values[row + 1] += busy_s
         self._values[row + 2] = max(self._values[row + 2], peak_memory_bytes)
         self._values[row + 4] = time.process_time()
-        self._values[row + 5] += images if generated is None else generated
+        self._values[row + 5] += generated
         self._values[row + 6] += learner_s
         self._values[row + 7] += handover_s
 

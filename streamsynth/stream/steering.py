@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .feedback import check_prefer, summed_over_ranks
+from .feedback import check_floor, check_prefer, floor_mixed, summed_over_ranks
 from .handover import HandOver
 from .layout import StreamLayout
 from .sampling import CaptionSampler
@@ -194,15 +194,14 @@ class CaptionFeedback(Steering):
     def __init__(self, every: int = 8, lag: int = 4, floor: float = 0.5, prior: float = 2.0, momentum: float = 0.9,
                  prefer: str = "hard"):
         super().__init__(every, lag, prefer)
-        if not 0 < floor <= 1:
-            raise ValueError(f"floor must be in (0, 1] (the evenly spread share of the samples), got {floor}")
+        check_floor(floor, "of the samples")
         if prior <= 0 or not 0 <= momentum < 1:
             raise ValueError(f"CaptionFeedback needs prior > 0 and momentum in [0, 1), got {prior} and {momentum}")
         self.floor, self.prior, self.momentum = floor, prior, momentum
         self._handles: torch.Tensor | None = None  # flat caption index → handle (class, text)
         self._handle_class: torch.Tensor | None = None
         self._loss_sum = self._count = None  # per handle, decayed across versions
-        self._pending: list[tuple[int, float]] = []  # (handle, loss) reported since the last version
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (handles, losses) since the last version
         self._base_sampler: CaptionSampler | None = None
         self._samplers: dict[int, CaptionSampler] = {}  # per version still needed: what its groups were drawn with
         self._global_batch = 0
@@ -250,14 +249,22 @@ class CaptionFeedback(Steering):
         if self._handles is None:
             raise ValueError("CaptionFeedback.update before the loader's first batch: report the losses of batches "
                              "the loader delivered")
-        for sample_id, loss in zip(sample_ids.tolist(), losses.detach().double().cpu().tolist()):
-            sampler = self._sampler_of(self.schedule.version(sample_id // self._global_batch), sample_id)
-            flat = sampler.flat_index(*sampler.locate(sample_id))
-            self._pending.append((int(self._handles[flat]), loss))
+        ids = sample_ids.tolist()
+        versions = [self.schedule.version(sample_id // self._global_batch) for sample_id in ids]
+        # One sampler lookup per version in the batch (a batch is one group, so usually one).
+        samplers = {version: self._sampler_of(version, sample_id)
+                    for version, sample_id in dict(zip(versions, ids)).items()}
+        flats = [samplers[v].flat_index(*samplers[v].locate(sample_id)) for v, sample_id in zip(versions, ids)]
+        self._pending.append((self._handles[torch.tensor(flats, dtype=torch.long)], losses.detach().double().cpu()))
+
+    def _pending_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (handle, loss) pairs reported since the last version, as two tensors in the order reported."""
+        if not self._pending:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+        return torch.cat([h for h, _ in self._pending]), torch.cat([loss for _, loss in self._pending])
 
     def snapshot(self) -> torch.Tensor:
-        handles = torch.tensor([h for h, _ in self._pending], dtype=torch.long)
-        losses = torch.tensor([loss for _, loss in self._pending], dtype=torch.float64)
+        handles, losses = self._pending_tensors()
         size = len(self._handle_class)
         new_sum, new_count = summed_over_ranks(torch.zeros(size, dtype=torch.float64).index_add_(0, handles, losses),
                                                torch.bincount(handles, minlength=size).double())
@@ -273,23 +280,21 @@ class CaptionFeedback(Steering):
         hardness = ((self._loss_sum + self.prior * class_mean[classes]) / (self._count + self.prior)).clamp(min=1e-8)
         if self.prefer == "easy":
             hardness = 1 / hardness
-        per_caption = hardness[self._handles]
-        weights = self.floor / len(per_caption) + (1 - self.floor) * per_caption / per_caption.sum()
-        return weights.float()
+        return floor_mixed(hardness[self._handles], self.floor).float()
 
     def learner_state(self) -> dict:
         if self._handles is None:
             return {}
-        return {"loss_sum": self._loss_sum, "count": self._count,
-                "pending_handles": torch.tensor([h for h, _ in self._pending], dtype=torch.long),
-                "pending_losses": torch.tensor([loss for _, loss in self._pending], dtype=torch.float64)}
+        handles, losses = self._pending_tensors()
+        return {"loss_sum": self._loss_sum, "count": self._count, "pending_handles": handles,
+                "pending_losses": losses}
 
     def load_learner_state(self, state: dict) -> None:
         self._samplers = {}
         if not state:
             return
         self._loss_sum, self._count = state["loss_sum"], state["count"]
-        self._pending = list(zip(state["pending_handles"].tolist(), state["pending_losses"].tolist()))
+        self._pending = [(state["pending_handles"], state["pending_losses"])]
 
     def steer(self, payload: torch.Tensor, maker, worker: int) -> Callable:
         return WeightedCaptions(maker.sampler.caption_weighted(payload.numpy()))
