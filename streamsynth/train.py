@@ -41,10 +41,13 @@ from streamsynth.captions import CaptionStore
 from streamsynth.classifier.checkpoints import check_checkpoint_room, load_resume_checkpoint, save_checkpoint
 from streamsynth.classifier.evaluate import (LabelledImageFolder, check_eval_folder, class_folders, eval_transform,
                                              evaluate_suites, format_results, suite_folder_labels, write_results)
-from streamsynth.classifier.models import build_classifier, classifier_checkpoint, learning_rate, sgd_optimizer
+from streamsynth.classifier.models import (build_classifier, classifier_checkpoint, default_warmup, learning_rate,
+                                          sgd_optimizer)
+from streamsynth.classifier.recipe import DEFAULT_LABEL_SMOOTHING, DEFAULT_WEIGHT_DECAY
 from streamsynth.commands import options
 from streamsynth.commands.args import (ArgumentParser, add_eval_suites, add_version, device_name, eval_suites, fraction,
-                                       nonnegative_float, nonnegative_int, positive_float, positive_int, version)
+                                       nonnegative_float, nonnegative_int, positive_float, positive_int, resolve_device,
+                                       version)
 from streamsynth.digits.data import CLASS_IDS as DIGIT_CLASS_IDS, report_held_out_digits
 from streamsynth.digits.embedded import EMBEDDED_DEFAULT_NOTICE
 from streamsynth.errors import StreamsynthError, one_line
@@ -61,7 +64,7 @@ log = logging.getLogger("train")
 CHECKPOINT_FORMAT = 2  # 2: one data state per rank under "data" (the synthetic stream's is the same on every rank)
 # Settings a resumed run may change: how it runs, logs and is scored, and how long; any other change would make the
 # rest of the run another run than the one the checkpoint began, and is refused.
-RESUME_MAY_CHANGE = {"steps", "epochs", "warmup_steps", "resume", "workers", "prefetch", "worker_timeout",
+RESUME_MAY_CHANGE = {"steps", "epochs", "warmup_steps", "workers", "prefetch", "worker_timeout",
                      "synth_devices", "synth_batch_size", "device", "amp", "channels_last", "fast", "checkpoint_every",
                      "log_every", "log_images_every", "eval_every", "verbose", "tensorboard", "log_sample_ids", "out",
                      "imagenet_val", "imagenet_v2", "imagenet_sketch", "imagenet_r", "imagenet_a"}
@@ -144,10 +147,11 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                        help="peak learning rate per 256 images of global batch, used when --lr is not given")
     train.add_argument("--lr-schedule", choices=["cosine", "step"], default="cosine",
                        help="after warmup: cosine to zero, or x0.1 at 1/3, 2/3 and 8/9 of the steps")
-    train.add_argument("--weight-decay", type=nonnegative_float, default=5e-5, help="SGD weight decay")
+    train.add_argument("--weight-decay", type=nonnegative_float, default=DEFAULT_WEIGHT_DECAY, help="SGD weight decay")
     train.add_argument("--warmup-steps", type=nonnegative_int,
                        help="steps of linear learning-rate warmup (default: 2%% of the steps, at least 1)")
-    train.add_argument("--label-smoothing", type=fraction, default=0.1, help="cross-entropy label smoothing")
+    train.add_argument("--label-smoothing", type=fraction, default=DEFAULT_LABEL_SMOOTHING,
+                       help="cross-entropy label smoothing")
     train.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast (default: bf16 on CUDA, none on CPU)")
     train.add_argument("--channels-last", action="store_true", help="NHWC activations (faster convolutions on GPUs)")
     train.add_argument("--device", type=device_name, help="the classifier's device: cpu, cuda, cuda:N (default: cuda "
@@ -185,16 +189,14 @@ def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> argpars
         p.error(f"--steering {args.steering} and --feedback-sampling both steer the stream: choose one")
     if args.resume and not Path(args.resume).is_file():  # a named checkpoint must exist; bare --resume may start anew
         p.error(f"--resume {args.resume}: no such checkpoint file")
-    epochs = args.epochs
     args = options.resolve(args)
-    if epochs is not None:
+    if args.epochs is not None:
         args.steps = None  # decided by the data's epoch (`steps_of_epochs`), not by the run's default
     elif args.warmup_steps is None:
-        args.warmup_steps = max(1, args.steps // 50)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        args.warmup_steps = default_warmup(args.steps)
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: this machine has no CUDA device; leave --device out to train on the CPU")
+    args.device = resolve_device(args.device)
     if args.amp is None:
         args.amp = "bf16" if args.device.startswith("cuda") else "none"
     return args
@@ -521,7 +523,7 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> None:
     if args.steps is None:
         args.steps = steps_of_epochs(args.epochs, epoch_samples, global_batch)
     if args.warmup_steps is None:
-        args.warmup_steps = max(1, args.steps // 50)
+        args.warmup_steps = default_warmup(args.steps)
     if args.lr is None:
         args.lr = args.lr_base * global_batch / 256
     if args.print_config:  # every value the run would use, the data's included; nothing is written

@@ -31,6 +31,11 @@ def sgd_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.opt
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
 
 
+def default_warmup(steps: int) -> int:
+    """The recipe's warmup when none is given: 2% of the steps, at least one."""
+    return max(1, steps // 50)
+
+
 def learning_rate(step: int, steps: int, peak: float, warmup_steps: int, schedule: str = "cosine") -> float:
     """The recipe's learning rate at `step` of `steps`: a linear warmup to `peak` over `warmup_steps`, then a cosine
     decay to zero, or (`schedule="step"`) x0.1 at 1/3, 2/3 and 8/9 of the steps."""

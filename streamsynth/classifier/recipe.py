@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import CheckpointError
-from .models import DEFAULT_IMAGE_SIZE, build_classifier, learning_rate, sgd_optimizer
+from .models import DEFAULT_IMAGE_SIZE, build_classifier, default_warmup, learning_rate, sgd_optimizer
 
 # train.py's defaults, for a checkpoint that does not record its training arguments.
 DEFAULT_WEIGHT_DECAY = 5e-5
@@ -40,7 +40,7 @@ class TrainingRecipe:
 
     @property
     def warmup(self) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 50)
+        return self.warmup_steps if self.warmup_steps is not None else default_warmup(self.steps)
 
     def describe(self) -> str:
         return (f"{self.arch} at {self.image_size} px, {self.steps} steps of batch {self.batch_size}, peak lr "

@@ -63,11 +63,11 @@ def _interval(text: str) -> tuple[float, float]:
 
 # ----- the flags -----------------------------------------------------------------------------------------------------
 
-def add_source_options(parser, model_default: str = "the embedded tiny digits model") -> None:
+def add_source_options(parser) -> None:
     """--sd-model, --captions, --prompt, --seed: which model, which captions, which prompts, which samples."""
     parser.add_argument("--sd-model", metavar="MODEL",
                         help="text-to-image model of a supported family (docs/families.md): a hub id or diffusers "
-                        f"folder (default: {model_default})")
+                        "folder (default: the embedded tiny digits model)")
     parser.add_argument("--captions", metavar="STORE",
                         help="caption store (LMDB) (default: the embedded digits captions)")
     parser.add_argument("--prompt", default="cip", help=PROMPT_HELP)
@@ -177,13 +177,13 @@ def _yaml(text: str):
     return yaml.safe_load(text)
 
 
-def resolve(args: argparse.Namespace, kind: str | None = None) -> argparse.Namespace:
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """A copy of `args` with every default filled in: a flag given (or set by --config), else the --speed preset's
     value, else `RUN_DEFAULTS[kind]`, else the setting's own default."""
     from ..synth.speed import SPEED_PRESETS
 
     resolved = argparse.Namespace(**vars(args))
-    kind = kind or run_kind(args)
+    kind = run_kind(args)
     preset = SPEED_PRESETS[args.speed] if getattr(args, "speed", None) else None
     for name, fallback in SPEED_FIELDS.items():
         if hasattr(resolved, name) and getattr(resolved, name) is None:
