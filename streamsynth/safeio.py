@@ -22,6 +22,7 @@ import errno
 import os
 import resource
 import shutil
+import socket
 import unicodedata
 from pathlib import Path
 from typing import Callable
@@ -149,11 +150,14 @@ def fsync_folder(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def temporary_path(path: str | os.PathLike) -> Path:
+def temporary_path(path: str | os.PathLike, shared: bool = False) -> Path:
     """Where `atomic_write` writes `path` before the rename: hidden, beside it, the same for every run, so that a
-    temporary file left by a killed writer is replaced (and its space reused) by the next write."""
+    temporary file left by a killed writer is replaced (and its space reused) by the next write; for a `shared` path
+    (one that several processes, on one host or several, may write at the same time) one for each process:
+    `.{name}.{host}-{pid}.tmp`, the host without dots, so that the name it writes is all before the last dot."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp")
+    writer = f".{socket.gethostname().replace('.', '-')}-{os.getpid()}" if shared else ""
+    return path.with_name(f".{path.name}{writer}.tmp")
 
 
 def _create_new(path: Path):
@@ -168,13 +172,16 @@ def _create_new(path: Path):
 
 
 def atomic_write(
-    path: str | os.PathLike, write: Callable, *, what: str = "file", kept: str = "", fix: str = ""
+    path: str | os.PathLike, write: Callable, *, what: str = "file", kept: str = "", fix: str = "",
+    shared: bool = False,
 ) -> Path:
     """Write `path` all or nothing: `write(f)` fills a binary file-like object `f`; it becomes `path` only once
     complete and on disk. A full disk raises `DiskFullError` (its message built from `what`, `kept` and `fix`);
-    any other failure re-raises as it is. Either way the temporary file is removed and `path` is unchanged."""
+    any other failure re-raises as it is. Either way the temporary file is removed and `path` is unchanged.
+    `shared`: other processes may write the same path at the same time (ranks into one folder): each writes its own
+    temporary file, and the last complete one wins."""
     path = Path(path)
-    tmp = temporary_path(path)
+    tmp = temporary_path(path, shared)
     tracked = None
     try:
         with _create_new(tmp) as f:

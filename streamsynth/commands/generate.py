@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -185,8 +184,8 @@ class _Units(IterableDataset):
 
 
 def _remove_temporaries(out: Path, names: set[str]) -> None:
-    """Hidden temporary files of these shards left by a killed writer (`.{shard}.{pid}.tmp`, named by the process
-    that wrote it, so never reused): this rank owns the shards now, so nothing else is writing them. (The temporary
+    """Hidden temporary files of these shards left by a killed writer (`.{shard}.{host}-{pid}.tmp`, named by the
+    process that wrote it, so never reused: `safeio.temporary_path`): this rank owns the shards now, so nothing else is writing them. (The temporary
     files of an ImageFolder's files have fixed names and are overwritten when their unit is made again.)"""
     try:
         entries = os.listdir(out)
@@ -361,14 +360,9 @@ def _check_folder(out: Path, found: dict, manifest: dict, resume: bool) -> None:
 def _write_folder_files(out: Path, manifest: dict, class_ids: Sequence[str]) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if not (out / MANIFEST).exists():
-            text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-            # Several ranks may write it at once (each node's into a node-local --out): a temporary file each.
-            tmp = out / f".{MANIFEST}.{socket.gethostname()}.{os.getpid()}.tmp"
-            tmp.unlink(missing_ok=True)
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), "w") as file:
-                file.write(text)  # created here, never through a link planted at its name
-            os.replace(tmp, out / MANIFEST)
+        if not (out / MANIFEST).exists():  # several ranks may write it at once (each node's into a node-local --out)
+            atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n",
+                              what="generated set", shared=True)
         write_cache_classes(out, class_ids)  # what train.py --from-cache labels by
     except OSError as err:
         if is_full_errno(err):

@@ -3,7 +3,8 @@
 
 Each generation group becomes one tar shard of (png, cls, json) samples, written under a hidden temporary name and
 renamed when complete: a reader (plain `webdataset` included) never sees a partial shard, and a killed writer
-leaves only a hidden `.tmp` file that the next writer of that shard replaces. A shard is named by its run seed and
+leaves only a hidden `.tmp` file, named by its host and process (`streamsynth generate --resume` removes those of
+its shards). A shard is named by its run seed and
 first sample id, so a restarted or resumed run finds the shards it already wrote and does not write them again.
 
 Training from the cache reads it in a seeded order that is a pure function of (seed, position), so a run resumes

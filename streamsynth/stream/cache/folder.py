@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ...errors import StreamsynthError
+from ...safeio import atomic_write_text
 
 CLASSES_FILE = "classes.json"
 
@@ -34,9 +35,7 @@ def write_cache_classes(cache: str | os.PathLike, class_ids: Sequence[str]) -> N
             raise ValueError(f"the cache folder {folder} holds images of other classes ({len(known)} classes, "
                              f"starting {known[:3]}): give this run another --cache folder")
         return
-    partial = folder / f".{CLASSES_FILE}.{os.getpid()}.tmp"
-    partial.write_text(json.dumps({"class_ids": list(class_ids)}))
-    os.replace(partial, path)
+    atomic_write_text(path, json.dumps({"class_ids": list(class_ids)}), what="cache labels", shared=True)
 
 
 def cache_classes(cache: str | os.PathLike) -> list[str] | None:

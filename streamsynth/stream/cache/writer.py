@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from ...safeio import disk_full_error, is_full_errno
+from ...safeio import atomic_write
 from ..sampling import SampleSpec
 from .folder import shard_name
 
@@ -26,9 +26,9 @@ def write_group(
     final = folder / shard_name(seed, specs[0].sample_id)
     if final.exists():
         return None
-    partial = folder / f".{final.name}.{os.getpid()}.tmp"
-    try:
-        with open(partial, "wb") as stream, wds.TarWriter(stream) as writer:
+
+    def write_shard(file) -> None:
+        with wds.TarWriter(file) as writer:
             for spec, image in zip(specs, images):
                 writer.write({
                     "__key__": f"{spec.sample_id:012d}",
@@ -39,13 +39,9 @@ def write_group(
                         "caption": spec.caption, "class_id": class_ids[spec.label], "label": spec.label,
                     },
                 })
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(partial, final)
-    except BaseException as err:  # a failed write leaves neither a shard nor its temporary file (nor its space)
-        partial.unlink(missing_ok=True)
-        if isinstance(err, Exception) and is_full_errno(err):
-            raise disk_full_error(final, "cache shard", kept="the shards written before are kept",
-                                  fix="free some space, then resume") from None
-        raise
+
+    # A failed write leaves neither a shard nor its temporary file (nor its space); runs that share a cache folder
+    # may write the same shard at once.
+    atomic_write(final, write_shard, what="cache shard", kept="the shards written before are kept",
+                 fix="free some space, then resume", shared=True)
     return final
