@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import BACKENDS, AttentionChoice, apply_attention
-from .families import family_of
+from .families import family_of_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,12 @@ def apply(pipe, options: FastPathOptions | None = None) -> FastPath:
     attention processors, GroupNorm and GEGLU; an AutoencoderKL); what it did and what it left off is logged at debug
     level (every synthesis worker does this, again after each restart) and kept in the returned `FastPath`."""
     options = options or FastPathOptions()
-    family = family_of(type(pipe).__name__)
+    family = family_of_pipeline(pipe)
     denoiser = family.denoiser(pipe)
     name = family.denoiser_attribute
+    # A UNet's attention processors, GroupNorm and memory format are the fast path's to change, as the VAE's; a
+    # transformer keeps its own (joint attention in SD3, linear attention in Sana).
+    image_models = [denoiser, pipe.vae] if family.uses_unet else [pipe.vae]
     device = denoiser.device
     fast = FastPath(options, AttentionChoice("sdpa", "not chosen"))
     if options.fuse_qkv:
@@ -81,20 +84,16 @@ def apply(pipe, options: FastPathOptions | None = None) -> FastPath:
         fast.applied.append(f"attention=sdpa with fused QKV in {_fuse_qkv(pipe, family, fast)}")
         log.debug("attention backend: sdpa (%s)", fast.attention.reason)
     else:
-        # A UNet's attention is diffusers' plain Attention, whose processor may be swapped; a transformer family's
-        # has its own processors (joint attention in SD3, linear attention in Sana), which must stay.
-        models = [denoiser, pipe.vae] if family.uses_unet else [pipe.vae]
-        fast.attention = apply_attention(models, device, options.attention)
-        fast.applied.append(f"attention={fast.attention.backend} in {_names(pipe, models)}")
+        fast.attention = apply_attention(image_models, device, options.attention)
+        fast.applied.append(f"attention={fast.attention.backend} in {_names(pipe, image_models)}")
         if not family.uses_unet:
             fast.left_off.append(f"attention backend in the {name}: {family.name}'s own processors (PyTorch SDPA) "
                                  "kept")
 
     if options.channels_last:
-        models = [denoiser, pipe.vae] if family.uses_unet else [pipe.vae]
-        for model in models:
+        for model in image_models:
             model.to(memory_format=torch.channels_last)
-        fast.applied.append(f"channels_last in {_names(pipe, models)}")
+        fast.applied.append(f"channels_last in {_names(pipe, image_models)}")
         if not family.uses_unet:
             fast.left_off.append(f"channels_last in the {name}: its activations are token sequences, not images")
     cuda_graphs = options.cuda_graphs and device.type == "cuda"

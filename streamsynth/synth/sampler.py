@@ -17,7 +17,7 @@ import torch
 
 from ..seeding import derive_seed
 from .config import GeneratorConfig, SynthesisConfig
-from .families import Conditioning, family_of, supported_families
+from .families import Conditioning, family_of_pipeline
 from .feature_cache import FeatureCache
 from .loading import check_family_options
 from .postprocess import resize_to_uint8
@@ -43,10 +43,7 @@ class Synthesizer:
         self.config = config or SynthesisConfig()
         self.fused_step = fused_step
         self.postprocess = postprocess
-        self.family = family_of(type(pipe).__name__)
-        if self.family is None:
-            raise ValueError(f"streamsynth does not sample a {type(pipe).__name__}: give a pipeline of a supported "
-                             f"family: {supported_families()}")
+        self.family = family_of_pipeline(pipe)
         if self.config.safety_check and getattr(pipe, "safety_checker", None) is None:
             raise ValueError("safety_check=True needs a pipeline loaded with its safety checker")
         self.family.check(pipe)

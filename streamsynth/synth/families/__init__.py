@@ -13,7 +13,8 @@ import pkgutil
 
 from .base import Conditioning, Family, TextEncoder
 
-__all__ = ["FAMILIES", "Conditioning", "Family", "TextEncoder", "family_by_key", "family_of", "supported_families"]
+__all__ = ["FAMILIES", "Conditioning", "Family", "TextEncoder", "family_by_key", "family_of",
+           "family_of_pipeline", "supported_families"]
 
 
 def _discover() -> dict[str, Family]:
@@ -34,6 +35,15 @@ FAMILIES: dict[str, Family] = _discover()
 def family_of(pipeline_class: str) -> Family | None:
     """The family of a diffusers pipeline class (by name), or None when streamsynth does not sample it."""
     return FAMILIES.get(pipeline_class)
+
+
+def family_of_pipeline(pipe) -> Family:
+    """The family of a loaded pipeline; any other pipeline is refused in one line that names the supported ones."""
+    family = family_of(type(pipe).__name__)
+    if family is None:
+        raise ValueError(f"streamsynth does not sample a {type(pipe).__name__}: give a pipeline of a supported "
+                         f"family: {supported_families()}")
+    return family
 
 
 def family_by_key(key: str) -> Family:

@@ -12,6 +12,7 @@ unconditional rows above the conditional ones for a guided step, so nothing in a
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -181,7 +182,13 @@ def tokenize(tokenizer, prompts: list[str], max_length: int, family: str, encode
 def call_default(pipe, argument: str):
     """The default of an argument of the pipeline's `__call__` (a token budget, an instruction prefix): read from
     diffusers itself, so a sample follows the pipeline's own defaults."""
-    return inspect.signature(type(pipe).__call__).parameters[argument].default
+    return _call_defaults(type(pipe))[argument]
+
+
+@functools.cache
+def _call_defaults(pipeline_class: type) -> dict:
+    """Read once per pipeline class: `encode` asks for them for every batch."""
+    return {name: p.default for name, p in inspect.signature(pipeline_class.__call__).parameters.items()}
 
 
 def clip_hidden_states(tokenizer, text_encoder, prompts: list[str], max_length: int, family: str,
@@ -191,3 +198,23 @@ def clip_hidden_states(tokenizer, text_encoder, prompts: list[str], max_length: 
     ids = tokenize(tokenizer, prompts, max_length, family, encoder).input_ids
     output = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
     return output.hidden_states[-2], output[0]
+
+
+def masked_states(pipe, prompts: list[str], max_length: int, family: str, encoder: str,
+                  prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states in the encoder's dtype, attention mask) of the pipeline's one text encoder (T5, Gemma) for the
+    prompts lower-cased and stripped, as PixArt-Σ and Sana read them."""
+    text_encoder = pipe.text_encoder
+    prompts = [prompt.lower().strip() for prompt in prompts]
+    tokens = tokenize(pipe.tokenizer, prompts, max_length, family, encoder, attention_mask=True, prefix=prefix)
+    mask = tokens.attention_mask.to(text_encoder.device)
+    states = text_encoder(tokens.input_ids.to(text_encoder.device), attention_mask=mask)[0]
+    return states.to(text_encoder.dtype), mask
+
+
+def noise_half(transformer, output: torch.Tensor) -> torch.Tensor:
+    """A transformer's noise prediction: the first half of its output channels where it also predicts a learned
+    variance (the scheduler takes the noise only)."""
+    if transformer.config.out_channels // 2 == transformer.config.in_channels:
+        return output.chunk(2, dim=1)[0]
+    return output

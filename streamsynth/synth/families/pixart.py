@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Conditioning, Family, TextEncoder, call_default, tokenize
+from .base import Conditioning, Family, TextEncoder, call_default, masked_states, noise_half
 
 
 class PixArtSigma(Family):
@@ -31,13 +31,8 @@ class PixArtSigma(Family):
 
     @torch.no_grad()
     def encode(self, pipe, prompts: list[str]) -> Conditioning:
-        encoder = pipe.text_encoder
-        prompts = [prompt.lower().strip() for prompt in prompts]
-        tokens = tokenize(pipe.tokenizer, prompts, call_default(pipe, "max_sequence_length"), self.name, "T5",
-                          attention_mask=True)
-        mask = tokens.attention_mask.to(encoder.device)
-        states = encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0]
-        return {"prompt": states.to(encoder.dtype), "mask": mask}
+        states, mask = masked_states(pipe, prompts, call_default(pipe, "max_sequence_length"), self.name, "T5")
+        return {"prompt": states, "mask": mask}
 
     def predict(self, pipe, latents: torch.Tensor, t: torch.Tensor, text: Conditioning) -> torch.Tensor:
         transformer = pipe.transformer
@@ -45,9 +40,7 @@ class PixArtSigma(Family):
         output = transformer(latents, encoder_hidden_states=text["prompt"], encoder_attention_mask=text["mask"],
                              timestep=timestep, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
                              return_dict=False)[0]
-        if transformer.config.out_channels // 2 == transformer.config.in_channels:
-            output = output.chunk(2, dim=1)[0]  # a learned variance in the second half: the scheduler takes the noise
-        return output
+        return noise_half(transformer, output)
 
     def build_random(self, size: str, device: torch.device):
         """Tiny: a one-layer T5 of width 32, a two-block DiT, 64x64 images; native: PixArt-Σ XL/2 at 1024² with

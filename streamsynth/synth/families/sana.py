@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Conditioning, Family, TextEncoder, call_default, tokenize
+from .base import Conditioning, Family, TextEncoder, call_default, masked_states, noise_half
 
 
 class Sana(Family):
@@ -48,13 +48,8 @@ class Sana(Family):
         return {"prompt": states, "mask": mask}
 
     def _gemma_states(self, pipe, prompts: list[str], length: int, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-        encoder = pipe.text_encoder
         pipe.tokenizer.padding_side = "right"  # as the pipeline sets it: Gemma's tokenizer pads on the left
-        prompts = [prompt.lower().strip() for prompt in prompts]
-        tokens = tokenize(pipe.tokenizer, prompts, length, self.name, "Gemma 2", attention_mask=True, prefix=prefix)
-        mask = tokens.attention_mask.to(encoder.device)
-        states = encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0]
-        return states.to(encoder.dtype), mask
+        return masked_states(pipe, prompts, length, self.name, "Gemma 2", prefix)
 
     def predict(self, pipe, latents: torch.Tensor, t: torch.Tensor, text: Conditioning) -> torch.Tensor:
         transformer = pipe.transformer
@@ -62,9 +57,7 @@ class Sana(Family):
         output = transformer(latents.to(transformer.dtype),
                              encoder_hidden_states=text["prompt"].to(transformer.dtype),
                              encoder_attention_mask=text["mask"], timestep=timestep, return_dict=False)[0].float()
-        if transformer.config.out_channels // 2 == transformer.config.in_channels:
-            output = output.chunk(2, dim=1)[0]
-        return output
+        return noise_half(transformer, output)
 
     def build_random(self, size: str, device: torch.device):
         """Tiny: a one-layer Gemma 2 of width 16, a two-block Sana transformer, a six-stage DC-AE of 8-16 channels

@@ -44,10 +44,6 @@ class StableDiffusion(Family):
     def predict(self, pipe, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return pipe.unet(latents, t, encoder_hidden_states=text, return_dict=False)[0]
 
-    def decode(self, pipe, latents: torch.Tensor) -> torch.Tensor:
-        vae = pipe.vae
-        return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-
     def build_random(self, size: str, device: torch.device):
         """Tiny: `streamsynth.synth.tiny`'s SD1.5-class model without safety checker; native: SD1.5 (`sd15`). Both
         seed themselves: with the seed `random_pipeline` set."""
